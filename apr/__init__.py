@@ -1,0 +1,40 @@
+"""apr: Amplitude-Phase Recombination training and ImageNet-C robustness evaluation.
+
+The public API, imported lazily so that ``import apr`` stays cheap (no DALI, no timm):
+
+- ``apr.recombine``: amplitude of one image, phase of another (``apr.fourier``)
+- ``apr.apr_p``, ``apr.apr_s``, ``apr.apr_sp``, ``apr.APRPolicy``: the augmentations (``apr.augment``)
+- ``apr.metrics``: CE, mCE, relative mCE, ECE (pure functions of numbers)
+- ``apr.load_config``: typed run configuration (``apr.config``)
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "recombine": "apr.fourier",
+    "amplitude_phase": "apr.fourier",
+    "fourier_basis": "apr.fourier",
+    "apr_p": "apr.augment",
+    "apr_s": "apr.augment",
+    "apr_sp": "apr.augment",
+    "APRPolicy": "apr.augment",
+    "load_config": "apr.config",
+    "Config": "apr.config",
+    "create_model": "apr.models",
+}
+_SUBMODULES = ("metrics", "report", "fourier", "augment", "config", "models", "checkpoint", "data",
+               "train", "evaluate", "corrupt", "analysis", "demo")
+
+__all__ = sorted(_EXPORTS) + list(_SUBMODULES)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"apr.{name}")
+    raise AttributeError(f"module 'apr' has no attribute {name!r}")

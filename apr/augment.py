@@ -1,0 +1,588 @@
+"""APR-P, APR-S and APR-SP as batched tensor operations on the training device.
+
+The reference (iCGY96/APR) runs APR-S per image with PIL and NumPy inside DataLoader
+workers, which starves a GPU on ImageNet. Here every op works on a whole batch with
+per-sample parameters: colour ops as per-sample lookup tables on the 0..255 grid (where
+PIL works on uint8), geometric ops as ONE ``grid_sample`` with per-sample affine matrices
+that follow PIL's pixel-centre convention. Python loops run over the 9 ops, never over
+images.
+
+Random numbers (op choice, levels, signs, coins, permutations) are drawn from
+``generator`` (default: torch's global CPU generator) *before* touching the images and
+kept on the CPU, so grouping the batch by op needs no GPU->CPU synchronisation and a
+fixed generator gives the same result on CPU and CUDA.
+
+Deliberate differences from the reference, all documented where they happen:
+
+* results are float and clamped to [0, 1] (the reference casts to uint8 without clipping,
+  so out-of-range values wrap around); geometric ops are not re-quantised to uint8;
+* the recombination uses the float op outputs (the reference first truncates them to uint8);
+* translations use the image width as PIL's ``IMAGE_SIZE`` and all ops keep the input size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from apr.fourier import CHANNEL_SPATIAL, SPATIAL, recombine
+
+__all__ = [
+    "OP_NAMES",
+    "GEOMETRIC_OPS",
+    "OPS",
+    "int_parameter",
+    "float_parameter",
+    "autocontrast",
+    "equalize",
+    "posterize",
+    "solarize",
+    "affine",
+    "rotate",
+    "shear_x",
+    "shear_y",
+    "translate_x",
+    "translate_y",
+    "APRSParams",
+    "sample_apr_s_params",
+    "apply_apr_s",
+    "apr_p",
+    "apr_s",
+    "apr_sp",
+    "APRPolicy",
+    "POLICY_NAMES",
+    "DIMS",
+]
+
+# AugMix's op list without the ops that overlap ImageNet-C (colour, contrast, brightness,
+# sharpness), in the reference's order; the order fixes which op an index draws.
+OP_NAMES: tuple[str, ...] = (
+    "autocontrast",
+    "equalize",
+    "posterize",
+    "rotate",
+    "solarize",
+    "shear_x",
+    "shear_y",
+    "translate_x",
+    "translate_y",
+)
+GEOMETRIC_OPS: tuple[str, ...] = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
+POLICY_NAMES: tuple[str, ...] = ("none", "apr_p", "apr_s", "apr_sp")
+DIMS: dict[str, tuple[int, ...]] = {"chw": CHANNEL_SPATIAL, "hw": SPATIAL}
+
+
+# ---------------------------------------------------------------------------------------
+# input checks and helpers
+
+
+def _check_images(images: torch.Tensor, fn: str) -> None:
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"{fn} expects a torch.Tensor of images, got {type(images).__name__}")
+    if images.dim() != 4:
+        raise ValueError(f"{fn} expects a batch N x C x H x W, got shape {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise TypeError(f"{fn} expects float images in [0, 1], got dtype {images.dtype}")
+
+
+def _check_dim(dim: Sequence[int], fn: str) -> tuple[int, ...]:
+    dim = tuple(int(d) for d in dim)
+    if dim not in (CHANNEL_SPATIAL, SPATIAL):
+        raise ValueError(f"{fn}: dim must be (-3, -2, -1) (channels+space) or (-2, -1) (per channel), got {dim}")
+    return dim
+
+
+def _per_sample(values, n: int, name: str) -> torch.Tensor:
+    """A per-sample parameter as a float64 CPU tensor of length n (scalars broadcast)."""
+    t = torch.as_tensor(values, dtype=torch.float64).detach().cpu().reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(n)
+    if t.numel() != n:
+        raise ValueError(f"{name} needs one value per image ({n}), got {t.numel()}")
+    return t
+
+
+def _rand(shape, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Uniform [0, 1) float64 numbers from ``generator`` (its own device), returned on the CPU."""
+    device = generator.device if generator is not None else "cpu"
+    return torch.rand(shape, generator=generator, dtype=torch.float64, device=device).cpu()
+
+
+def _randperm(n: int, generator: Optional[torch.Generator]) -> torch.Tensor:
+    device = generator.device if generator is not None else "cpu"
+    return torch.randperm(n, generator=generator, device=device).cpu()
+
+
+def int_parameter(level: torch.Tensor, maxval: float) -> torch.Tensor:
+    """AugMix's ``int(level * maxval / 10)`` elementwise (float64, same operation order)."""
+    return torch.trunc(torch.as_tensor(level, dtype=torch.float64) * maxval / 10)
+
+
+def float_parameter(level: torch.Tensor, maxval: float) -> torch.Tensor:
+    """AugMix's ``float(level) * maxval / 10`` elementwise."""
+    return torch.as_tensor(level, dtype=torch.float64) * maxval / 10
+
+
+def _to_uint8(images: torch.Tensor) -> torch.Tensor:
+    # PIL's colour ops see uint8 pixels; images that came from uint8 / 255 round-trip exactly.
+    return (images.float() * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _from_uint8(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() / 255.0).to(dtype)
+
+
+def _apply_lut(q: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """Per-(image, channel) lookup: q is N x C x H x W uint8, lut N x C x 256."""
+    flat = q.flatten(-2).long()
+    return lut.to(torch.uint8).gather(-1, flat).view_as(q)
+
+
+# ---------------------------------------------------------------------------------------
+# colour ops (0..255 grid, exact PIL arithmetic)
+
+
+def autocontrast(images: torch.Tensor) -> torch.Tensor:
+    """PIL ``ImageOps.autocontrast`` per channel: darkest value -> 0, brightest -> 255.
+
+    Same float64 lookup table as PIL (``int(ix * scale + offset)``, truncating), so the
+    result equals PIL's pixel for pixel; constant channels are left unchanged.
+    """
+    _check_images(images, "autocontrast")
+    q = _to_uint8(images)
+    lo = q.amin(dim=(-2, -1)).double()[..., None]
+    hi = q.amax(dim=(-2, -1)).double()[..., None]
+    ix = torch.arange(256, dtype=torch.float64, device=q.device)
+    scale = 255.0 / (hi - lo).clamp_min(1.0)
+    offset = -lo * scale
+    lut = torch.floor(ix * scale + offset).clamp_(0, 255)
+    lut = torch.where(hi > lo, lut, ix)
+    return _from_uint8(_apply_lut(q, lut), images.dtype)
+
+
+def equalize(images: torch.Tensor) -> torch.Tensor:
+    """PIL ``ImageOps.equalize`` per channel (PIL's integer lookup table, exactly).
+
+    ``step = (pixels - count of the brightest present value) // 255``;
+    ``lut[i] = (step // 2 + #pixels below i) // step``; channels with ``step == 0`` unchanged.
+    """
+    _check_images(images, "equalize")
+    q = _to_uint8(images)
+    flat = q.flatten(-2).long()
+    hist = torch.zeros(q.shape[:-2] + (256,), dtype=torch.long, device=q.device)
+    hist.scatter_add_(-1, flat, torch.ones_like(flat))
+    below = hist.cumsum(-1) - hist  # pixels with a value strictly below i
+    brightest = q.amax(dim=(-2, -1)).long()[..., None]
+    step = (flat.shape[-1] - hist.gather(-1, brightest)) // 255
+    lut = torch.div(step // 2 + below, step.clamp_min(1), rounding_mode="floor").clamp_(0, 255)
+    lut = torch.where(step > 0, lut, torch.arange(256, device=q.device))
+    return _from_uint8(_apply_lut(q, lut), images.dtype)
+
+
+def posterize(images: torch.Tensor, bits) -> torch.Tensor:
+    """PIL ``ImageOps.posterize``: keep the ``bits`` most significant bits (per image)."""
+    _check_images(images, "posterize")
+    bits = _per_sample(bits, images.shape[0], "posterize bits").long()
+    if ((bits < 0) | (bits > 8)).any():
+        raise ValueError(f"posterize bits must lie in [0, 8], got {bits.tolist()}")
+    q = _to_uint8(images)
+    mask = (255 - (2 ** (8 - bits) - 1)).to(torch.uint8).to(q.device)  # ~(2**(8-bits)-1) & 0xFF
+    return _from_uint8(q & mask[:, None, None, None], images.dtype)
+
+
+def solarize(images: torch.Tensor, threshold) -> torch.Tensor:
+    """PIL ``ImageOps.solarize``: invert (255 - v) every value ``v >= threshold`` (per image)."""
+    _check_images(images, "solarize")
+    threshold = _per_sample(threshold, images.shape[0], "solarize threshold").to(torch.int16)
+    q = _to_uint8(images).to(torch.int16)
+    thr = threshold.to(q.device)[:, None, None, None]
+    out = torch.where(q >= thr, 255 - q, q)
+    return _from_uint8(out, images.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# geometric ops: PIL's Image.transform(AFFINE, BILINEAR) semantics in one grid_sample
+
+
+def affine(images: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
+    """Per-image affine warp with PIL's ``Image.transform(size, AFFINE, m, BILINEAR)`` semantics.
+
+    ``matrices`` is N x 2 x 3 (or N x 6) ``(a, b, c, d, e, f)`` mapping OUTPUT to INPUT
+    coordinates, as PIL takes them: output pixel (x, y) samples the input at
+    ``(a X + b Y + c, d X + e Y + f)`` with ``X = x + 0.5, Y = y + 0.5`` (pixel centres).
+    Like PIL, points outside ``[0, W) x [0, H)`` become 0 (black) and points inside use
+    bilinear interpolation with edge clamping, which is ``grid_sample(padding_mode="border",
+    align_corners=False)`` times an inside mask.
+    """
+    _check_images(images, "affine")
+    n, _, h, w = images.shape
+    m = torch.as_tensor(matrices, dtype=torch.float64).reshape(-1, 6)
+    if m.shape[0] != n:
+        raise ValueError(f"affine needs one matrix per image ({n}), got {m.shape[0]}")
+    if n == 0:
+        return images.clone()
+    m = m.to(device=images.device, dtype=torch.float32)[:, :, None, None]
+    ys = (torch.arange(h, device=images.device, dtype=torch.float32) + 0.5)[:, None]
+    xs = (torch.arange(w, device=images.device, dtype=torch.float32) + 0.5)[None, :]
+    u = m[:, 0] * xs + m[:, 1] * ys + m[:, 2]  # N x H x W input x (continuous, pixel edges)
+    v = m[:, 3] * xs + m[:, 4] * ys + m[:, 5]
+    inside = (u >= 0) & (u < w) & (v >= 0) & (v < h)
+    grid = torch.stack((u * (2.0 / w) - 1.0, v * (2.0 / h) - 1.0), dim=-1)
+    out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out = out * inside[:, None].to(out.dtype)
+    return out.to(images.dtype)
+
+
+def _rotate_matrices(degrees: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    # PIL Image.rotate: counter-clockwise by `degrees` about (w/2, h/2); output->input matrix
+    # [cos a, sin a, ., -sin a, cos a, .] with a = -radians(degrees), centre kept fixed.
+    a = -torch.deg2rad(degrees)
+    cos, sin = torch.cos(a), torch.sin(a)
+    cx, cy = w / 2.0, h / 2.0
+    c = cos * -cx + sin * -cy + cx
+    f = -sin * -cx + cos * -cy + cy
+    return torch.stack((cos, sin, c, -sin, cos, f), dim=-1)
+
+
+def _shear_x_matrices(s: torch.Tensor) -> torch.Tensor:
+    one, zero = torch.ones_like(s), torch.zeros_like(s)
+    return torch.stack((one, s, zero, zero, one, zero), dim=-1)
+
+
+def _shear_y_matrices(s: torch.Tensor) -> torch.Tensor:
+    one, zero = torch.ones_like(s), torch.zeros_like(s)
+    return torch.stack((one, zero, zero, s, one, zero), dim=-1)
+
+
+def _translate_x_matrices(t: torch.Tensor) -> torch.Tensor:
+    one, zero = torch.ones_like(t), torch.zeros_like(t)
+    return torch.stack((one, zero, t, zero, one, zero), dim=-1)
+
+
+def _translate_y_matrices(t: torch.Tensor) -> torch.Tensor:
+    one, zero = torch.ones_like(t), torch.zeros_like(t)
+    return torch.stack((one, zero, zero, zero, one, t), dim=-1)
+
+
+def rotate(images: torch.Tensor, degrees) -> torch.Tensor:
+    """PIL ``img.rotate(degrees, resample=BILINEAR)``: counter-clockwise about the centre, black fill."""
+    _check_images(images, "rotate")
+    deg = _per_sample(degrees, images.shape[0], "rotate degrees")
+    return affine(images, _rotate_matrices(deg, images.shape[-2], images.shape[-1]))
+
+
+def shear_x(images: torch.Tensor, s) -> torch.Tensor:
+    """PIL affine ``(1, s, 0, 0, 1, 0)``: output(x, y) = input(x + s*y, y) (about the top-left corner)."""
+    _check_images(images, "shear_x")
+    return affine(images, _shear_x_matrices(_per_sample(s, images.shape[0], "shear_x s")))
+
+
+def shear_y(images: torch.Tensor, s) -> torch.Tensor:
+    """PIL affine ``(1, 0, 0, s, 1, 0)``: output(x, y) = input(x, y + s*x)."""
+    _check_images(images, "shear_y")
+    return affine(images, _shear_y_matrices(_per_sample(s, images.shape[0], "shear_y s")))
+
+
+def translate_x(images: torch.Tensor, t) -> torch.Tensor:
+    """PIL affine ``(1, 0, t, 0, 1, 0)``: output(x, y) = input(x + t, y), black where nothing comes in."""
+    _check_images(images, "translate_x")
+    return affine(images, _translate_x_matrices(_per_sample(t, images.shape[0], "translate_x t")))
+
+
+def translate_y(images: torch.Tensor, t) -> torch.Tensor:
+    """PIL affine ``(1, 0, 0, 0, 1, t)``: output(x, y) = input(x, y + t)."""
+    _check_images(images, "translate_y")
+    return affine(images, _translate_y_matrices(_per_sample(t, images.shape[0], "translate_y t")))
+
+
+# ---------------------------------------------------------------------------------------
+# level -> parameter, as in AugMix's augmentations.py (levels are U(0.1, severity))
+
+
+def _param_rotate(levels, signs, h, w):
+    return signs * int_parameter(levels, 30)
+
+
+def _param_shear(levels, signs, h, w):
+    return signs * float_parameter(levels, 0.3)
+
+
+def _param_translate(levels, signs, h, w):
+    # AugMix: int_parameter(level, IMAGE_SIZE / 3) with IMAGE_SIZE the (square) image size.
+    return signs * int_parameter(levels, w / 3)
+
+
+def _param_posterize(levels, signs, h, w):
+    return 4 - int_parameter(levels, 4)
+
+
+def _param_solarize(levels, signs, h, w):
+    return 256 - int_parameter(levels, 256)
+
+
+_GEOMETRIC_MATRIX: dict[str, Callable] = {
+    "rotate": lambda p, h, w: _rotate_matrices(p, h, w),
+    "shear_x": lambda p, h, w: _shear_x_matrices(p),
+    "shear_y": lambda p, h, w: _shear_y_matrices(p),
+    "translate_x": lambda p, h, w: _translate_x_matrices(p),
+    "translate_y": lambda p, h, w: _translate_y_matrices(p),
+}
+_PARAM: dict[str, Callable] = {
+    "rotate": _param_rotate,
+    "shear_x": _param_shear,
+    "shear_y": _param_shear,
+    "translate_x": _param_translate,
+    "translate_y": _param_translate,
+    "posterize": _param_posterize,
+    "solarize": _param_solarize,
+}
+
+
+def _make_op(name: str) -> Callable:
+    def op(images: torch.Tensor, levels=None, signs=None) -> torch.Tensor:
+        _check_images(images, name)
+        n, _, h, w = images.shape
+        if name == "autocontrast":
+            return autocontrast(images)
+        if name == "equalize":
+            return equalize(images)
+        if levels is None:
+            raise ValueError(f"op {name!r} needs per-image levels")
+        levels = _per_sample(levels, n, f"{name} levels")
+        signs = torch.ones(n, dtype=torch.float64) if signs is None else _per_sample(signs, n, f"{name} signs")
+        param = _PARAM[name](levels, signs, h, w)
+        if name == "posterize":
+            return posterize(images, param)
+        if name == "solarize":
+            return solarize(images, param)
+        return affine(images, _GEOMETRIC_MATRIX[name](param, h, w))
+
+    op.__name__ = name
+    op.__doc__ = f"APR-S op {name!r} on a batch: ``op(images, levels, signs)`` (levels as AugMix's, signs +-1)."
+    return op
+
+
+#: name -> batched op ``fn(images N x C x H x W, levels (N,) or scalar, signs (N,) of +-1)``.
+#: Levels map to parameters exactly as AugMix's ``augmentations.py``; autocontrast and
+#: equalize ignore levels/signs, posterize and solarize ignore signs.
+OPS: dict[str, Callable] = {name: _make_op(name) for name in OP_NAMES}
+
+
+def _apply_ops(x: torch.Tensor, op_index: torch.Tensor, levels: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """Image k gets op ``OP_NAMES[op_index[k]]``; one call per colour op, one grid_sample for all geometric ones."""
+    out = x.clone()
+    n, _, h, w = x.shape
+    geo_rows, geo_mats = [], []
+    for k, name in enumerate(OP_NAMES):
+        rows = (op_index == k).nonzero().reshape(-1)  # CPU: no device sync
+        if rows.numel() == 0:
+            continue
+        if name in _GEOMETRIC_MATRIX:
+            geo_rows.append(rows)
+            geo_mats.append(_GEOMETRIC_MATRIX[name](_PARAM[name](levels[rows], signs[rows], h, w), h, w))
+            continue
+        rows_d = rows.to(x.device)
+        out[rows_d] = OPS[name](x[rows_d], levels[rows], signs[rows])
+    if geo_rows:
+        rows_d = torch.cat(geo_rows).to(x.device)
+        out[rows_d] = affine(x[rows_d], torch.cat(geo_mats))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# APR-S
+
+
+@dataclass
+class APRSParams:
+    """Every random choice of one APR-S call (CPU tensors of length N), drawn before the images are touched.
+
+    ``recombined[k]``: False -> image k is ``op1(x)``; True -> ``x2 = op2(op1(x))`` and the
+    result is amplitude(x1)+phase(x2) if ``amplitude_from_first[k]`` else amplitude(x2)+phase(x1).
+    """
+
+    op1: torch.Tensor
+    level1: torch.Tensor
+    sign1: torch.Tensor
+    recombined: torch.Tensor
+    op2: torch.Tensor
+    level2: torch.Tensor
+    sign2: torch.Tensor
+    amplitude_from_first: torch.Tensor
+
+
+def sample_apr_s_params(batch: int, generator: Optional[torch.Generator] = None, severity: float = 3.0) -> APRSParams:
+    """Draw APR-S's choices for ``batch`` images from ``generator`` (one call, fixed order)."""
+    if severity < 0.1:
+        raise ValueError(f"APR-S severity must be >= 0.1 (levels are U(0.1, severity)), got {severity}")
+    u = _rand((batch, 8), generator)
+    n_ops = len(OP_NAMES)
+
+    def sign(col):  # AugMix: `if np.random.uniform() > 0.5: value = -value`
+        return torch.where(col > 0.5, -1.0, 1.0).to(torch.float64)
+
+    return APRSParams(
+        op1=(u[:, 0] * n_ops).long().clamp_max(n_ops - 1),
+        level1=0.1 + (severity - 0.1) * u[:, 1],
+        sign1=sign(u[:, 2]),
+        recombined=u[:, 3] <= 0.5,  # reference: `if p > 0.5: return x1`
+        op2=(u[:, 4] * n_ops).long().clamp_max(n_ops - 1),
+        level2=0.1 + (severity - 0.1) * u[:, 5],
+        sign2=sign(u[:, 6]),
+        amplitude_from_first=u[:, 7] > 0.5,  # reference: p > 0.5 -> abs_1 * exp(i angle_2)
+    )
+
+
+def apply_apr_s(images: torch.Tensor, params: APRSParams, dim: Sequence[int] = CHANNEL_SPATIAL) -> torch.Tensor:
+    """Apply APR-S with the given choices (see :class:`APRSParams`); same dtype/device/shape out."""
+    _check_images(images, "apr_s")
+    dim = _check_dim(dim, "apr_s")
+    if params.op1.numel() != images.shape[0]:
+        raise ValueError(f"APR-S params are for {params.op1.numel()} images, the batch has {images.shape[0]}")
+    x = images.float()
+    x1 = _apply_ops(x, params.op1, params.level1, params.sign1)
+    rows = params.recombined.nonzero().reshape(-1)
+    if rows.numel():
+        rows_d = rows.to(x.device)
+        first = x1[rows_d]
+        second = _apply_ops(first, params.op2[rows], params.level2[rows], params.sign2[rows])
+        keep_first = params.amplitude_from_first[rows].to(x.device)[:, None, None, None]
+        amplitude_source = torch.where(keep_first, first, second)
+        phase_source = torch.where(keep_first, second, first)
+        x1[rows_d] = recombine(amplitude_source, phase_source, dim=dim)
+    return x1.to(images.dtype)
+
+
+def apr_s(
+    images: torch.Tensor,
+    generator: Optional[torch.Generator] = None,
+    severity: float = 3.0,
+    dim: Sequence[int] = CHANNEL_SPATIAL,
+) -> torch.Tensor:
+    """APR-S (the reference's ``APRecombination``) on a batch, every image with its own random ops.
+
+    x1 = op1(x); half the images keep x1; the others get x2 = op2(x1) and, with equal
+    chance, amplitude(x1)+phase(x2) or amplitude(x2)+phase(x1). Ops and levels as AugMix
+    (levels U(0.1, severity)). Float images in [0, 1] (float32/bfloat16/float16, any
+    device) in; same dtype, device and shape out, clamped to [0, 1].
+    """
+    _check_images(images, "apr_s")
+    return apply_apr_s(images, sample_apr_s_params(images.shape[0], generator, severity), dim=dim)
+
+
+# ---------------------------------------------------------------------------------------
+# APR-P
+
+
+def apr_p(
+    images: torch.Tensor,
+    prob: float = 0.6,
+    generator: Optional[torch.Generator] = None,
+    per_sample: bool = False,
+    dim: Sequence[int] = CHANNEL_SPATIAL,
+) -> torch.Tensor:
+    """APR-P (the reference's ``mix_data``): each image keeps its phase and takes the amplitude of ``images[perm]``.
+
+    ``perm = torch.randperm(N)``. With probability ``prob`` the whole batch is recombined
+    (one coin per batch, as the reference); ``per_sample=True`` flips one coin per image.
+    Both the coin(s) and the permutation are always drawn, so ``generator`` advances by the
+    same amount every call. When nothing is recombined the input tensor itself is returned.
+    Labels are untouched: the training loop pairs the result with the original labels.
+    """
+    _check_images(images, "apr_p")
+    dim = _check_dim(dim, "apr_p")
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"apr_p prob must lie in [0, 1], got {prob}")
+    n = images.shape[0]
+    coins = _rand(n if per_sample else 1, generator)
+    perm = _randperm(n, generator)
+    apply = (coins < prob).expand(n) if not per_sample else coins < prob
+    rows = apply.nonzero().reshape(-1)
+    if rows.numel() == 0:
+        return images
+    out = images.clone()
+    rows_d = rows.to(images.device)
+    out[rows_d] = recombine(images[perm[rows].to(images.device)], images[rows_d], dim=dim)
+    return out
+
+
+def apr_sp(
+    images: torch.Tensor,
+    prob: float = 0.6,
+    generator: Optional[torch.Generator] = None,
+    severity: float = 3.0,
+    per_sample: bool = False,
+    dim: Sequence[int] = CHANNEL_SPATIAL,
+) -> torch.Tensor:
+    """APR-SP: ``apr_p(apr_s(images))`` (both drawing from the same generator, S first)."""
+    return apr_p(apr_s(images, generator, severity, dim), prob, generator, per_sample, dim)
+
+
+# ---------------------------------------------------------------------------------------
+# training-loop policy
+
+
+@dataclass(frozen=True)
+class APRPolicy:
+    """What the training loop does with each batch: returns ``(first, second_or_None)``.
+
+    The loop computes the cross-entropy on ``cat([first, second])`` with the labels
+    repeated, as the reference's ``train`` does (loss = CE(x) + CE(x_apr)). The pairs mirror
+    the reference, where APR-S runs in the data pipeline and ``mix_data`` (APR-P) in the loop:
+
+    * ``none``   -> ``(x, None)``: plain training, one forward of N images;
+    * ``apr_p``  -> ``(x, apr_p(x))``;
+    * ``apr_s``  -> ``(x, apr_s(x))``;
+    * ``apr_sp`` -> ``(s, apr_p(s))`` with ``s = apr_s(x)`` (the clean image is never seen, as
+      in the reference where APR-S replaced it in the loader).
+    """
+
+    name: str = "none"
+    p_prob: float = 0.6
+    p_per_sample: bool = False
+    s_severity: float = 3.0
+    dims: str = "chw"
+
+    def __post_init__(self):
+        if self.name not in POLICY_NAMES:
+            raise ValueError(f"APRPolicy name must be one of {', '.join(POLICY_NAMES)}; got {self.name!r}")
+        if self.dims not in DIMS:
+            raise ValueError(f"APRPolicy dims must be 'chw' or 'hw'; got {self.dims!r}")
+        if not 0.0 <= self.p_prob <= 1.0:
+            raise ValueError(f"APRPolicy p_prob must lie in [0, 1], got {self.p_prob}")
+        if self.s_severity < 0.1:
+            raise ValueError(f"APRPolicy s_severity must be >= 0.1, got {self.s_severity}")
+
+    @classmethod
+    def from_config(cls, aug) -> "APRPolicy":
+        """From ``apr.config.AugConfig`` (fields name, p_prob, p_per_sample, s_severity, fourier_dims)."""
+        return cls(
+            name=aug.name,
+            p_prob=float(aug.p_prob),
+            p_per_sample=bool(aug.p_per_sample),
+            s_severity=float(aug.s_severity),
+            dims=aug.fourier_dims,
+        )
+
+    @property
+    def dim(self) -> tuple[int, ...]:
+        return DIMS[self.dims]
+
+    @property
+    def doubles_batch(self) -> bool:
+        """Whether the loop forwards 2N images per batch."""
+        return self.name != "none"
+
+    def __call__(self, images: torch.Tensor, generator: Optional[torch.Generator] = None):
+        if self.name == "none":
+            return images, None
+        if self.name == "apr_p":
+            return images, apr_p(images, self.p_prob, generator, self.p_per_sample, self.dim)
+        if self.name == "apr_s":
+            return images, apr_s(images, generator, self.s_severity, self.dim)
+        s = apr_s(images, generator, self.s_severity, self.dim)
+        return s, apr_p(s, self.p_prob, generator, self.p_per_sample, self.dim)

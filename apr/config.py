@@ -1,0 +1,265 @@
+"""Typed run configuration: YAML recipes -> dataclasses, ``--set a.b=c`` overrides, validation.
+
+One config drives a whole run (as in ffcv-imagenet): a recipe is a YAML file whose sections
+mirror the dataclasses below. Unknown keys and wrong types fail loudly, naming the key, so a
+typo in a recipe never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "AugConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "CheckpointConfig",
+    "Config",
+    "load_config",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "save_config",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used as written."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "imagefolder"  # imagefolder (ImageNet layout) | cifar10 | cifar100
+    backend: str = "dali"  # dali | torchvision  (CIFAR always uses in-memory tensors)
+    root: str = ""  # ImageNet layout: <root>/<train_dir>/<wnid>/*.JPEG and <root>/<val_dir>/...
+    train_dir: str = "train"
+    val_dir: str = "val"
+    extra_roots: list[str] = field(default_factory=list)  # extra train folders (DeepAugment EDSR/, CAE/)
+    image_size: int = 224  # train crop and val crop
+    val_resize: int = 256  # val: resize shorter side, then center crop image_size
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
+    crop_padding: int = 4  # CIFAR: random crop with this zero padding
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    num_workers: int = 4  # DALI CPU threads / DataLoader workers per process
+    verify_images: bool = True  # scan file headers once; skip and count unreadable files
+
+
+@dataclass
+class AugConfig:
+    name: str = "none"  # none | apr_p | apr_s | apr_sp
+    p_prob: float = 0.6  # APR-P: probability of recombining (one coin per batch by default)
+    p_per_sample: bool = False  # APR-P: one coin per image instead of per batch
+    s_severity: float = 3.0  # APR-S: op levels drawn uniformly in [0.1, severity]
+    fourier_dims: str = "chw"  # chw: one FFT over channels+space (reference) | hw: per channel
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet50"  # a timm model name, or one of apr.models' CIFAR nets (wrn40_2, ...)
+    num_classes: int = 0  # 0: taken from the data
+    channels_last: bool = True
+    compile: bool = False  # torch.compile the model
+    drop_rate: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.1  # base learning rate for a global batch of `lr_base_batch`
+    lr_base_batch: int = 256  # lr is scaled by global_batch / lr_base_batch (0 disables scaling)
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    schedule: str = "step"  # step | multistep | cosine | constant
+    step_size: int = 30  # step: epochs between decays
+    milestones: list[int] = field(default_factory=list)  # multistep: epochs at which lr *= gamma
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0  # linear warmup from 0 over this many epochs
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 256  # per process; global batch = batch_size * world size
+    precision: str = "bf16"  # bf16 | no  (accelerate mixed_precision)
+    seed: int = 0
+    deterministic: bool = False  # deterministic algorithms (CPU tests, exact resume checks)
+    val_every: int = 1  # epochs between validations (0: only at the end)
+    log_every: int = 50  # steps between CSV log rows
+    max_steps_per_epoch: int = 0  # >0 truncates each epoch (smoke runs, benchmarks)
+    output_dir: str = "runs"
+    run_name: str = ""  # "" -> derived from model and aug
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # >0: also save every N optimizer steps (mid-epoch)
+    keep_last: int = 2
+    keep_best: bool = True
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def validate(self) -> "Config":
+        _choice("data.dataset", self.data.dataset, ("imagefolder", "cifar10", "cifar100"))
+        _choice("data.backend", self.data.backend, ("dali", "torchvision"))
+        _choice("aug.name", self.aug.name, ("none", "apr_p", "apr_s", "apr_sp"))
+        _choice("aug.fourier_dims", self.aug.fourier_dims, ("chw", "hw"))
+        _choice("optim.schedule", self.optim.schedule, ("step", "multistep", "cosine", "constant"))
+        _choice("train.precision", self.train.precision, ("bf16", "no"))
+        if not 0.0 <= self.aug.p_prob <= 1.0:
+            raise ConfigError(f"aug.p_prob must lie in [0, 1], got {self.aug.p_prob}")
+        if self.aug.s_severity < 0.1:
+            raise ConfigError(f"aug.s_severity must be >= 0.1, got {self.aug.s_severity}")
+        if len(self.data.crop_scale) != 2 or not 0 < self.data.crop_scale[0] <= self.data.crop_scale[1] <= 1:
+            raise ConfigError(f"data.crop_scale must be [low, high] with 0 < low <= high <= 1, got {self.data.crop_scale}")
+        if len(self.data.mean) != 3 or len(self.data.std) != 3:
+            raise ConfigError("data.mean and data.std need three values (R, G, B)")
+        for key, value in (("train.epochs", self.train.epochs), ("train.batch_size", self.train.batch_size),
+                           ("data.image_size", self.data.image_size)):
+            if value < 1:
+                raise ConfigError(f"{key} must be >= 1, got {value}")
+        if self.optim.schedule == "multistep" and not self.optim.milestones:
+            raise ConfigError("optim.schedule=multistep needs optim.milestones, e.g. [60, 120, 160]")
+        return self
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------
+# dict <-> dataclass with type checks
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` against ``annotation`` (bool, int, float, str, list[...])."""
+    origin = typing.get_origin(annotation)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {type(value).__name__} {value!r}")
+        (item_type,) = typing.get_args(annotation)[:1] or (Any,)
+        return [_coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(annotation):
+            try:
+                return _coerce(key, value, option)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if annotation is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key} must be null, got {value!r}")
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported config type {annotation!r}")
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"section {prefix.rstrip('.') or '<root>'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"known keys in {prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(known))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[name] = _build(annotation, value or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(prefix + name, value, annotation)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict) -> Config:
+    return _build(Config, data or {}, "").validate()
+
+
+def config_to_dict(config: Config) -> dict:
+    return asdict(config)
+
+
+def _parse_value(text: str) -> Any:
+    # YAML scalars: 5 -> int, 0.1 -> float, true -> bool, [1, 2] -> list, abc -> str
+    return yaml.safe_load(text) if text.strip() else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` strings (values parsed as YAML) to a config dict."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in (data or {}).items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        path, text = item.split("=", 1)
+        parts = path.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = _parse_value(text)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML recipe (or start from defaults), apply overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a recipe must be a YAML mapping of sections")
+    return config_from_dict(apply_overrides(data, overrides or []))
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(config_to_dict(config), f, sort_keys=False)

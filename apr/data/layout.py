@@ -1,0 +1,246 @@
+"""ImageNet-layout discovery and validation: ``<root>/<wnid>/<image>`` -> files, labels, classes.
+
+Class index = sorted class-folder names (the same as torchvision's ImageFolder), so a checkpoint's
+class list means the same thing whichever backend trained it.
+
+Corrupt-file policy (a multi-day run must not die on one bad JPEG):
+
+- ``verify=True`` (``cfg.data.verify_images``, the default): while scanning, each file's first and
+  last bytes are read (no decode): a JPEG must start with SOI ``FF D8`` and hold EOI ``FF D9`` in its
+  last 4 KiB, a PNG must carry its 8-byte signature and ``IEND`` near its end; GIF/BMP/WebP/TIFF must
+  carry their signature; zero-byte files fail. Bad files are skipped, listed in ``index.skipped`` and
+  reported once in a warning naming the first few. This catches truncated copies, text/HTML error
+  pages saved as ``.JPEG`` and empty files, which are the failures seen in practice; it costs two
+  small reads per file (parallel threads), not a decode.
+- ``verify=False``: nothing is checked; an undecodable file then stops DALI with
+  :class:`ImageDecodeError` (DALI 2.4's own error says only ``nvImageCodec failure`` and not which
+  file, see ``apr.data.dali``), and the torchvision backend raises it naming the file.
+  ``python -m apr.data.layout ROOT --decode`` finds such files with a full PIL decode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+__all__ = [
+    "DatasetLayoutError",
+    "ImageDecodeError",
+    "ImageFolderIndex",
+    "IMG_EXTENSIONS",
+    "scan_image_folder",
+    "scan_train_roots",
+    "check_image_file",
+    "find_undecodable",
+]
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+_TAIL = 4096
+_SIGNATURES = (b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*", b"P6", b"P5")
+
+
+class DatasetLayoutError(ValueError):
+    """A dataset folder that does not have the expected ``<root>/<class>/<image>`` layout."""
+
+
+class ImageDecodeError(RuntimeError):
+    """An image file that the decoder could not read (raised only with verification off)."""
+
+
+@dataclass
+class ImageFolderIndex:
+    """The files of one or more ImageNet-layout folders and their labels in one class space."""
+
+    root: str
+    classes: list[str]
+    files: list[str] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def class_counts(self) -> list[int]:
+        counts = [0] * len(self.classes)
+        for label in self.labels:
+            counts[label] += 1
+        return counts
+
+
+def check_image_file(path: str | os.PathLike) -> str | None:
+    """Cheap header/trailer check; returns None if plausible, else a short reason."""
+    try:
+        size = os.path.getsize(path)
+        if size == 0:
+            return "empty file"
+        with open(path, "rb") as f:
+            head = f.read(16)
+            if size > _TAIL:
+                f.seek(size - _TAIL)
+            else:
+                f.seek(0)
+            tail = f.read(_TAIL)
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    if head[:2] == b"\xff\xd8":
+        return None if b"\xff\xd9" in tail else "truncated JPEG (no end-of-image marker)"
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return None if b"IEND" in tail else "truncated PNG (no IEND chunk)"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return None
+    if any(head.startswith(sig) for sig in _SIGNATURES):
+        return None
+    return "not an image (unknown file signature)"
+
+
+def _list_class_dir(class_dir: Path) -> list[str]:
+    return sorted(
+        str(class_dir / name)
+        for name in os.listdir(class_dir)
+        if not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS) and (class_dir / name).is_file()
+    )
+
+
+def _class_dirs(root: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
+def scan_image_folder(root: str | os.PathLike, classes: Sequence[str] | None = None, verify: bool = True,
+                      *, allow_missing_classes: bool = False, allow_empty: bool = False,
+                      workers: int = 16, warn: bool = True) -> ImageFolderIndex:
+    """Index ``<root>/<class>/<image>``.
+
+    ``classes``: a fixed class list (e.g. from the training set or a checkpoint); a folder that is not
+    in it is an error. Without it the classes are the sorted folder names. ``allow_missing_classes``:
+    classes of the list may lack a folder (ImageNet-C cells, subsets). ``allow_empty``: an empty class
+    folder is accepted (evaluation trees), else it is an error naming the folder.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise DatasetLayoutError(f"dataset folder not found: {root}")
+    if not root.is_dir():
+        raise DatasetLayoutError(f"dataset path is not a folder: {root}")
+    found = _class_dirs(root)
+    if not found:
+        raise DatasetLayoutError(
+            f"no class folders in {root}: expected ImageNet layout {root}/<class, e.g. n01440764>/<image>.JPEG")
+    if classes is None:
+        classes = found
+    else:
+        classes = list(classes)
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise DatasetLayoutError(
+                f"{root} has class folder(s) not in the class list ({len(classes)} classes): "
+                f"{_preview(unknown)}")
+        missing = sorted(set(classes) - set(found))
+        if missing and not allow_missing_classes:
+            raise DatasetLayoutError(f"{root} lacks class folder(s): {_preview(missing)}")
+    index = {name: i for i, name in enumerate(classes)}
+    files: list[str] = []
+    labels: list[int] = []
+    for name in found:
+        entries = _list_class_dir(root / name)
+        if not entries and not allow_empty:
+            raise DatasetLayoutError(f"class folder has no images: {root / name}")
+        files += entries
+        labels += [index[name]] * len(entries)
+    skipped: list[str] = []
+    if verify and files:
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            reasons = list(pool.map(check_image_file, files, chunksize=256))
+        keep = [r is None for r in reasons]
+        skipped = [f"{f} ({r})" for f, r in zip(files, reasons) if r is not None]
+        files = [f for f, k in zip(files, keep) if k]
+        labels = [lab for lab, k in zip(labels, keep) if k]
+        if skipped and warn:
+            warnings.warn(f"{root}: skipped {len(skipped)} unreadable image file(s): {_preview(skipped, 5)}",
+                          stacklevel=2)
+    return ImageFolderIndex(root=str(root), classes=list(classes), files=files, labels=labels, skipped=skipped)
+
+
+def scan_train_roots(roots: Iterable[str | os.PathLike], verify: bool = True, **kwargs) -> ImageFolderIndex:
+    """Merge several training folders (ImageNet train + DeepAugment EDSR/, CAE/) into one label space.
+
+    All roots must have the same class folders: a DeepAugment copy that lacks or adds classes would
+    silently shift labels, so differences are listed in the error.
+    """
+    roots = [Path(r) for r in roots]
+    first = scan_image_folder(roots[0], verify=verify, **kwargs)
+    merged = ImageFolderIndex(root=str(roots[0]), classes=first.classes, files=list(first.files),
+                              labels=list(first.labels), skipped=list(first.skipped))
+    for extra in roots[1:]:
+        if not extra.is_dir():
+            raise DatasetLayoutError(f"extra training folder not found: {extra}")
+        extra_classes = _class_dirs(extra)
+        missing = sorted(set(first.classes) - set(extra_classes))
+        added = sorted(set(extra_classes) - set(first.classes))
+        if missing or added:
+            parts = []
+            if missing:
+                parts.append(f"missing {len(missing)}: {_preview(missing)}")
+            if added:
+                parts.append(f"not in {roots[0]}: {_preview(added)}")
+            raise DatasetLayoutError(
+                f"extra training folder {extra} has different classes than {roots[0]} ({'; '.join(parts)})")
+        idx = scan_image_folder(extra, classes=first.classes, verify=verify, **kwargs)
+        merged.files += idx.files
+        merged.labels += idx.labels
+        merged.skipped += idx.skipped
+    return merged
+
+
+def find_undecodable(files: Sequence[str], workers: int = 4, progress: bool = True) -> list[str]:
+    """Fully decode every file with PIL (slow; for diagnosis) and return ``"path (reason)"`` for failures."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    def check(path: str) -> str | None:
+        try:
+            with Image.open(path) as img:
+                img.convert("RGB").load()
+        except Exception as exc:  # PIL raises many types for bad data
+            return f"{path} ({type(exc).__name__}: {exc})"
+        return None
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        results = list(tqdm(pool.map(check, files), total=len(files), disable=not progress, desc="decode"))
+    return [r for r in results if r is not None]
+
+
+def _preview(items: Sequence[str], n: int = 10) -> str:
+    items = list(items)
+    text = ", ".join(str(i) for i in items[:n])
+    return text + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m apr.data.layout",
+        description="Check an ImageNet-layout folder (<root>/<class>/<image>) and list unreadable images.")
+    parser.add_argument("root", help="folder holding one sub-folder per class")
+    parser.add_argument("--decode", action="store_true",
+                        help="also decode every image with PIL (slow) to find files that pass the cheap "
+                             "header/trailer check but still fail to decode")
+    parser.add_argument("--workers", type=int, default=8, help="parallel threads for reading files")
+    args = parser.parse_args(argv)
+    index = scan_image_folder(args.root, verify=True, workers=args.workers, warn=False)
+    print(f"{args.root}: {len(index.classes)} classes, {len(index.files)} images, {len(index.skipped)} skipped")
+    for line in index.skipped:
+        print(f"bad: {line}")
+    bad = index.skipped
+    if args.decode:
+        failed = find_undecodable(index.files, workers=args.workers)
+        for line in failed:
+            print(f"undecodable: {line}")
+        bad = bad + failed
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

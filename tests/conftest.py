@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny real-image datasets in ImageNet layout, written once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_cuda)
+
+
+def digits_rgb(size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 real handwritten digits as uint8 RGB images (N, size, size, 3)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images / 16.0 * 255.0).clip(0, 255).astype(np.uint8)  # 8x8 grey, 0..16 -> 0..255
+    out = np.empty((len(images), size, size, 3), dtype=np.uint8)
+    tints = np.array([[1.0, 0.9, 0.8], [0.8, 1.0, 0.9], [0.9, 0.8, 1.0]])
+    for i, img in enumerate(images):
+        big = np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC), dtype=np.float32)
+        out[i] = (big[..., None] * tints[i % 3]).clip(0, 255).astype(np.uint8)
+    return out, digits.target.astype(np.int64)
+
+
+def write_imagefolder(root: Path, images: np.ndarray, labels: np.ndarray, class_names: list[str],
+                      quality: int = 90) -> Path:
+    """Write images as <root>/<class_name>/<index>.JPEG."""
+    for name in class_names:
+        (root / name).mkdir(parents=True, exist_ok=True)
+    for i, (img, label) in enumerate(zip(images, labels)):
+        Image.fromarray(img).save(root / class_names[label] / f"img_{i:05d}.JPEG", quality=quality)
+    return root
+
+
+@pytest.fixture(scope="session")
+def digits_images() -> tuple[np.ndarray, np.ndarray]:
+    return digits_rgb(32)
+
+
+@pytest.fixture(scope="session")
+def imagenet_tree(tmp_path_factory, digits_images) -> Path:
+    """A tiny ImageNet-layout tree of real digit photos: root/{train,val}/<wnid>/*.JPEG.
+
+    4 classes with WordNet-style names (n0000000k = digit k), 16 train and 6 val images each,
+    32x32 RGB JPEG.
+    """
+    images, labels = digits_images
+    root = tmp_path_factory.mktemp("imagenet_tree")
+    classes = [f"n{k:08d}" for k in range(4)]
+    rng = np.random.default_rng(0)
+    train_idx, val_idx = [], []
+    for k in range(4):
+        idx = rng.permutation(np.flatnonzero(labels == k))
+        train_idx += list(idx[:16])
+        val_idx += list(idx[16:22])
+    write_imagefolder(root / "train", images[train_idx], labels[train_idx], classes)
+    write_imagefolder(root / "val", images[val_idx], labels[val_idx], classes)
+    return root

@@ -1,0 +1,77 @@
+"""Config: YAML recipes -> typed dataclasses, overrides, and errors that name the key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from apr.config import Config, ConfigError, apply_overrides, config_to_dict, load_config, save_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_the_paper_imagenet_recipe():
+    cfg = load_config()
+    assert cfg.model.name == "resnet50" and cfg.optim.lr == 0.1 and cfg.optim.weight_decay == 1e-4
+    assert cfg.optim.schedule == "step" and cfg.optim.step_size == 30 and cfg.train.epochs == 100
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_loads(recipe):
+    cfg = load_config(recipe)
+    assert isinstance(cfg, Config)
+    if "apr_sp" in recipe.name:
+        assert cfg.aug.name == "apr_sp"
+    if "deepaugment" in recipe.name:
+        assert len(cfg.data.extra_roots) == 2
+
+
+def test_overrides_parse_yaml_scalars_and_lists(tmp_path):
+    cfg = load_config(ROOT / "configs/imagenet/resnet50_apr_sp.yaml",
+                      ["train.epochs=5", "optim.lr=0.2", "model.compile=true", "optim.schedule=multistep",
+                       "optim.milestones=[2, 4]", "data.root=/tmp/x y"])
+    assert cfg.train.epochs == 5 and cfg.optim.lr == 0.2 and cfg.model.compile is True
+    assert cfg.optim.milestones == [2, 4] and cfg.data.root == "/tmp/x y"
+    assert isinstance(cfg.optim.lr, float)
+
+
+def test_int_is_accepted_where_a_float_is_expected():
+    assert load_config(overrides=["optim.lr=1"]).optim.lr == 1.0
+
+
+@pytest.mark.parametrize("override, message", [
+    (["train.epochz=5"], "unknown config key(s) train.epochz"),
+    (["trian.epochs=5"], "unknown config key(s) trian"),
+    (["train.epochs=five"], "train.epochs must be an integer"),
+    (["train.epochs=2.5"], "train.epochs must be an integer"),
+    (["model.compile=yes please"], "model.compile must be true or false"),
+    (["aug.name=mixup"], "aug.name must be one of none, apr_p, apr_s, apr_sp"),
+    (["aug.p_prob=1.5"], "aug.p_prob must lie in [0, 1]"),
+    (["optim.schedule=multistep"], "needs optim.milestones"),
+    (["data.crop_scale=[0.5]"], "data.crop_scale"),
+    (["train.epochs"], "must look like section.key=value"),
+    (["optim.milestones=3"], "optim.milestones must be a list"),
+])
+def test_bad_values_fail_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=override)
+    assert message in str(err.value)
+
+
+def test_missing_recipe_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(overrides=["aug.name=apr_p", "data.extra_roots=[/a, /b]"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert config_to_dict(again) == config_to_dict(cfg)
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["aug"]["name"] == "apr_p"
+
+
+def test_apply_overrides_does_not_mutate_its_input():
+    data = {"train": {"epochs": 3}}
+    apply_overrides(data, ["train.epochs=4"])
+    assert data == {"train": {"epochs": 3}}
