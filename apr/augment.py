@@ -22,7 +22,6 @@ Deliberate differences from the reference, all documented where they happen:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -157,7 +156,8 @@ def autocontrast(images: torch.Tensor) -> torch.Tensor:
     lo = q.amin(dim=(-2, -1)).double()[..., None]
     hi = q.amax(dim=(-2, -1)).double()[..., None]
     ix = torch.arange(256, dtype=torch.float64, device=q.device)
-    scale = 255.0 / (hi - lo).clamp_min(1.0)
+    # tensor / tensor (``255.0 / t`` would be 255 * (1/t), not bit-identical to Python's division)
+    scale = torch.full_like(hi, 255.0) / (hi - lo).clamp_min(1.0)
     offset = -lo * scale
     lut = torch.floor(ix * scale + offset).clamp_(0, 255)
     lut = torch.where(hi > lo, lut, ix)
@@ -374,7 +374,7 @@ OPS: dict[str, Callable] = {name: _make_op(name) for name in OP_NAMES}
 
 def _apply_ops(x: torch.Tensor, op_index: torch.Tensor, levels: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     """Image k gets op ``OP_NAMES[op_index[k]]``; one call per colour op, one grid_sample for all geometric ones."""
-    out = x.clone()
+    out = torch.empty_like(x)  # every image gets exactly one op, so every row is written below
     n, _, h, w = x.shape
     geo_rows, geo_mats = [], []
     for k, name in enumerate(OP_NAMES):
@@ -504,6 +504,8 @@ def apr_p(
     rows = apply.nonzero().reshape(-1)
     if rows.numel() == 0:
         return images
+    if rows.numel() == n:  # the usual case (batch coin): no copy of the untouched images needed
+        return recombine(images[perm.to(images.device)], images, dim=dim)
     out = images.clone()
     rows_d = rows.to(images.device)
     out[rows_d] = recombine(images[perm[rows].to(images.device)], images[rows_d], dim=dim)

@@ -94,7 +94,7 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = 100
     batch_size: int = 256  # per process; global batch = batch_size * world size
-    precision: str = "bf16"  # bf16 | no  (accelerate mixed_precision)
+    precision: str = "bf16"  # bf16 | fp32  (bf16 autocast through accelerate's mixed_precision)
     seed: int = 0
     deterministic: bool = False  # deterministic algorithms (CPU tests, exact resume checks)
     val_every: int = 1  # epochs between validations (0: only at the end)
@@ -126,7 +126,7 @@ class Config:
         _choice("aug.name", self.aug.name, ("none", "apr_p", "apr_s", "apr_sp"))
         _choice("aug.fourier_dims", self.aug.fourier_dims, ("chw", "hw"))
         _choice("optim.schedule", self.optim.schedule, ("step", "multistep", "cosine", "constant"))
-        _choice("train.precision", self.train.precision, ("bf16", "no"))
+        _choice("train.precision", self.train.precision, ("bf16", "fp32"))
         if not 0.0 <= self.aug.p_prob <= 1.0:
             raise ConfigError(f"aug.p_prob must lie in [0, 1], got {self.aug.p_prob}")
         if self.aug.s_severity < 0.1:
@@ -153,8 +153,15 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
 # dict <-> dataclass with type checks
 
 
+class _OverrideText(str):
+    """A ``--set`` value as typed: read as YAML (5, 0.1, true, [1, 2]) unless the key holds text,
+    so ``--set data.root=2024`` stays the string "2024" and ``--set train.precision=fp32`` is text."""
+
+
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Check ``value`` against ``annotation`` (bool, int, float, str, list[...])."""
+    if isinstance(value, _OverrideText):
+        value = str(value) if annotation is str else _parse_value(value)
     origin = typing.get_origin(annotation)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
@@ -190,7 +197,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     if annotation is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{key} must be a string, got {value!r}")
+        hint = " (quote it in YAML: yes/no/on/off read as booleans)" if isinstance(value, bool) else ""
+        raise ConfigError(f"{key} must be a string, got {value!r}{hint}")
     raise ConfigError(f"{key}: unsupported config type {annotation!r}")
 
 
@@ -241,7 +249,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[parts[-1]] = _parse_value(text)
+        node[parts[-1]] = _OverrideText(text.strip())
     return data
 
 

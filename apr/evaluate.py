@@ -37,6 +37,7 @@ __all__ = [
     "SEVERITIES",
     "EvalError",
     "evaluate_checkpoint",
+    "plan_run_names",
     "find_missing_cells",
     "find_missing_cifar_c",
     "evaluate_loader",
@@ -406,8 +407,14 @@ def evaluate_checkpoint(
         _check_tree_classes([("clean val", val_root)] + [(f"cell {c}/{s}", imagenet_c_root / c / str(s))
                                                           for c, s in present], classes)
     else:
+        from apr.data import load_cifar
+
         cifar_name = _cifar_name(cfg, classes)
         dataset = f"{cifar_name}-c"
+        cifar_test = load_cifar(cifar_root, cifar_name, train=False)
+        if list(cifar_test[2]) != list(classes):
+            raise EvalError(f"the checkpoint's classes ({', '.join(classes[:4])}, ...) are not {cifar_name}'s "
+                            f"({', '.join(cifar_test[2][:4])}, ...) in the same order")
         present_c, missing_c = find_missing_cifar_c(cifar_c_root, corruptions)
         present = [(c, s) for c in present_c for s in severities]
         missing = [f"{c}/{s}" for c in missing_c for s in severities]
@@ -484,10 +491,7 @@ def evaluate_checkpoint(
             loader = _folder_loader(val_root, classes, cfg, ctx, device, batch_size, backend, num_workers,
                                     resize=int(cfg.data.val_resize))
         else:
-            from apr.data import load_cifar
-
-            images, labels, _ = load_cifar(cifar_root, cifar_name, train=False)
-            loader = _tensor_loader(images, labels, classes, ctx, device, batch_size)
+            loader = _tensor_loader(cifar_test[0], cifar_test[1], classes, ctx, device, batch_size)
         with tqdm(total=_total_images(loader, ctx), desc="clean", unit="img", disable=not show, leave=False) as bar:
             stats = evaluate_loader(runner, loader, bar)
         del loader
@@ -507,18 +511,15 @@ def evaluate_checkpoint(
         todo = [s for s in sevs if str(s) not in result["corruptions"].get(corruption, {})]
         if not todo:
             continue
-        cifar_data = None
-        if not use_folder:
-            from apr.data import load_cifar_c
-
-            cifar_data = load_cifar_c(cifar_c_root, corruption)
         with tqdm(total=0, desc=corruption, unit="img", disable=not show) as bar:
             for severity in todo:
                 if use_folder:
                     loader = _folder_loader(imagenet_c_root / corruption / str(severity), classes, cfg, ctx, device,
                                             batch_size, backend, num_workers, resize=None)
                 else:
-                    images, labels = _severity_block(cifar_data, severity)
+                    from apr.data import load_cifar_c
+
+                    images, labels = load_cifar_c(cifar_c_root, corruption, severity)
                     loader = _tensor_loader(images, labels, classes, ctx, device, batch_size)
                 bar.total += _total_images(loader, ctx)
                 bar.set_postfix(severity=severity)
@@ -560,6 +561,28 @@ def evaluate_checkpoint(
 # evaluate_checkpoint's pieces
 
 
+def plan_run_names(checkpoints: list[str | Path]) -> list[str]:
+    """Run names (JSON file names) for checkpoints evaluated together.
+
+    The name comes from the training config (``train.run_name``) or the file stem. Several
+    checkpoints of one run (e.g. epochs 30 and 90) would share a name and overwrite each
+    other's JSON, so clashing names get the file stem appended.
+    """
+    from apr.checkpoint import load_checkpoint
+
+    names = []
+    for path in checkpoints:
+        config = load_checkpoint(path)["config"]
+        names.append((config.get("train") or {}).get("run_name") or Path(path).stem)
+    for i, name in enumerate(names):
+        if names.count(name) > 1:
+            names[i] = f"{name}-{Path(checkpoints[i]).stem}"
+    for i, name in enumerate(names):
+        if names.count(name) > 1:
+            names[i] = f"{name}-{i}"
+    return names
+
+
 def _load_previous(out_path: Path, sha: str, dataset: str, settings: dict) -> dict | None:
     """The finished cells of an earlier run of the same checkpoint and settings, or None."""
     if not out_path.is_file():
@@ -597,14 +620,6 @@ def _cifar_name(cfg, classes: list[str]) -> str:
     return name
 
 
-def _severity_block(data: tuple, severity: int):
-    """CIFAR-C stacks severities 1..5 in five equal blocks of the .npy file."""
-    images, labels = data
-    n = len(images) // 5
-    block = slice((severity - 1) * n, severity * n)
-    return images[block], labels[block]
-
-
 def _folder_loader(folder: Path, classes, cfg, ctx: _Dist, device, batch_size, backend, num_workers, resize):
     from apr.data import build_folder_eval_loader
 
@@ -621,7 +636,8 @@ def _tensor_loader(images, labels, classes, ctx: _Dist, device, batch_size):
     if int(labels.max()) >= len(classes) or int(labels.min()) < 0:
         raise EvalError(f"labels run from {int(labels.min())} to {int(labels.max())}, "
                         f"but the checkpoint has {len(classes)} classes")
-    return TensorBatchLoader(images, labels, batch_size, rank=ctx.rank, world_size=ctx.world_size, device=device)
+    return TensorBatchLoader(images, labels, batch_size, train=False, rank=ctx.rank, world_size=ctx.world_size,
+                             device=device, classes=classes)
 
 
 def _total_images(loader, ctx: _Dist) -> int:

@@ -107,7 +107,9 @@ def fourier_basis_batch(
     if ((indices[:, 0] < 0) | (indices[:, 0] >= height) | (indices[:, 1] < 0) | (indices[:, 1] >= half_w)).any():
         raise ValueError(f"frequency indices must lie in [0, {height}) x [0, {half_w}) for a {height}x{width} image")
     k = indices.shape[0]
-    spectrum = torch.zeros(k, height, half_w, dtype=torch.complex64, device=device)
+    # float64 callers (exact references) get a float64-accurate basis, everyone else complex64
+    complex_dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
+    spectrum = torch.zeros(k, height, half_w, dtype=complex_dtype, device=device)
     spectrum[torch.arange(k, device=device), indices[:, 0].to(device), indices[:, 1].to(device)] = 1.0
     basis = torch.fft.irfft2(spectrum, s=(height, width))
     basis = basis / basis.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None]

@@ -272,9 +272,12 @@ def mean_corruption_error(errors: Mapping[str, Any], *, allow_partial: bool = Fa
 
 # --------------------------------------------------------------------------- calibration
 
-def _as_numpy(x: Any, name: str) -> np.ndarray:
-    if hasattr(x, "detach"):  # torch tensor, possibly on a GPU or in bf16
-        x = x.detach().float().cpu().numpy()
+def _as_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor, possibly on a GPU or in bf16/fp16 (NumPy has no bf16)
+        x = x.detach().cpu()
+        if x.is_floating_point() and x.element_size() < 4:
+            x = x.float()
+        x = x.numpy()
     arr = np.asarray(x)
     if arr.ndim != 1:
         arr = arr.reshape(-1)
@@ -302,8 +305,8 @@ class CalibrationBins:
 
     def add(self, confidences: Any, correct: Any) -> "CalibrationBins":
         """Add a batch: ``confidences`` = max softmax probability per sample, ``correct`` = 0/1 or bool."""
-        conf = _as_numpy(confidences, "confidences").astype(np.float64)
-        corr = _as_numpy(correct, "correct")
+        conf = _as_numpy(confidences).astype(np.float64)
+        corr = _as_numpy(correct)
         if conf.shape != corr.shape:
             raise ValueError(f"confidences and correct must have the same length, got {conf.size} and {corr.size}")
         if conf.size == 0:

@@ -111,7 +111,7 @@ def evaluate_top_k(model, loader, mean, std, accelerator, channels_last=True) ->
 def _make_accelerator(cfg: Config):
     from accelerate import Accelerator
 
-    return Accelerator(mixed_precision=cfg.train.precision, cpu=not torch.cuda.is_available())
+    return Accelerator(mixed_precision="bf16" if cfg.train.precision == "bf16" else "no", cpu=not torch.cuda.is_available())
 
 
 def _setup_determinism(cfg: Config, rank: int) -> None:

@@ -75,3 +75,14 @@ def test_apply_overrides_does_not_mutate_its_input():
     data = {"train": {"epochs": 3}}
     apply_overrides(data, ["train.epochs=4"])
     assert data == {"train": {"epochs": 3}}
+
+
+def test_override_text_stays_text_for_string_keys():
+    cfg = load_config(overrides=["data.root=2024", "train.precision=fp32", "train.run_name=no"])
+    assert cfg.data.root == "2024" and cfg.train.precision == "fp32" and cfg.train.run_name == "no"
+
+
+def test_yaml_boolean_in_a_string_key_gets_a_hint(tmp_path):
+    (tmp_path / "r.yaml").write_text("train:\n  precision: no\n")
+    with pytest.raises(ConfigError, match="train.precision must be a string, got False \\(quote it"):
+        load_config(tmp_path / "r.yaml")

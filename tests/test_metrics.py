@@ -53,7 +53,7 @@ def test_alexnet_errors_give_mce_100():
     assert mce(cells(errors)) == pytest.approx(100.0, abs=1e-9)
     assert relative_mce(cells(errors), ALEXNET_CLEAN_ERROR) == pytest.approx(100.0, abs=1e-9)
     # severities need not be equal, only their sum matters
-    skewed = {c: [ALEXNET_ERRORS[c] + d for d in (-0.1, -0.05, 0.0, 0.05, 0.1)] for c in CORRUPTIONS}
+    skewed = {c: [ALEXNET_ERRORS[c] + d for d in (-0.06, -0.03, 0.0, 0.03, 0.06)] for c in CORRUPTIONS}
     assert mce(cells(skewed)) == pytest.approx(100.0, abs=1e-9)
 
 

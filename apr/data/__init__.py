@@ -1,0 +1,108 @@
+"""Data: layout checks and class index, DALI / torchvision image loaders, CIFAR tensors, demo dataset.
+
+Every loader yields the batch contract: ``(images, labels)`` with images float32 N x 3 x H x W in
+[0, 1] (not normalised) and int64 labels, both on the training device; ``len(loader)`` batches per
+epoch for this rank, ``loader.classes``, ``loader.num_samples``; train loaders add ``set_epoch``,
+``state_dict`` and ``load_state_dict`` for exact mid-epoch resume. The training loop therefore
+cannot tell the backends apart. DALI is imported only when a DALI loader is built.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .cifar import CIFAR_FOLDERS, TensorBatchLoader, load_cifar, load_cifar_c
+from .layout import (DatasetLayoutError, ImageDecodeError, ImageFolderIndex, scan_image_folder,
+                     scan_train_roots)
+
+__all__ = [
+    "DatasetLayoutError", "ImageDecodeError", "ImageFolderIndex", "scan_image_folder", "scan_train_roots",
+    "build_train_loader", "build_val_loader", "build_folder_eval_loader", "build_image_loader",
+    "load_cifar", "load_cifar_c", "TensorBatchLoader", "CIFAR_FOLDERS",
+]
+
+
+def build_image_loader(files: Sequence[str], labels: Sequence[int], classes: Sequence[str], *, backend: str,
+                       batch_size: int, train: bool, image_size: int, crop_scale: Sequence[float] = (0.08, 1.0),
+                       resize: int | None = None, num_workers: int = 4, rank: int = 0, world_size: int = 1,
+                       local_rank: int = 0, device: torch.device | str = "cpu", seed: int = 0,
+                       roots: Sequence[str] = ()):
+    """A DALI or torchvision loader over explicit files/labels (the two backends take the same arguments)."""
+    kwargs = dict(batch_size=batch_size, train=train, image_size=image_size, crop_scale=crop_scale, resize=resize,
+                  rank=rank, world_size=world_size, device=device, seed=seed)
+    if backend == "dali":
+        from .dali import DaliImageLoader
+
+        return DaliImageLoader(files, labels, classes, num_threads=num_workers, local_rank=local_rank,
+                               roots=roots, **kwargs)
+    if backend == "torchvision":
+        from .torchvision_backend import TorchvisionImageLoader
+
+        return TorchvisionImageLoader(files, labels, classes, num_workers=num_workers, **kwargs)
+    raise ValueError(f"unknown data backend {backend!r}; expected dali or torchvision")
+
+
+def _split_root(cfg, split_dir: str) -> Path:
+    if not cfg.data.root:
+        raise DatasetLayoutError("data.root is empty: set it to the dataset folder (e.g. --set data.root=/data/imagenet)")
+    return Path(cfg.data.root) / split_dir
+
+
+def build_train_loader(cfg, *, rank: int = 0, world_size: int = 1, local_rank: int = 0,
+                       device: torch.device | str = torch.device("cpu"), seed: int | None = None):
+    """Training loader from the config: ImageNet layout (+ extra roots) via DALI/torchvision, or CIFAR.
+
+    ``seed`` defaults to ``cfg.train.seed``; it fixes the epoch order and the augmentation draws.
+    """
+    seed = cfg.train.seed if seed is None else int(seed)
+    d = cfg.data
+    if d.dataset in CIFAR_FOLDERS:
+        images, labels, classes = load_cifar(d.root, d.dataset, train=True)
+        return TensorBatchLoader(images, labels, cfg.train.batch_size, train=True, crop_padding=d.crop_padding,
+                                 seed=seed, rank=rank, world_size=world_size, device=device, classes=classes)
+    roots = [_split_root(cfg, d.train_dir)] + [Path(r) for r in d.extra_roots]
+    index = scan_train_roots(roots, verify=d.verify_images)
+    return build_image_loader(index.files, index.labels, index.classes, backend=d.backend,
+                              batch_size=cfg.train.batch_size, train=True, image_size=d.image_size,
+                              crop_scale=d.crop_scale, num_workers=d.num_workers, rank=rank, world_size=world_size,
+                              local_rank=local_rank, device=device, seed=seed, roots=[str(r) for r in roots])
+
+
+def build_val_loader(cfg, *, classes: Sequence[str] | None = None, rank: int = 0, world_size: int = 1,
+                     local_rank: int = 0, device: torch.device | str = torch.device("cpu")):
+    """Validation loader: resize shorter side to ``val_resize``, center crop ``image_size``; every image
+    exactly once over all ranks. ``classes``: the training class list (a val class that train lacks is
+    an error); None takes the val folder's own classes."""
+    d = cfg.data
+    if d.dataset in CIFAR_FOLDERS:
+        images, labels, names = load_cifar(d.root, d.dataset, train=False)
+        return TensorBatchLoader(images, labels, cfg.train.batch_size, train=False, rank=rank,
+                                 world_size=world_size, device=device, classes=list(classes or names))
+    root = _split_root(cfg, d.val_dir)
+    index = scan_image_folder(root, classes=classes, verify=d.verify_images, allow_missing_classes=True)
+    return build_image_loader(index.files, index.labels, index.classes, backend=d.backend,
+                              batch_size=cfg.train.batch_size, train=False, image_size=d.image_size,
+                              resize=d.val_resize, num_workers=d.num_workers, rank=rank, world_size=world_size,
+                              local_rank=local_rank, device=device, seed=cfg.train.seed, roots=[str(root)])
+
+
+def build_folder_eval_loader(folder: str | os.PathLike, classes: Sequence[str], *, batch_size: int, image_size: int,
+                             resize: int | None = None, backend: str = "dali", num_workers: int = 2, rank: int = 0,
+                             world_size: int = 1, local_rank: int = 0, device: torch.device | str = torch.device("cpu"),
+                             verify: bool = True):
+    """Evaluation over any ``<folder>/<wnid>/*`` tree (e.g. one ImageNet-C cell) with a FIXED class list.
+
+    Folders may lack classes; a folder whose name is not in ``classes`` is a DatasetLayoutError.
+    ``resize=None``: images are center-cropped to ``image_size`` (a no-op for 224x224 ImageNet-C);
+    otherwise the shorter side is resized to ``resize`` first.
+    """
+    index = scan_image_folder(folder, classes=classes, verify=verify, allow_missing_classes=True, allow_empty=True)
+    if not index.files:
+        raise DatasetLayoutError(f"no readable images in {folder}")
+    return build_image_loader(index.files, index.labels, index.classes, backend=backend, batch_size=batch_size,
+                              train=False, image_size=image_size, resize=resize, num_workers=num_workers, rank=rank,
+                              world_size=world_size, local_rank=local_rank, device=device, roots=[str(folder)])

@@ -1,0 +1,205 @@
+"""DALI loaders: ONE pipeline definition for GPU and CPU, checkpointable for exact mid-epoch resume.
+
+The GPU path (``decoder device "mixed"``, nvJPEG) and its CPU twin (``device_id=None``, what runs
+on a machine without a GPU and in the tests) differ only in the decoder's device string, so what the
+tests check is what runs on a cluster.
+
+Sharding: ``shard_id`` = GLOBAL rank, ``num_shards`` = world size, ``device_id`` = local rank.
+Every shard is read with ``pad_last_batch=True`` so an epoch never reads into the next one:
+
+- train: the reader's global shuffle (fixed seed, same on all ranks) is split into equal shards
+  (``N % world_size`` files are left out, chosen once by the seed, so every rank runs the same
+  number of steps); shards rotate between epochs (``stick_to_shard=False``), the order inside a
+  shard comes from DALI's shuffle buffer; the last partial batch is dropped;
+- eval: contiguous shards, ``LastBatchPolicy.PARTIAL`` with ``reader_name`` drops the padding, so
+  each image is seen exactly once over all ranks (a rank may have one batch more than another).
+
+Resume: the pipeline is built with ``enable_checkpointing=True``; ``state_dict()`` stores
+``DALIGenericIterator.checkpoints()`` (reader position and the state of every random operator), and a
+pipeline rebuilt from it yields exactly the batches the uninterrupted run would have yielded next.
+DALI cannot restart an epoch: a pass abandoned part-way (``max_steps_per_epoch``) continues where it
+stopped on the next ``for batch in loader``.
+
+Decode errors (verification off): DALI 2.4 stops with ``Error in CPU operator
+nvidia.dali.fn.decoders.image... nvImageCodec failure: '#3'`` and does not say which file failed; the
+pipeline is then dead. We re-raise it as :class:`ImageDecodeError` naming the dataset roots and the
+command that finds the file (``python -m apr.data.layout ROOT --decode``).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .base import mix_seed, to_device_batch, train_shard_size
+from .layout import ImageDecodeError
+
+try:
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+    DALI_IMPORT_ERROR: Exception | None = None
+except ImportError as _exc:  # the lent GPU box and some clusters have no DALI
+    DALI_IMPORT_ERROR = _exc
+
+    def pipeline_def(*args, **kwargs):  # keeps the module importable without DALI
+        return (lambda f: f) if not (len(args) == 1 and callable(args[0])) else args[0]
+
+__all__ = ["DaliImageLoader", "image_pipeline", "require_dali"]
+
+_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+
+
+def require_dali() -> None:
+    if DALI_IMPORT_ERROR is not None:
+        raise ImportError(
+            f"data.backend=dali needs NVIDIA DALI (pip install nvidia-dali-cuda120): {DALI_IMPORT_ERROR}; "
+            "or set data.backend=torchvision") from DALI_IMPORT_ERROR
+
+
+@pipeline_def(enable_checkpointing=True)
+def image_pipeline(files: Sequence[str], labels: Sequence[int], *, train: bool, image_size: int,
+                   crop_scale: Sequence[float] = (0.08, 1.0), resize: int | None = None,
+                   shard_id: int = 0, num_shards: int = 1, reader_seed: int = 0, decoder_device: str = "cpu"):
+    """Train: RandomResizedCrop + flip. Eval: resize shorter side (optional) + center crop.
+    Output: float32 CHW in [0, 1] (mean 0, std 255) and the label."""
+    jpegs, labels = fn.readers.file(
+        files=list(files), labels=list(labels), shard_id=shard_id, num_shards=num_shards,
+        random_shuffle=train, pad_last_batch=True, stick_to_shard=not train, name="Reader", seed=reader_seed)
+    if train:
+        images = fn.decoders.image_random_crop(
+            jpegs, device=decoder_device, output_type=types.RGB, random_area=list(crop_scale),
+            random_aspect_ratio=list(_RATIO), num_attempts=10)
+        images = fn.resize(images, resize_x=image_size, resize_y=image_size, interp_type=types.INTERP_LINEAR,
+                           antialias=True)
+        mirror = fn.random.coin_flip(probability=0.5)
+        crop = None
+    else:
+        images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
+        if resize:
+            images = fn.resize(images, resize_shorter=resize, interp_type=types.INTERP_LINEAR, antialias=True)
+        mirror = 0
+        crop = (image_size, image_size)
+    images = fn.crop_mirror_normalize(
+        images, dtype=types.FLOAT, output_layout="CHW", crop=crop, crop_pos_x=0.5, crop_pos_y=0.5,
+        mean=[0.0], std=[255.0], mirror=mirror, out_of_bounds_policy="pad", fill_values=[0.0])
+    return images, labels
+
+
+class DaliImageLoader:
+    """Iterable over one epoch of ``(images, labels)`` batches from a DALI pipeline (batch contract)."""
+
+    def __init__(self, files: Sequence[str], labels: Sequence[int], classes: Sequence[str], *, batch_size: int,
+                 train: bool, image_size: int, crop_scale: Sequence[float] = (0.08, 1.0), resize: int | None = None,
+                 num_threads: int = 4, rank: int = 0, world_size: int = 1, local_rank: int = 0,
+                 device: torch.device | str = "cpu", seed: int = 0, roots: Sequence[str] = (),
+                 prefetch: int = 2):
+        require_dali()
+        if len(files) != len(labels):
+            raise ValueError(f"{len(files)} files but {len(labels)} labels")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world of size {world_size}")
+        files, labels = list(files), [int(x) for x in labels]
+        if train and world_size > 1 and len(files) % world_size:
+            # equal shards: leave out N % world_size files, the same ones on every rank
+            drop = set(np.random.default_rng(mix_seed(seed, 3)).choice(len(files), len(files) % world_size,
+                                                                        replace=False).tolist())
+            keep = [i for i in range(len(files)) if i not in drop]
+            files, labels = [files[i] for i in keep], [labels[i] for i in keep]
+        self.files, self.labels, self.classes = files, labels, list(classes)
+        self.batch_size, self.train = int(batch_size), bool(train)
+        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        self.device = torch.device(device)
+        self.roots = [str(r) for r in roots]
+        self._kwargs = dict(train=self.train, image_size=image_size, crop_scale=tuple(crop_scale), resize=resize,
+                            shard_id=rank, num_shards=world_size, reader_seed=mix_seed(seed, 1) % (2 ** 31),
+                            decoder_device="mixed" if self.device.type == "cuda" else "cpu")
+        self._pipe_seed = mix_seed(seed, 2, rank) % (2 ** 31)
+        self._num_threads, self._prefetch = max(1, int(num_threads)), prefetch
+        n = len(files)
+        if train:
+            self.num_samples = train_shard_size(n, world_size) // self.batch_size * self.batch_size
+            self._len = train_shard_size(n, world_size) // self.batch_size
+            if self._len == 0:
+                raise ValueError(f"training set has {n} images for {world_size} rank(s): fewer per rank than "
+                                 f"batch_size={batch_size}")
+        else:
+            self.num_samples = (rank + 1) * n // world_size - rank * n // world_size
+            self._len = -(-self.num_samples // self.batch_size)
+        self.epoch, self._pos = 0, 0
+        self._it = self._build()
+
+    def _build(self, checkpoint: bytes | None = None):
+        pipe = image_pipeline(
+            self.files, self.labels, **self._kwargs, batch_size=self.batch_size, num_threads=self._num_threads,
+            device_id=self.local_rank if self.device.type == "cuda" else None, seed=self._pipe_seed,
+            prefetch_queue_depth=self._prefetch, checkpoint=checkpoint)
+        try:
+            pipe.build()
+            return DALIGenericIterator(
+                [pipe], ["images", "labels"], reader_name="Reader", auto_reset=False,
+                last_batch_policy=LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL)
+        except RuntimeError as exc:  # the first batch is decoded when the iterator is created
+            raise self._decode_error(exc) from exc
+
+    def __len__(self) -> int:
+        return self._len
+
+    def set_epoch(self, epoch: int) -> None:
+        """Bookkeeping only: DALI's reader moves to the next epoch by itself (its order is seeded)."""
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        if not self.train and 0 < self._pos < self._len:  # an abandoned eval pass: finish it, start over
+            for _ in range(self._len - self._pos):
+                next(self._it)
+            self._pos = self._len
+        if self._pos >= self._len:
+            self._next_epoch()
+        epoch = self.epoch
+        while self.epoch == epoch and self._pos < self._len:
+            try:
+                out = next(self._it)[0]
+            except StopIteration:
+                break
+            except RuntimeError as exc:
+                raise self._decode_error(exc) from exc
+            self._pos += 1
+            yield to_device_batch(out["images"], out["labels"], self.device)
+        if self.epoch == epoch and self._pos >= self._len:
+            self._next_epoch()
+
+    def _next_epoch(self) -> None:
+        self._it.reset()
+        self._pos = 0
+        self.epoch += 1
+
+    def state_dict(self) -> dict:
+        """Position after the last yielded batch: DALI checkpoint bytes + epoch/batch counters."""
+        if self._pos >= self._len:  # epoch finished: checkpoint the start of the next one
+            self._next_epoch()
+        return {"backend": "dali", "epoch": self.epoch, "batch": self._pos, "num_files": len(self.files),
+                "world_size": self.world_size, "rank": self.rank, "checkpoint": bytes(self._it.checkpoints()[0])}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("backend") != "dali":
+            raise ValueError(f"loader state is for backend {state.get('backend')!r}, this loader uses dali")
+        for key, mine in (("num_files", len(self.files)), ("world_size", self.world_size), ("rank", self.rank)):
+            if state[key] != mine:
+                raise ValueError(f"loader state has {key}={state[key]} but this loader has {key}={mine}: "
+                                 "resume with the same data and the same number of processes")
+        self._it = self._build(bytes(state["checkpoint"]))
+        self.epoch, self._pos = int(state["epoch"]), int(state["batch"])
+
+    def _decode_error(self, exc: RuntimeError) -> Exception:
+        text = str(exc)
+        if "decoders" not in text and "nvImageCodec" not in text:
+            return exc
+        roots = ", ".join(self.roots) or "the dataset folders"
+        first = " ".join(line.strip() for line in text.splitlines() if "failure" in line or "Error in" in line)
+        return ImageDecodeError(
+            f"DALI could not decode an image from {roots} ({first}). DALI does not report which file; find it "
+            f"with `python -m apr.data.layout <root> --decode`, or keep data.verify_images=true, which skips "
+            f"truncated and non-image files before training.")

@@ -1,0 +1,151 @@
+"""torchvision/DataLoader backend with the same batch contract and resume semantics as the DALI one.
+
+For machines without DALI (the lent GPU box, laptops) and as the reference the DALI pipeline is
+tested against. Train: RandomResizedCrop(image_size, scale=crop_scale) + RandomHorizontalFlip;
+eval: Resize(shorter side) + CenterCrop; both end in ``ToImage`` + ``ToDtype(float32, scale=True)``.
+
+Exact resume without saving worker state: the epoch order is a permutation seeded by
+``(seed, epoch)`` (identical on every rank, then split ``rank::world_size`` like DistributedSampler
+with ``drop_last``), and each sample's augmentation is seeded by ``(seed, epoch, index)``. A resumed
+loader therefore only needs ``(epoch, batch)`` to regenerate exactly the batches that come next.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .base import epoch_permutation, eval_shard, mix_seed, to_device_batch, train_shard_size
+from .layout import ImageDecodeError
+
+__all__ = ["TorchvisionImageLoader", "build_transform"]
+
+
+def build_transform(train: bool, image_size: int, crop_scale: Sequence[float] = (0.08, 1.0),
+                    resize: int | None = None):
+    from torchvision.transforms import v2
+
+    if train:
+        ops = [v2.ToImage(), v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), antialias=True),
+               v2.RandomHorizontalFlip()]
+    else:
+        ops = [v2.ToImage()]
+        if resize:
+            ops.append(v2.Resize(resize, antialias=True))
+        ops.append(v2.CenterCrop(image_size))
+    return v2.Compose(ops + [v2.ToDtype(torch.float32, scale=True)])
+
+
+class _ImageFiles(Dataset):
+    """Decodes one file; item = (dataset index, epoch) so the augmentation can be seeded per sample."""
+
+    def __init__(self, files, labels, transform, seed: int, train: bool):
+        self.files, self.labels, self.transform, self.seed, self.train = files, labels, transform, seed, train
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, item):
+        index, epoch = item
+        from PIL import Image
+
+        path = self.files[index]
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+        except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for bad data
+            raise ImageDecodeError(f"cannot decode image {path}: {type(exc).__name__}: {exc}") from exc
+        if self.train:
+            with torch.random.fork_rng(devices=[]):  # never disturb the caller's global RNG
+                torch.manual_seed(mix_seed(self.seed, epoch, index))
+                x = self.transform(img)
+        else:
+            x = self.transform(img)
+        return x, self.labels[index]
+
+
+class TorchvisionImageLoader:
+    """Iterable over one epoch of ``(images, labels)`` batches decoded by DataLoader workers."""
+
+    def __init__(self, files: Sequence[str], labels: Sequence[int], classes: Sequence[str], *, batch_size: int,
+                 train: bool, image_size: int, crop_scale: Sequence[float] = (0.08, 1.0), resize: int | None = None,
+                 num_workers: int = 4, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
+                 seed: int = 0, **_ignored):
+        if len(files) != len(labels):
+            raise ValueError(f"{len(files)} files but {len(labels)} labels")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world of size {world_size}")
+        self.files, self.labels, self.classes = list(files), [int(x) for x in labels], list(classes)
+        self.batch_size, self.train, self.seed = int(batch_size), bool(train), int(seed)
+        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
+        self.num_workers = max(0, int(num_workers))
+        self._dataset = _ImageFiles(self.files, self.labels, build_transform(train, image_size, crop_scale, resize),
+                                    self.seed, self.train)
+        n = len(self.files)
+        if train:
+            self._len = train_shard_size(n, world_size) // self.batch_size
+            self.num_samples = self._len * self.batch_size
+            if self._len == 0:
+                raise ValueError(f"training set has {n} images for {world_size} rank(s): fewer per rank than "
+                                 f"batch_size={batch_size}")
+        else:
+            self.num_samples = len(eval_shard(n, rank, world_size))
+            self._len = -(-self.num_samples // self.batch_size)
+        self.epoch, self._pos = 0, 0
+        self._started = False
+
+    def __len__(self) -> int:
+        return self._len
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch ``epoch`` at its first batch (unless a loaded state already positioned us in it)."""
+        if int(epoch) != self.epoch:
+            self.epoch, self._pos = int(epoch), 0
+
+    def _indices(self) -> list[int]:
+        n = len(self.files)
+        if not self.train:
+            return list(eval_shard(n, self.rank, self.world_size))
+        order = epoch_permutation(n, self.seed, self.epoch)[: train_shard_size(n, self.world_size) * self.world_size]
+        mine = order[self.rank::self.world_size][: self._len * self.batch_size]
+        return mine.tolist()
+
+    def __iter__(self):
+        if not self.train:  # evaluation passes always cover the whole shard
+            self._pos = 0
+        if self._pos >= self._len:  # previous pass finished without set_epoch: next epoch
+            if self._started:
+                self.epoch += 1
+            self._pos = 0
+        self._started = True
+        epoch, start = self.epoch, self._pos
+        items = [(i, epoch) for i in self._indices()[start * self.batch_size:]]
+        batches = [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
+        loader = DataLoader(self._dataset, batch_sampler=batches, num_workers=self.num_workers,
+                            pin_memory=self.device.type == "cuda", persistent_workers=False,
+                            prefetch_factor=4 if self.num_workers else None,
+                            generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch)))  # not the global RNG
+        for images, labels in loader:
+            if self.epoch != epoch:
+                break
+            self._pos += 1
+            yield to_device_batch(images, labels, self.device)
+
+    def state_dict(self) -> dict:
+        epoch, pos = self.epoch, self._pos
+        if pos >= self._len:
+            epoch, pos = epoch + 1, 0
+        return {"backend": "torchvision", "epoch": epoch, "batch": pos, "num_files": len(self.files),
+                "world_size": self.world_size, "rank": self.rank, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("backend") != "torchvision":
+            raise ValueError(f"loader state is for backend {state.get('backend')!r}, this loader uses torchvision")
+        for key, mine in (("num_files", len(self.files)), ("world_size", self.world_size), ("rank", self.rank),
+                          ("seed", self.seed)):
+            if state[key] != mine:
+                raise ValueError(f"loader state has {key}={state[key]} but this loader has {key}={mine}: "
+                                 "resume with the same data, seed and number of processes")
+        self.epoch, self._pos, self._started = int(state["epoch"]), int(state["batch"]), True

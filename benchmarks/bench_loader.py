@@ -1,0 +1,100 @@
+"""Images/s of the DALI CPU pipeline vs the torchvision DataLoader on the same JPEG folder.
+
+Both backends run the same train (RandomResizedCrop 224 + flip) and val (resize 256, center crop 224)
+work on real photos (crops of scikit-image's sample photographs, 256x256 JPEG q90), side by side in one
+run; the ratio is printed. On a GPU node DALI's "mixed" decoder changes the picture entirely; this
+measures the CPU twin, i.e. the per-core decode+augment cost.
+
+    python benchmarks/bench_loader.py --images 1000 --workers 2 --out /work/notes/bench_loader.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def make_folder(root: Path, n: int, size: int, classes: int = 10, seed: int = 0) -> Path:
+    from PIL import Image
+    from skimage import data
+
+    photos = [np.asarray(getattr(data, name)()) for name in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")]
+    rng = np.random.default_rng(seed)
+    for k in range(classes):
+        (root / f"n{k:08d}").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        h, w = photo.shape[:2]
+        side = int(rng.integers(min(h, w) // 2, min(h, w) + 1))
+        y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        img = Image.fromarray(photo[y:y + side, x:x + side]).resize((size, size), Image.BILINEAR)
+        img.save(root / f"n{i % classes:08d}" / f"img_{i:05d}.JPEG", quality=90)
+    return root
+
+
+def run(backend: str, train: bool, index, batch: int, workers: int, epochs: int) -> float:
+    from apr.data import build_image_loader
+
+    loader = build_image_loader(index.files, index.labels, index.classes, backend=backend, batch_size=batch,
+                                train=train, image_size=224, resize=None if train else 256, num_workers=workers)
+    for i, _ in enumerate(loader):  # warm-up: workers/threads start, first batches
+        if i == 2:
+            break
+    count, start = 0, time.perf_counter()
+    for epoch in range(epochs):
+        loader.set_epoch(epoch + 1)
+        for images, _ in loader:
+            count += len(images)
+    return count / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=1000, help="number of 256x256 JPEGs to generate")
+    parser.add_argument("--batch", type=int, default=64, help="batch size")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2,
+                        help="DALI threads / DataLoader worker processes")
+    parser.add_argument("--epochs", type=int, default=1, help="timed epochs per measurement")
+    parser.add_argument("--machine", default=f"this {os.cpu_count()}-core CPU box", help="machine name for the report")
+    parser.add_argument("--out", default="", help="also write the figures to this text file")
+    args = parser.parse_args()
+
+    from apr.data import scan_image_folder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        root = make_folder(Path(tmp) / "jpegs", args.images, 256)
+        print(f"generated {args.images} JPEGs in {time.perf_counter() - t0:.1f} s")
+        index = scan_image_folder(root)
+        rows = []
+        for train in (True, False):
+            rates = {b: run(b, train, index, args.batch, args.workers, args.epochs) for b in ("dali", "torchvision")}
+            name = "train (RandomResizedCrop 224 + flip)" if train else "val (resize 256 + center crop 224)"
+            rows.append(f"{name:40s} DALI-CPU {rates['dali']:8.1f} img/s   torchvision {rates['torchvision']:8.1f} img/s"
+                        f"   ratio DALI/torchvision {rates['dali'] / rates['torchvision']:.2f}x")
+            print(rows[-1], flush=True)
+    import torch
+    import nvidia.dali
+    import torchvision
+
+    header = (f"bench_loader: {args.images} JPEGs 256x256 q90 (crops of real photos), batch {args.batch}, "
+              f"{args.workers} DALI threads / DataLoader workers, {args.epochs} timed epoch(s) after warm-up\n"
+              f"machine: {args.machine} ({platform.processor() or platform.machine()}, no GPU); "
+              f"DALI {nvidia.dali.__version__} (CPU pipeline, device_id=None), torch {torch.__version__}, "
+              f"torchvision {torchvision.__version__}\n")
+    if args.out:
+        Path(args.out).write_text(header + "\n".join(rows) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

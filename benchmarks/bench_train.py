@@ -1,0 +1,149 @@
+"""Training-step throughput: synthetic on-device data vs the real loader vs loader + APR-SP.
+
+    python benchmarks/bench_train.py                         # CPU defaults (small model, 64 px)
+    python benchmarks/bench_train.py --model resnet50 --image-size 224 --batch 256 --precision bf16  # GPU
+
+All variants run side by side in one process on the same JPEG folder (written once from
+scikit-learn's sample photos), so the printed ratios compare like with like on a noisy machine.
+Also compares the DALI loader with the torchvision DataLoader backend alone (no model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+
+def make_jpeg_folder(root: Path, num_images: int, size: int, num_classes: int = 10) -> Path:
+    """Random crops of scikit-learn's two sample photos, as ImageNet-layout JPEGs (quality 90)."""
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images
+    rng = np.random.default_rng(0)
+    for split, count in (("train", num_images), ("val", max(num_classes, num_images // 4))):
+        for i in range(count):
+            photo = photos[i % len(photos)]
+            h, w = photo.shape[:2]
+            s = int(rng.integers(size // 2, min(h, w)))
+            y, x = int(rng.integers(0, h - s)), int(rng.integers(0, w - s))
+            img = Image.fromarray(photo[y:y + s, x:x + s]).resize((size, size), Image.BILINEAR)
+            folder = root / split / f"n{i % num_classes:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            img.save(folder / f"{i:06d}.JPEG", quality=90)
+    return root
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    from apr.augment import APRPolicy
+    from apr.config import load_config
+    from apr.data import build_train_loader
+    from apr.models import create_model
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=12, help="timed steps per variant (after 2 warm-up steps)")
+    p.add_argument("--images", type=int, default=640, help="JPEGs in the generated train folder")
+    p.add_argument("--jpeg-size", type=int, default=None, help="stored JPEG side (default: 8/7 of image size)")
+    p.add_argument("--precision", default="no", choices=["no", "bf16"])
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--folder", type=Path, help="use this ImageNet-layout folder instead of generating one")
+    args = p.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tmp = tempfile.TemporaryDirectory()
+    root = args.folder or make_jpeg_folder(Path(tmp.name), args.images, args.jpeg_size or args.image_size * 8 // 7)
+    base = [f"data.root={root}", f"data.image_size={args.image_size}", f"data.val_resize={args.image_size}",
+            f"train.batch_size={args.batch}", f"data.num_workers={args.workers}", f"model.name={args.model}"]
+
+    model = create_model(args.model, 10).to(device).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+    def step(images, labels, policy=None):
+        first, second = policy(images) if policy is not None else (images, None)
+        x = first if second is None else torch.cat([first, second])
+        x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+        with amp:
+            logits = model(x).float()
+        loss = F.cross_entropy(logits[: len(labels)], labels)
+        if second is not None:
+            loss = loss + F.cross_entropy(logits[len(labels):], labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def batches(backend: str):
+        cfg = load_config(overrides=base + [f"data.backend={backend}"])
+        loader = build_train_loader(cfg, device=device, seed=0)
+        epoch = 0
+        while True:
+            loader.set_epoch(epoch)
+            yield from loader
+            epoch += 1
+
+    def timed(name: str, source, fn, images_per_step: int) -> float:
+        for _ in range(2):
+            fn(*next(source))
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            fn(*next(source))
+        sync(device)
+        rate = args.steps * images_per_step / (time.perf_counter() - t0)
+        print(f"{name:<44} {rate:9.1f} img/s", flush=True)
+        return rate
+
+    synthetic = (torch.rand(args.batch, 3, args.image_size, args.image_size, device=device),
+                 torch.randint(0, 10, (args.batch,), device=device))
+
+    def forever(item):
+        while True:
+            yield item
+
+    print(f"device {device}, torch {torch.__version__}, model {args.model}, {args.image_size}px, batch {args.batch}, "
+          f"precision {args.precision}, {torch.get_num_threads()} threads")
+    sp = APRPolicy(name="apr_sp")
+    r_syn = timed("train step, synthetic on-device data", forever(synthetic), step, args.batch)
+    r_syn_sp = timed("train step + APR-SP, synthetic data", forever(synthetic), lambda x, y: step(x, y, sp), args.batch)
+    r_dali = timed("train step, DALI loader", batches("dali"), step, args.batch)
+    r_dali_sp = timed("train step + APR-SP, DALI loader", batches("dali"), lambda x, y: step(x, y, sp), args.batch)
+    r_tv = timed("train step, torchvision DataLoader", batches("torchvision"), step, args.batch)
+
+    def drain(backend: str, n: int) -> float:
+        source = batches(backend)
+        next(source)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            next(source)
+        return n * args.batch / (time.perf_counter() - t0)
+
+    n = max(10, args.steps * 2)
+    l_dali, l_tv = drain("dali", n), drain("torchvision", n)
+    print(f"{'loader alone, DALI':<44} {l_dali:9.1f} img/s")
+    print(f"{'loader alone, torchvision DataLoader':<44} {l_tv:9.1f} img/s")
+    print("ratios:")
+    print(f"  DALI loader / synthetic                 {r_dali / r_syn:6.3f}")
+    print(f"  DALI loader + APR-SP / synthetic        {r_dali_sp / r_syn:6.3f}   (APR-SP doubles the forward batch)")
+    print(f"  APR-SP / no APR (synthetic)             {r_syn_sp / r_syn:6.3f}")
+    print(f"  torchvision loader / synthetic          {r_tv / r_syn:6.3f}")
+    print(f"  DALI / torchvision (loader alone)       {l_dali / l_tv:6.3f}")
+
+
+if __name__ == "__main__":
+    main()

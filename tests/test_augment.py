@@ -1,0 +1,447 @@
+"""apr.augment against per-image references written here: PIL ops (AugMix's definitions) and NumPy FFTs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from apr import augment as A
+from apr.augment import OP_NAMES, OPS, APRPolicy, apr_p, apr_s, apr_sp, apply_apr_s, sample_apr_s_params
+from apr.config import AugConfig
+from apr.fourier import recombine
+
+
+# ---------------------------------------------------------------------------------------
+# independent per-image reference: AugMix's op definitions on PIL images, NumPy FFT recombination
+
+
+def ref_int_parameter(level: float, maxval: float) -> int:
+    return int(level * maxval / 10)
+
+
+def ref_float_parameter(level: float, maxval: float) -> float:
+    return float(level) * maxval / 10.0
+
+
+def pil_op(name: str, img: Image.Image, level: float, sign: float) -> Image.Image:
+    """AugMix's op with an explicit level and sign (sign -1 where AugMix's coin said 'negate')."""
+    w, h = img.size
+    if name == "autocontrast":
+        return ImageOps.autocontrast(img)
+    if name == "equalize":
+        return ImageOps.equalize(img)
+    if name == "posterize":
+        return ImageOps.posterize(img, 4 - ref_int_parameter(level, 4))
+    if name == "solarize":
+        return ImageOps.solarize(img, 256 - ref_int_parameter(level, 256))
+    if name == "rotate":
+        return img.rotate(sign * ref_int_parameter(level, 30), resample=Image.BILINEAR)
+    if name in ("shear_x", "shear_y"):
+        s = sign * ref_float_parameter(level, 0.3)
+        m = (1, s, 0, 0, 1, 0) if name == "shear_x" else (1, 0, 0, s, 1, 0)
+        return img.transform((w, h), Image.AFFINE, m, resample=Image.BILINEAR)
+    t = sign * ref_int_parameter(level, w / 3)
+    m = (1, 0, t, 0, 1, 0) if name == "translate_x" else (1, 0, 0, 0, 1, t)
+    return img.transform((w, h), Image.AFFINE, m, resample=Image.BILINEAR)
+
+
+def np_recombine(amplitude_img: np.ndarray, phase_img: np.ndarray) -> np.ndarray:
+    fa, fp = np.fft.fftn(amplitude_img), np.fft.fftn(phase_img)
+    return np.real(np.fft.ifftn(np.abs(fa) * np.exp(1j * np.angle(fp))))
+
+
+def to_pil(x: torch.Tensor) -> Image.Image:
+    return Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
+
+def from_pil(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+@pytest.fixture(scope="module")
+def photos() -> torch.Tensor:
+    """The two scikit-learn sample photos, downscaled to 48 x 64 (float32 2 x 3 x 48 x 64, uint8 grid)."""
+    from sklearn.datasets import load_sample_images
+
+    imgs = [np.asarray(Image.fromarray(im).resize((64, 48), Image.BILINEAR)) for im in load_sample_images().images]
+    return torch.from_numpy(np.stack(imgs).astype(np.float32) / 255.0).permute(0, 3, 1, 2).contiguous()
+
+
+@pytest.fixture(scope="module")
+def digits(digits_images) -> torch.Tensor:
+    images, _ = digits_images
+    return torch.from_numpy(images[:16].astype(np.float32) / 255.0).permute(0, 3, 1, 2).contiguous()
+
+
+
+# ---------------------------------------------------------------------------------------
+# each op vs PIL
+
+
+@pytest.mark.parametrize("name", ["autocontrast", "equalize", "posterize", "solarize"])
+def test_colour_ops_equal_pil(photos, digits, name):
+    for images in (photos, digits[:4], photos * 0.5 + 0.2):  # also a low-contrast version
+        images = (images * 255).round() / 255
+        for level in (0.1, 1.3, 2.95, 7.0):
+            out = OPS[name](images, torch.full((images.shape[0],), level), torch.ones(images.shape[0]))
+            assert out.shape == images.shape and out.dtype == images.dtype
+            for k in range(images.shape[0]):
+                ref = from_pil(pil_op(name, to_pil(images[k]), level, 1.0))
+                assert torch.equal(out[k], ref), (name, level, k, (out[k] - ref).abs().max())
+
+
+def test_colour_ops_do_something(photos):
+    low = (photos * 0.5 + 0.2).mul(255).round().div(255)
+    ac = A.autocontrast(low)
+    assert torch.equal(ac.amin(dim=(-2, -1)), torch.zeros(2, 3))
+    # PIL's truncating LUT can map the brightest value to 254 (255/(hi-lo) rounding), as here
+    assert (ac.amax(dim=(-2, -1)) >= 254 / 255).all() and (low.amax(dim=(-2, -1)) < 0.8).all()
+    assert torch.equal(A.posterize(photos, 3) * 255 % 32, torch.zeros_like(photos))
+    thr = 180
+    q = (photos * 255).round()
+    sol = A.solarize(photos, thr) * 255
+    assert torch.equal(sol.round(), torch.where(q >= thr, 255 - q, q))
+    flat = torch.full((1, 3, 8, 8), 128 / 255)  # constant channel, on the 0..255 grid
+    assert torch.equal(A.autocontrast(flat), flat) and torch.equal(A.equalize(flat), flat)
+
+
+@pytest.mark.parametrize("name", ["rotate", "shear_x", "shear_y", "translate_x", "translate_y"])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_geometric_ops_match_pil_transform(photos, digits, name, sign):
+    """PIL truncates its bilinear result to uint8; ours stays float: equal within one grey level."""
+    for images in (photos, digits[:3]):
+        for level in (1.3, 2.95, 9.0):
+            n = images.shape[0]
+            out = OPS[name](images, torch.full((n,), level), torch.full((n,), sign))
+            for k in range(n):
+                ref = from_pil(pil_op(name, to_pil(images[k]), level, sign))
+                diff = (out[k] - ref) * 255
+                assert diff.abs().max() <= 1.0 + 1e-3, (name, level, sign, k, diff.abs().max())
+                assert -0.05 < diff.mean() < 1.0  # truncation bias only, no shift
+                black = ref == 0  # same black (filled) area as PIL, up to dark pixels
+                assert (out[k][black] <= 1.0 / 255 + 1e-4).all()
+
+
+def test_translate_shifts_by_exact_pixels_and_fills_black(digits):
+    x = digits[:4]
+    w = x.shape[-1]
+    for level, sign in ((2.95, 1.0), (2.95, -1.0), (1.3, 1.0)):
+        t = int(sign * ref_int_parameter(level, w / 3))
+        assert t != 0
+        ox = OPS["translate_x"](x, level, sign)
+        oy = OPS["translate_y"](x, level, sign)
+        if t > 0:
+            assert torch.allclose(ox[..., :, : w - t], x[..., :, t:], atol=1e-5)
+            assert torch.equal(ox[..., :, w - t :], torch.zeros_like(ox[..., :, w - t :]))
+            assert torch.allclose(oy[..., : w - t, :], x[..., t:, :], atol=1e-5)
+        else:
+            assert torch.allclose(ox[..., :, -t:], x[..., :, : w + t], atol=1e-5)
+            assert torch.equal(ox[..., :, :-t], torch.zeros_like(ox[..., :, :-t]))
+            assert torch.allclose(oy[..., -t:, :], x[..., : w + t, :], atol=1e-5)
+
+
+def test_rotate_is_counter_clockwise_about_the_centre():
+    img = torch.zeros(1, 1, 21, 21)
+    img[0, 0, 10, 17] = 1.0  # right of the centre pixel (10, 10)
+    out = A.rotate(img, 90.0)
+    # counter-clockwise by 90 degrees (y down): the dot moves above the centre
+    assert out[0, 0].argmax().item() == 3 * 21 + 10
+    assert math.isclose(out.sum().item(), 1.0, abs_tol=1e-4)
+    assert torch.allclose(A.rotate(img, 0.0), img)
+
+
+def test_ops_per_sample_parameters(photos):
+    """One call with different parameters per image equals separate calls."""
+    x = torch.cat([photos, photos])
+    levels = torch.tensor([0.5, 1.5, 2.5, 2.9])
+    signs = torch.tensor([1.0, -1.0, -1.0, 1.0])
+    for name in OP_NAMES:
+        batched = OPS[name](x, levels, signs)
+        for k in range(4):
+            single = OPS[name](x[k : k + 1], levels[k : k + 1], signs[k : k + 1])
+            assert torch.allclose(batched[k], single[0], atol=1e-6), name
+
+
+def test_op_errors():
+    with pytest.raises(ValueError, match="N x C x H x W"):
+        A.autocontrast(torch.rand(3, 8, 8))
+    with pytest.raises(TypeError, match="float images"):
+        A.equalize(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="one value per image"):
+        A.rotate(torch.rand(2, 3, 8, 8), [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="bits"):
+        A.posterize(torch.rand(1, 3, 8, 8), 9)
+    with pytest.raises(ValueError, match="levels"):
+        OPS["rotate"](torch.rand(1, 3, 8, 8))
+
+
+# ---------------------------------------------------------------------------------------
+# APR-S
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_apr_s_keeps_shape_dtype_device_and_range(digits, dtype):
+    x = digits.to(dtype)
+    out = apr_s(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == dtype and out.device == x.device
+    assert out.min() >= 0 and out.max() <= 1
+    assert (out.float() - x.float()).abs().amax(dim=(1, 2, 3)).gt(0.01).float().mean() > 0.5
+
+
+def test_apr_s_reproducible_with_generator(digits):
+    a = apr_s(digits, torch.Generator().manual_seed(3))
+    b = apr_s(digits, torch.Generator().manual_seed(3))
+    c = apr_s(digits, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    torch.manual_seed(5)
+    d = apr_s(digits)
+    torch.manual_seed(5)
+    assert torch.equal(d, apr_s(digits))
+
+
+@pytest.mark.parametrize("dim", [(-3, -2, -1), (-2, -1)])
+def test_apr_s_equals_per_image_composition(digits, photos, dim):
+    """The batched path (grouped by op, one grid_sample) equals image-by-image op1/op2/recombine."""
+    x = torch.cat([digits, photos[:, :, :32, :32]])
+    n = x.shape[0]
+    params = sample_apr_s_params(n, torch.Generator().manual_seed(11))
+    out = apply_apr_s(x, params, dim=dim)
+    axes = tuple(d + 3 for d in dim)
+    for k in range(n):
+        xk = x[k : k + 1]
+        x1 = OPS[OP_NAMES[params.op1[k]]](xk, params.level1[k : k + 1], params.sign1[k : k + 1])
+        if not params.recombined[k]:
+            expected = x1[0].numpy()
+        else:
+            x2 = OPS[OP_NAMES[params.op2[k]]](x1, params.level2[k : k + 1], params.sign2[k : k + 1])
+            a, p = (x1, x2) if params.amplitude_from_first[k] else (x2, x1)
+            fa = np.fft.fftn(a[0].double().numpy(), axes=axes)
+            fp = np.fft.fftn(p[0].double().numpy(), axes=axes)
+            expected = np.clip(np.real(np.fft.ifftn(np.abs(fa) * np.exp(1j * np.angle(fp)), axes=axes)), 0, 1)
+        np.testing.assert_allclose(out[k].numpy(), expected, atol=2e-5, err_msg=f"image {k}")
+
+
+def test_apr_s_close_to_the_pil_numpy_reference_pipeline(photos, digits):
+    """The whole APR-S path vs APRecombination's per-image PIL + NumPy code path at the same draws."""
+    x = torch.cat([digits, photos[:, :, :32, :32]])
+    params = sample_apr_s_params(x.shape[0], torch.Generator().manual_seed(2))
+    out = apply_apr_s(x, params)
+    single_errors, recombined_errors = [], []
+    for k in range(x.shape[0]):
+        img = pil_op(OP_NAMES[params.op1[k]], to_pil(x[k]), params.level1[k].item(), params.sign1[k].item())
+        if not params.recombined[k]:
+            single_errors.append((out[k] - from_pil(img)).abs().max().item())
+            continue
+        img2 = pil_op(OP_NAMES[params.op2[k]], img.copy(), params.level2[k].item(), params.sign2[k].item())
+        x1, x2 = np.asarray(img).astype(np.float64), np.asarray(img2).astype(np.float64)
+        ref = np_recombine(x1, x2) if params.amplitude_from_first[k] else np_recombine(x2, x1)
+        ref = torch.from_numpy(np.clip(ref / 255.0, 0, 1)).permute(2, 0, 1).float()
+        recombined_errors.append((out[k] - ref).abs().mean().item())
+    assert single_errors and recombined_errors
+    assert max(single_errors) <= 1.0 / 255 + 1e-4  # PIL's uint8 truncation only
+    # quantisation differences (PIL truncates geometric results) feed through op2 and the FFT
+    assert np.median(recombined_errors) < 2.0 / 255 and max(recombined_errors) < 8.0 / 255
+
+
+def test_apr_s_branch_and_op_frequencies():
+    n = 20000
+    params = sample_apr_s_params(n, torch.Generator().manual_seed(0), severity=3.0)
+    sigma = math.sqrt(0.25 / n)
+    assert abs(params.recombined.double().mean().item() - 0.5) < 4 * sigma
+    rec = params.recombined
+    sigma_r = math.sqrt(0.25 / rec.sum().item())
+    assert abs(params.amplitude_from_first[rec].double().mean().item() - 0.5) < 4 * sigma_r
+    for ops in (params.op1, params.op2):
+        counts = torch.bincount(ops, minlength=9).double()
+        assert counts.numel() == 9
+        p = 1 / 9
+        assert ((counts / n - p).abs() < 4 * math.sqrt(p * (1 - p) / n)).all()
+    for levels in (params.level1, params.level2):
+        assert levels.min() >= 0.1 and levels.max() < 3.0
+        assert abs(levels.mean().item() - 1.55) < 4 * (2.9 / math.sqrt(12)) / math.sqrt(n)
+    for signs in (params.sign1, params.sign2):
+        assert set(signs.unique().tolist()) == {-1.0, 1.0}
+        assert abs(signs.mean().item()) < 4 / math.sqrt(n)
+
+
+def test_apr_s_output_branches_with_fixed_generator(digits):
+    """Images that took the single-op branch equal op1(x); about half took the recombined branch."""
+    x = digits.repeat(4, 1, 1, 1)  # 64 images
+    gen_seed = 7
+    out = apr_s(x, torch.Generator().manual_seed(gen_seed))
+    params = sample_apr_s_params(x.shape[0], torch.Generator().manual_seed(gen_seed))
+    single = 0
+    for k in range(x.shape[0]):
+        x1 = OPS[OP_NAMES[params.op1[k]]](x[k : k + 1], params.level1[k : k + 1], params.sign1[k : k + 1])[0]
+        if torch.allclose(out[k], x1, atol=1e-6):
+            single += 1
+        else:
+            assert params.recombined[k]
+    assert single >= (~params.recombined).sum().item()
+    assert 20 <= single <= 44  # Binomial(64, 0.5), ~3 sigma
+
+
+def test_apr_s_errors(digits):
+    with pytest.raises(ValueError, match="severity"):
+        apr_s(digits, severity=0.0)
+    with pytest.raises(ValueError, match="dim"):
+        apr_s(digits, dim=(-1,))
+    with pytest.raises(ValueError, match="N x C x H x W"):
+        apr_s(digits[0])
+
+
+# ---------------------------------------------------------------------------------------
+# APR-P
+
+
+def _partner_of(out_k: torch.Tensor, x: torch.Tensor, k: int, dim) -> int:
+    """Which image's amplitude did out_k get (with x[k]'s phase)?"""
+    errors = [(recombine(x[j : j + 1], x[k : k + 1], dim=dim)[0] - out_k).abs().max().item() for j in range(len(x))]
+    j = int(np.argmin(errors))
+    assert errors[j] < 1e-5
+    return j
+
+
+@pytest.mark.parametrize("dim", [(-3, -2, -1), (-2, -1)])
+def test_apr_p_takes_amplitude_of_a_permutation(photos, digits, dim):
+    x = torch.cat([digits[:6], photos[:, :, :32, :32]])
+    out = apr_p(x, prob=1.0, generator=torch.Generator().manual_seed(0), dim=dim)
+    partners = [_partner_of(out[k], x, k, dim) for k in range(len(x))]
+    assert sorted(partners) == list(range(len(x)))  # a permutation
+    assert partners != list(range(len(x)))
+
+
+def test_apr_p_keeps_each_images_phase():
+    g = torch.Generator().manual_seed(1)
+    x = 0.45 + 0.1 * torch.rand(6, 3, 16, 16, generator=g, dtype=torch.float64)  # no clipping possible
+    out = apr_p(x, prob=1.0, generator=g)
+    assert out.min() > 0 and out.max() < 1
+    fo, fx = np.fft.fftn(out.numpy(), axes=(1, 2, 3)), np.fft.fftn(x.numpy(), axes=(1, 2, 3))
+    solid = (np.abs(fx) > 1e-6 * np.abs(fx).max()) & (np.abs(fo) > 1e-6 * np.abs(fo).max())
+    phasor_o, phasor_x = fo[solid] / np.abs(fo[solid]), fx[solid] / np.abs(fx[solid])
+    assert np.abs(phasor_o - phasor_x).max() < 1e-6
+    # amplitudes are a permutation of the batch's amplitudes
+    ax, ao = np.abs(fx).reshape(6, -1), np.abs(fo).reshape(6, -1)
+    match = [int(np.argmin(np.abs(ax - ao[k]).max(axis=1))) for k in range(6)]
+    assert sorted(match) == list(range(6))
+    assert all(np.abs(ax[match[k]] - ao[k]).max() < 1e-9 * ax.max() for k in range(6))
+
+
+def test_apr_p_reproducible_and_dtypes(digits):
+    a = apr_p(digits, prob=1.0, generator=torch.Generator().manual_seed(4))
+    b = apr_p(digits, prob=1.0, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b)
+    bf = apr_p(digits.bfloat16(), prob=1.0, generator=torch.Generator().manual_seed(4))
+    assert bf.dtype == torch.bfloat16 and (bf.float() - a).abs().max() < 3e-2
+    assert apr_p(digits, prob=0.0) is digits
+
+
+def test_apr_p_batch_coin_rate():
+    x = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    calls, prob = 600, 0.6
+    applied = []
+    for _ in range(calls):
+        out = apr_p(x, prob=prob, generator=g)
+        changed = (out - x).abs().amax(dim=(1, 2, 3)) > 1e-6
+        applied.append(changed.any().item())
+        # one coin per batch: either none changed or all images not paired with themselves
+        assert (not changed.any()) or changed.sum() >= 2
+    rate = np.mean(applied)
+    # P(applied and perm is the identity) = prob / 720: negligible
+    assert abs(rate - prob) < 4 * math.sqrt(prob * (1 - prob) / calls)
+
+
+def test_apr_p_per_sample_rate():
+    n, prob = 4000, 0.3
+    x = torch.rand(n, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    out = apr_p(x, prob=prob, generator=torch.Generator().manual_seed(2), per_sample=True)
+    changed = ((out - x).abs().amax(dim=(1, 2, 3)) > 1e-6).double().mean().item()
+    assert abs(changed - prob) < 4 * math.sqrt(prob * (1 - prob) / n)
+
+
+def test_apr_p_errors(digits):
+    with pytest.raises(ValueError, match="prob"):
+        apr_p(digits, prob=1.5)
+    with pytest.raises(ValueError, match="dim"):
+        apr_p(digits, dim=(-2,))
+    with pytest.raises(TypeError, match="float images"):
+        apr_p(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
+
+
+def test_apr_sp_is_apr_p_after_apr_s(digits):
+    out = apr_sp(digits, prob=1.0, generator=torch.Generator().manual_seed(9), severity=2.0)
+    g = torch.Generator().manual_seed(9)
+    expected = apr_p(apr_s(digits, g, severity=2.0), prob=1.0, generator=g)
+    assert torch.equal(out, expected)
+    assert out.shape == digits.shape and out.dtype == digits.dtype
+
+
+# ---------------------------------------------------------------------------------------
+# APRPolicy
+
+
+def test_policy_from_config_and_validation():
+    pol = APRPolicy.from_config(AugConfig(name="apr_sp", p_prob=0.5, p_per_sample=True, s_severity=2.0, fourier_dims="hw"))
+    assert (pol.name, pol.p_prob, pol.p_per_sample, pol.s_severity, pol.dims) == ("apr_sp", 0.5, True, 2.0, "hw")
+    assert pol.dim == (-2, -1) and pol.doubles_batch
+    assert APRPolicy.from_config(AugConfig()).name == "none" and APRPolicy().dim == (-3, -2, -1)
+    with pytest.raises(ValueError, match="name must be one of"):
+        APRPolicy(name="augmix")
+    with pytest.raises(ValueError, match="dims"):
+        APRPolicy(name="apr_p", dims="c")
+    with pytest.raises(ValueError, match="p_prob"):
+        APRPolicy(name="apr_p", p_prob=2.0)
+
+
+def test_policy_outputs_mirror_the_reference(digits):
+    x = digits
+    first, second = APRPolicy("none")(x)
+    assert first is x and second is None
+    seed = 12
+
+    def gen():
+        return torch.Generator().manual_seed(seed)
+
+    first, second = APRPolicy("apr_p", p_prob=1.0)(x, gen())
+    assert first is x and torch.equal(second, apr_p(x, 1.0, gen()))
+    first, second = APRPolicy("apr_s", s_severity=3.0, dims="hw")(x, gen())
+    assert first is x and torch.equal(second, apr_s(x, gen(), 3.0, dim=(-2, -1)))
+    first, second = APRPolicy("apr_sp", p_prob=1.0)(x, gen())
+    g = gen()
+    s = apr_s(x, g)
+    assert torch.equal(first, s) and torch.equal(second, apr_p(s, 1.0, g))
+    assert not torch.equal(first, x) and not torch.equal(second, first)
+
+
+# ---------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU)
+
+
+@pytest.mark.cuda
+def test_apr_s_and_apr_p_cuda_match_cpu(digits, photos):
+    x = torch.cat([digits, photos[:, :, :32, :32]])
+    cpu = apr_s(x, torch.Generator().manual_seed(0))
+    gpu = apr_s(x.cuda(), torch.Generator().manual_seed(0))
+    assert gpu.device.type == "cuda" and gpu.dtype == x.dtype
+    diff = (gpu.cpu() - cpu).abs()
+    # rounding to the 0..255 grid may flip a level where float32 results differ in the last bit
+    assert diff.mean() < 1e-4 and diff.max() <= 4.0 / 255
+    cpu_p = apr_p(x, 1.0, torch.Generator().manual_seed(1), per_sample=True)
+    gpu_p = apr_p(x.cuda(), 1.0, torch.Generator().manual_seed(1), per_sample=True)
+    assert torch.allclose(gpu_p.cpu(), cpu_p, atol=1e-5)
+    bf = apr_s(x.cuda().bfloat16(), torch.Generator().manual_seed(0))
+    assert bf.dtype == torch.bfloat16 and bf.device.type == "cuda"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", OP_NAMES)
+def test_each_op_cuda_matches_cpu(photos, name):
+    levels, signs = torch.tensor([1.3, 2.9]), torch.tensor([1.0, -1.0])
+    cpu = OPS[name](photos, levels, signs)
+    gpu = OPS[name](photos.cuda(), levels, signs)
+    assert torch.allclose(gpu.cpu(), cpu, atol=1e-5)
