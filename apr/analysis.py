@@ -36,7 +36,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -621,10 +621,10 @@ def swap_figure(models: Mapping[str, nn.Module], images_a, images_b, path: str |
     for p in range(pairs):
         for c in range(4):
             ax = axes[p, c]
-            image = grid[c, p].float().clamp(0, 1)
-            image = image.permute(1, 2, 0).numpy()
-            ax.imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None,
-                      vmin=0, vmax=1, interpolation="nearest")
+            image = grid[c, p].float().clamp(0, 1).permute(1, 2, 0).numpy()
+            grey = image.shape[-1] == 1
+            ax.imshow(image[..., 0] if grey else image, cmap="gray" if grey else None, vmin=0, vmax=1,
+                      interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             title = SWAP_COLUMNS[c]

@@ -77,7 +77,8 @@ class NearestMean(nn.Module):
 
 
 def _normalise(x, mean=MEAN, std=STD):
-    return (x - torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)) / torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
+    shape = (1, -1, 1, 1)
+    return (x - torch.tensor(mean, dtype=x.dtype).view(shape)) / torch.tensor(std, dtype=x.dtype).view(shape)
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +168,8 @@ def test_heatmap_frequencies_cover_each_distinct_basis_image_once():
             [(i, j) for i in range(height) for j in range(width // 2 + 1)]), dtype=torch.float64)
         assert ((every.flatten(1) @ images.flatten(1).T).abs().max(dim=1).values > 1 - 1e-9).all()
     limited = heatmap_frequencies(16, 16, max_frequency=2)
-    assert all(abs(i if i <= 8 else i - 16) <= 2 and j <= 2 for i, j in limited) and len(limited) == 5 * 3 - 2  # rows -1, -2 of column 0 repeat rows 1, 2
+    assert all(abs(i if i <= 8 else i - 16) <= 2 and j <= 2 for i, j in limited)
+    assert len(limited) == 5 * 3 - 2  # rows -1, -2 of column 0 repeat rows 1, 2
     with pytest.raises(ValueError, match="max_frequency must be >= 0"):
         heatmap_frequencies(8, 8, max_frequency=-1)
 
@@ -205,8 +207,8 @@ def _reference_heatmap(model, x, y, eps, max_frequency, seed):
 def test_heatmap_matches_per_image_numpy_reference(low_pass, batch_size, max_frequency):
     model, x, y = low_pass
     tx, ty = x[200:206], y[200:206]  # some of these are misclassified: clean error > 0 is fine here
-    got = fourier_heatmap(model, tx, ty, mean=MEAN, std=STD, eps=6.0, max_frequency=max_frequency, batch_size=batch_size,
-                          seed=3, progress=False)
+    got = fourier_heatmap(model, tx, ty, mean=MEAN, std=STD, eps=6.0, max_frequency=max_frequency,
+                          batch_size=batch_size, seed=3, progress=False)
     want = _reference_heatmap(model, tx, ty, eps=6.0, max_frequency=max_frequency, seed=3)
     assert np.array_equal(np.isnan(got.half_errors), np.isnan(want))
     np.testing.assert_array_equal(got.half_errors, want)
@@ -242,6 +244,19 @@ def test_bf16_autocast_gives_nearly_the_same_map(low_pass):
     bf16 = fourier_heatmap(model, tx, ty, precision="bf16", **kwargs)
     assert np.nanmax(np.abs(fp32.half_errors - bf16.half_errors)) <= 0.25
     assert np.nanmean(fp32.half_errors) > 0.1  # the region probed is one the model is sensitive to
+
+
+@pytest.mark.cuda
+def test_heatmap_on_cuda_matches_cpu(low_pass):
+    model, x, y = low_pass
+    tx, ty = _correct_subset(model, x, y, 16)
+    tx, model = tx.float(), NearestMean(Pool(2), _normalise(x[:200]).float(), y[:200], 4)
+    kwargs = dict(mean=MEAN, std=STD, max_frequency=4, batch_size=128, progress=False)
+    cpu = fourier_heatmap(model, tx, ty, device="cpu", **kwargs)
+    gpu = fourier_heatmap(model, tx, ty, device="cuda", **kwargs)
+    assert np.nanmax(np.abs(cpu.half_errors - gpu.half_errors)) <= 1 / 16  # at most one borderline image
+    bf16 = fourier_heatmap(model, tx, ty, device="cuda", precision="bf16", channels_last=True, **kwargs)
+    assert np.nanmax(np.abs(cpu.half_errors - bf16.half_errors)) <= 0.25
 
 
 class Crashing(nn.Module):
@@ -447,7 +462,7 @@ def test_cli_heatmap_writes_maps_and_resumes(tiny_checkpoints, imagenet_tree, tm
     out = tmp_path / "out"
     argv = ["heatmap", "--checkpoint", *map(str, tiny_checkpoints), "--data", str(imagenet_tree / "val"),
             "--out", str(out), "--max-images", "8", "--max-frequency", "2", "--device", "cpu", "--no-progress",
-            "--workers", "1"]
+            "--workers", "0"]
     assert main(argv) == 0
     for name in ("run_none", "run_apr_sp"):
         data = json.loads((out / name / "heatmap.json").read_text())
@@ -476,7 +491,7 @@ def test_cli_swap_writes_figure_and_follow_fractions(tiny_checkpoints, imagenet_
     out = tmp_path / "swap"
     assert main(["swap", "--checkpoint", *map(str, tiny_checkpoints), "--data", str(imagenet_tree / "val"),
                  "--out", str(out), "--pairs", "3", "--max-images", "12", "--device", "cpu", "--no-progress",
-                 "--workers", "1"]) == 0
+                 "--workers", "0"]) == 0
     assert (out / "swap.png").stat().st_size > 10000
     data = json.loads((out / "swap.json").read_text())
     assert len(data["pairs"]) == 3 and data["num_images"] == 12
