@@ -325,7 +325,9 @@ def make_corrupted_tree(src: str | os.PathLike, dst: str | os.PathLike, corrupti
             for s in severities:
                 (dst_path / c / str(s) / cls).mkdir(parents=True, exist_ok=True)
 
-    workers = (os.cpu_count() or 1) if workers is None else int(workers)
+    if workers is None:  # the cores this process may use (a slurm allocation, not the whole node)
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = int(workers)
     workers = max(0, min(workers, len(items)))
     from tqdm import tqdm
 
@@ -396,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep images as they are (no resize, no crop), e.g. 32x32 images; at least 32 px per side")
     p.add_argument("--quality", type=int, default=85, help="JPEG quality of the outputs (ImageNet-C: 85)")
     p.add_argument("--workers", type=int, default=None,
-                   help="worker processes (default: all CPU cores; 1 = run in this process)")
+                   help="worker processes (default: every CPU core this process may use; 1 = run in this process)")
     p.add_argument("--limit-per-class", type=int, default=None, metavar="N",
                    help="only the first N images (sorted by name) of each class, for a quick subset")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -1,0 +1,470 @@
+"""Results JSON files -> ``report.md`` + PNG plots + ``summary.json``, with no model and no GPU.
+
+Every number is recomputed from the per-cell errors in the results files with ``apr.metrics``
+(so a report can be rebuilt after the fact, e.g. against another baseline), and every number
+in ``report.md`` is ``format_percent`` of the matching value in ``summary.json``. Runs are named
+after their training recipe (``aug`` and ``extra_roots`` of the saved config): baseline, APR-P,
+APR-S, APR-SP, DeepAugment + APR-SP, with the run name added where two runs share a recipe.
+
+    python -m apr.report runs/*/eval/*.json --out report/ [--baseline NAME_OR_PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from apr.metrics import (CORRUPTION_FAMILIES, CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITIES, MetricsError,
+                         compute_metrics, normalize_errors)
+
+__all__ = [
+    "RESULTS_SCHEMA",
+    "SUMMARY_SCHEMA",
+    "SHORT_NAMES",
+    "AUG_LABELS",
+    "PUBLISHED_TITLE",
+    "PUBLISHED_MCE",
+    "ReportError",
+    "format_percent",
+    "run_label",
+    "load_results",
+    "summarize",
+    "write_report",
+    "main",
+]
+
+RESULTS_SCHEMA = "apr.eval/1"
+SUMMARY_SCHEMA = "apr.report/1"
+
+#: Column headers of the per-corruption CE columns (the short names used in the papers).
+SHORT_NAMES: dict[str, str] = {
+    "gaussian_noise": "Gauss", "shot_noise": "Shot", "impulse_noise": "Impulse",
+    "defocus_blur": "Defocus", "glass_blur": "Glass", "motion_blur": "Motion", "zoom_blur": "Zoom",
+    "snow": "Snow", "frost": "Frost", "fog": "Fog", "brightness": "Bright",
+    "contrast": "Contrast", "elastic_transform": "Elastic", "pixelate": "Pixel", "jpeg_compression": "JPEG",
+    "speckle_noise": "Speckle", "gaussian_blur": "G.Blur", "spatter": "Spatter", "saturate": "Saturate",
+}
+AUG_LABELS = {"none": "baseline", "apr_p": "APR-P", "apr_s": "APR-S", "apr_sp": "APR-SP"}
+_LABEL_ORDER = ["baseline", "APR-P", "APR-S", "APR-SP", "DeepAugment", "DeepAugment + APR-P",
+                "DeepAugment + APR-S", "DeepAugment + APR-SP"]
+
+PUBLISHED_TITLE = "Published numbers (Chen et al., ICCV 2021, ResNet-50 ImageNet-C mCE; not measured here)"
+#: (method, mCE %, clean error % or None, note) as printed in the APR paper (AugMix rows for context).
+PUBLISHED_MCE: list[tuple[str, float, float | None, str]] = [
+    ("Standard training", 76.7, 23.9, ""),
+    ("APR-P", 70.5, None, ""),
+    ("APR-S", 69.3, None, ""),
+    ("APR-SP", 65.0, None, ""),
+    ("DeepAugment + APR-SP", 57.5, None, ""),
+    ("AugMix", 65.3, None, "for context"),
+    ("DeepAugment + AugMix", 53.6, None, "for context"),
+]
+PARTIAL_MARK = "†"  # after a mean that covers only some cells (not "*": markdown emphasis)
+
+
+class ReportError(ValueError):
+    """Results that cannot go into one report (unreadable file, foreign schema, mixed datasets...)."""
+
+
+def format_percent(value: float | None) -> str:
+    """The one formatting of every percentage in report.md: 2 decimals, an em dash for n/a."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:.2f}"
+
+
+def _pct(fraction: Any) -> float | None:
+    return None if fraction is None else 100.0 * float(fraction)
+
+
+# --------------------------------------------------------------------------- loading
+
+def _load_one(item: Any) -> tuple[dict, str]:
+    if isinstance(item, Mapping):
+        result, source = dict(item), "<dict>"
+    else:
+        path = Path(item)
+        if not path.is_file():
+            raise ReportError(f"results file {path} does not exist")
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ReportError(f"{path}: not a readable JSON file ({exc})") from None
+        source = str(path)
+    if not isinstance(result, dict) or result.get("schema") != RESULTS_SCHEMA:
+        got = result.get("schema") if isinstance(result, dict) else type(result).__name__
+        raise ReportError(f"{source}: not an evaluation results file (schema {got!r}, expected {RESULTS_SCHEMA!r})")
+    for key in ("clean", "corruptions"):
+        if key not in result:
+            raise ReportError(f"{source}: results lack the {key!r} block")
+    return result, source
+
+
+def load_results(items: Iterable[Any]) -> list[tuple[dict, str]]:
+    """Results dicts or JSON paths (a folder means every ``*.json`` in it with our schema) ->
+    ``[(result, source)]``."""
+    out: list[tuple[dict, str]] = []
+    for item in items:
+        if not isinstance(item, Mapping) and Path(item).is_dir():
+            found = []
+            for path in sorted(Path(item).glob("*.json")):
+                try:
+                    found.append(_load_one(path))
+                except ReportError:
+                    continue  # other JSON files (configs, summaries) may live there too
+            if not found:
+                raise ReportError(f"folder {item} holds no {RESULTS_SCHEMA} results JSON files")
+            out += found
+        else:
+            out.append(_load_one(item))
+    if not out:
+        raise ReportError("no results given")
+    return out
+
+
+def _recipe(result: Mapping[str, Any]) -> tuple[str, list[str]]:
+    config = result.get("config") or {}
+    aug = result.get("aug") or (config.get("aug") or {}).get("name") or "none"
+    extra = result.get("extra_roots")
+    if extra is None:
+        extra = (config.get("data") or {}).get("extra_roots") or []
+    return str(aug), [str(e) for e in extra]
+
+
+def run_label(result: Mapping[str, Any]) -> str:
+    """The method name of a run from its saved recipe: 'baseline', 'APR-SP', 'DeepAugment + APR-SP'..."""
+    aug, extra = _recipe(result)
+    label = AUG_LABELS.get(aug, aug)
+    if extra:
+        label = "DeepAugment" if aug == "none" else f"DeepAugment + {label}"
+    return label
+
+
+# --------------------------------------------------------------------------- numbers
+
+def _resolve_baseline(baseline: Any, runs: list[tuple[dict, str]]) -> dict | None:
+    if baseline is None:
+        return None
+    if isinstance(baseline, Mapping):
+        return _load_one(baseline)[0]
+    if Path(baseline).is_file():
+        return _load_one(baseline)[0]
+    name = str(baseline)
+    by_name = [r for r, _ in runs if r.get("run_name") == name]
+    if len(by_name) == 1:
+        return by_name[0]
+    by_label = [r for r, _ in runs if run_label(r) == name]
+    if len(by_label) == 1 and not by_name:
+        return by_label[0]
+    names = ", ".join(f"{r.get('run_name')!r} ({run_label(r)})" for r, _ in runs)
+    why = "matches several runs" if (len(by_name) > 1 or len(by_label) > 1) else "is neither a file nor a run"
+    raise ReportError(f"baseline {name!r} {why}; give a results file or one of the run names: {names}")
+
+
+def _mean_or_none(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def _run_summary(result: dict, source: str, baseline: dict | None, warnings: list[str]) -> dict[str, Any]:
+    name = result.get("run_name") or Path(source).stem
+    try:
+        metrics = compute_metrics(result, baseline_result=baseline, allow_partial=True)
+    except MetricsError as exc:
+        raise ReportError(f"run {name!r} ({source}): {exc}") from None
+    cells = normalize_errors(result["corruptions"])
+    stored = result.get("metrics")
+    if isinstance(stored, Mapping) and stored.get("normalisation") == metrics["normalisation"]:
+        for key in ("mce", "relative_mce", "mean_corruption_error"):
+            a, b = stored.get(key), metrics[key]
+            if (a is None) != (b is None) or (a is not None and not math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)):
+                warnings.append(f"{name}: stored metrics.{key} = {a} differs from the value recomputed from its "
+                                f"cells ({b}); the report shows the recomputed value")
+    for w in metrics["warnings"]:
+        warnings.append(f"{name}: {w}")
+    corrupted_ece = [float(cell["ece"]) for c in CORRUPTIONS for cell in (result["corruptions"].get(c) or {}).values()
+                     if isinstance(cell, Mapping) and cell.get("ece") is not None]
+    severity = {}
+    for s in SEVERITIES:
+        vals = [cells[c][s] for c in CORRUPTIONS if s in cells.get(c, {})]
+        severity[str(s)] = _pct(_mean_or_none(vals))
+    aug, extra = _recipe(result)
+    clean = result["clean"]
+    return {
+        "run_name": name,
+        "label": run_label(result),
+        "aug": aug,
+        "extra_roots": extra,
+        "dataset": result.get("dataset"),
+        "source": source,
+        "checkpoint": result.get("checkpoint"),
+        "checkpoint_sha256": result.get("checkpoint_sha256"),
+        "created": result.get("created"),
+        "throughput_images_per_s": result.get("throughput_images_per_s"),
+        "clean_error": _pct(clean.get("error")),
+        "top5_error": _pct(clean.get("top5_error")),
+        "ece_clean": _pct(clean.get("ece")),
+        "ece_corrupted_mean": _pct(_mean_or_none(corrupted_ece)),
+        "normalisation": metrics["normalisation"],
+        "mce": metrics["mce"],
+        "relative_mce": metrics["relative_mce"],
+        "mean_corruption_error": metrics["mean_corruption_error"],
+        "ce": metrics["ce"],
+        "relative_ce": metrics["relative_ce"],
+        "extra_errors": {c: _pct(np.mean(list(cells[c].values()))) for c in EXTRA_CORRUPTIONS if c in cells},
+        "extra_mean_error": metrics["extra_mean_error"],
+        "severity_errors": severity,
+        "errors": {c: {str(s): _pct(e) for s, e in sorted(cells[c].items())} for c in CORRUPTIONS + EXTRA_CORRUPTIONS
+                   if c in cells},
+        "partial": metrics["partial"],
+        "missing": metrics["missing"],
+    }
+
+
+def summarize(results: Iterable[Any], baseline: Any = None) -> dict[str, Any]:
+    """All numbers of a report (percent, unrounded) as one JSON-able dict: what summary.json holds."""
+    loaded = load_results(results)
+    datasets = sorted({str(r.get("dataset")) for r, _ in loaded})
+    if len(datasets) > 1:
+        raise ReportError(f"results mix datasets ({', '.join(datasets)}); make one report per dataset")
+    base = _resolve_baseline(baseline, loaded)
+    warnings: list[str] = []
+    runs = [_run_summary(r, src, base, warnings) for r, src in loaded]
+    order = {label: i for i, label in enumerate(_LABEL_ORDER)}
+    runs = [run for _, run in sorted(enumerate(runs), key=lambda t: (order.get(t[1]["label"], len(order)), t[0]))]
+    counts: dict[str, int] = {}
+    for run in runs:
+        counts[run["label"]] = counts.get(run["label"], 0) + 1
+    for run in runs:
+        run["display_name"] = run["label"] if counts[run["label"]] == 1 else f"{run['label']} ({run['run_name']})"
+    names = [run["display_name"] for run in runs]
+    if len(set(names)) != len(names):  # same recipe and same run name: fall back to the file
+        for run in runs:
+            run["display_name"] = f"{run['label']} ({run['run_name']}, {Path(run['source']).name})"
+
+    dataset = datasets[0]
+    normalisation = runs[0]["normalisation"]
+    if dataset != "imagenet-c":
+        reason = (f"Published numbers omitted: these results are on {dataset}, and the published figures are "
+                  "ImageNet-C mCE of ResNet-50 normalised by AlexNet.")
+    elif normalisation != "alexnet":
+        reason = (f"Published numbers omitted: this report normalises by {normalisation!r}, and the published "
+                  "figures are normalised by AlexNet (run without --baseline to compare).")
+    else:
+        reason = None
+    published = None if reason else [
+        {"method": m, "mce": v, "clean_error": ce, "note": note} for m, v, ce, note in PUBLISHED_MCE]
+    return {"schema": SUMMARY_SCHEMA, "dataset": dataset, "normalisation": normalisation,
+            "units": "percent", "runs": runs, "published": published, "published_omitted_reason": reason,
+            "warnings": warnings}
+
+
+# --------------------------------------------------------------------------- markdown
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _partial(value: float | None, partial: bool) -> str:
+    text = format_percent(value)
+    return text + PARTIAL_MARK if partial and value is not None else text
+
+
+def _markdown(summary: dict[str, Any], figures: dict[str, str]) -> str:
+    runs, norm = summary["runs"], summary["normalisation"]
+    norm_text = {"alexnet": "AlexNet (CE = 100 is AlexNet's error)"}.get(
+        norm, f"run {norm.split(':', 1)[-1]!r} (CE = 100 is that run's error)")
+    out = ["# Robustness report", "",
+           f"Dataset: **{summary['dataset']}**. CE and mCE normalised by {norm_text}. "
+           "All numbers are percentages; error = top-1 error. Relative mCE compares the error *increase* over "
+           "clean with the reference's increase. Mean corr. err. is the unnormalised mean top-1 error over the "
+           "15 corruptions and 5 severities. ECE: 15 equal-width confidence bins, clean test set.", ""]
+    if summary["dataset"] != "imagenet-c" and norm == "alexnet":
+        out += [f"Note: the AlexNet normalisers are ImageNet-C numbers; on {summary['dataset']} the CE/mCE "
+                "columns only compare the runs below with each other (pass --baseline to normalise by one of them).",
+                ""]
+    out += ["## Results", ""]
+    header = ["Method", "Run", "Clean err.", "mCE", "Rel. mCE", "Mean corr. err.", "ECE"] + \
+        [SHORT_NAMES[c] for c in CORRUPTIONS]
+    rows = []
+    for r in runs:
+        p = r["partial"]
+        rows.append([r["display_name"], r["run_name"], format_percent(r["clean_error"]), _partial(r["mce"], p),
+                     _partial(r["relative_mce"], p), _partial(r["mean_corruption_error"], p),
+                     format_percent(r["ece_clean"])] + [format_percent(r["ce"].get(c)) for c in CORRUPTIONS])
+    out += _table(header, rows)
+    partial_runs = [r for r in runs if r["partial"]]
+    if partial_runs:
+        out.append("")
+        for r in partial_runs:
+            n = len(CORRUPTIONS) * len(SEVERITIES)
+            out.append(f"{PARTIAL_MARK} **Partial**: {r['display_name']} is missing {len(r['missing'])} of {n} "
+                       f"(corruption/severity) cells ({', '.join(r['missing'])}); its means cover the cells present "
+                       "and are not comparable with complete runs.")
+    out += ["", "## Error by severity (mean top-1 error over the 15 corruptions)", ""]
+    out += _table(["Method", "Clean"] + [f"Severity {s}" for s in SEVERITIES],
+                  [[r["display_name"], format_percent(r["clean_error"])]
+                   + [format_percent(r["severity_errors"][str(s)]) for s in SEVERITIES] for r in runs])
+    if any(r["extra_errors"] for r in runs):
+        out += ["", "## Extra corruptions (held out; not part of mCE)", "",
+                "Mean top-1 error over the 5 severities."]
+        out += [""] + _table(["Method"] + [SHORT_NAMES[c] for c in EXTRA_CORRUPTIONS] + ["Mean"],
+                             [[r["display_name"]] + [format_percent(r["extra_errors"].get(c)) for c in EXTRA_CORRUPTIONS]
+                              + [format_percent(r["extra_mean_error"])] for r in runs])
+    out += ["", "## Calibration", ""]
+    out += _table(["Method", "ECE clean", "ECE corrupted (mean over cells)"],
+                  [[r["display_name"], format_percent(r["ece_clean"]), format_percent(r["ece_corrupted_mean"])]
+                   for r in runs])
+    out += ["", f"## {PUBLISHED_TITLE}", ""]
+    if summary["published"]:
+        out += ["These rows are copied from the papers for orientation; no number in this block comes from "
+                "the runs above.", ""]
+        out += _table(["Method (ResNet-50, ImageNet)", "mCE", "Clean err.", "Note"],
+                      [[p["method"], f"{p['mce']:.1f}", "—" if p["clean_error"] is None else f"{p['clean_error']:.1f}",
+                        p["note"]]
+                       for p in summary["published"]])
+    else:
+        out.append(summary["published_omitted_reason"])
+    out += ["", "## Figures", ""] + ([] if figures else ["(not drawn: plots=False)", ""])
+    for title, name in figures.items():
+        out += [f"![{title}]({name})", ""]
+    out += ["## Runs", ""]
+    out += _table(["Method", "Run", "Recipe (aug, extra roots)", "Checkpoint", "SHA-256", "Created", "Images/s"],
+                  [[r["display_name"], r["run_name"], f"{r['aug']}, {', '.join(r['extra_roots']) or '—'}",
+                    f"`{r['checkpoint']}`" if r["checkpoint"] else "—", (r["checkpoint_sha256"] or "—")[:12],
+                    r["created"] or "—",
+                    f"{r['throughput_images_per_s']:.1f}" if r["throughput_images_per_s"] else "—"] for r in runs])
+    if summary["warnings"]:
+        out += ["", "## Warnings", ""] + [f"- {w}" for w in summary["warnings"]]
+    out += ["", "Regenerate with `python -m apr.report <results.json ...> --out <dir>`; all numbers are in "
+            "summary.json (percent, unrounded).", ""]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- plots
+
+def _figure(width: float, height: float):
+    """A pyplot-free figure on the Agg canvas: no display, no global backend switch."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _plot_ce(runs: list[dict], path: Path, normalisation: str) -> None:
+    fig = _figure(max(9.0, 0.75 * len(CORRUPTIONS) + 0.3 * len(runs)), 4.8)
+    ax = fig.add_subplot(1, 1, 1)
+    n = len(runs)
+    width = 0.8 / n
+    x = np.arange(len(CORRUPTIONS))
+    cmap = _colours(n)
+    for i, r in enumerate(runs):
+        values = [r["ce"].get(c, np.nan) for c in CORRUPTIONS]
+        ax.bar(x - 0.4 + width * (i + 0.5), values, width, color=cmap[i],
+               label=f"{r['display_name']} (mCE {_partial(r['mce'], r['partial'])})")
+    ax.axhline(100.0, color="black", lw=0.8, ls="--")
+    ax.set_xticks(x)
+    ax.set_xticklabels([SHORT_NAMES[c] for c in CORRUPTIONS], rotation=45, ha="right")
+    ref = "AlexNet" if normalisation == "alexnet" else normalisation.split(":", 1)[-1]
+    ax.set_ylabel(f"CE (%), {ref} = 100")
+    ax.set_title("Corruption error per corruption (lower is better)")
+    ax.grid(axis="y", alpha=0.3)
+    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", fontsize=8, ncol=min(3, n), frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * math.ceil(n / 3), 1, 1))
+    fig.savefig(path)
+
+
+def _colours(n: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return [cmap(i % 10) for i in range(n)]
+
+
+def _plot_severity(runs: list[dict], path: Path) -> None:
+    ncols = max(len(v) for v in CORRUPTION_FAMILIES.values())
+    fig = _figure(3.2 * ncols, 2.7 * len(CORRUPTION_FAMILIES))
+    colours = _colours(len(runs))
+    legend_ax = None
+    for row, (family, names) in enumerate(CORRUPTION_FAMILIES.items()):
+        for col in range(ncols):
+            ax = fig.add_subplot(len(CORRUPTION_FAMILIES), ncols, row * ncols + col + 1)
+            if col >= len(names):
+                ax.axis("off")
+                legend_ax = legend_ax or ax
+                continue
+            c = names[col]
+            for i, r in enumerate(runs):
+                sev = [0] + list(SEVERITIES)
+                errs = [r["clean_error"]] + [r["errors"].get(c, {}).get(str(s), np.nan) for s in SEVERITIES]
+                ax.plot(sev, [np.nan if e is None else e for e in errs], marker="o", ms=3, color=colours[i],
+                        label=r["display_name"])
+            ax.set_title(f"{family}: {c}", fontsize=9)
+            ax.set_xticks([0] + list(SEVERITIES))
+            ax.set_xticklabels(["clean"] + [str(s) for s in SEVERITIES], fontsize=7)
+            ax.set_ylim(0, 100)
+            ax.grid(alpha=0.3)
+            if col == 0:
+                ax.set_ylabel("top-1 error (%)", fontsize=8)
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    (legend_ax or fig).legend(handles, labels, loc="center", fontsize=8)
+    fig.suptitle("Top-1 error vs severity", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+# --------------------------------------------------------------------------- entry points
+
+def write_report(results: Sequence[Any], out_dir: str | Path, baseline: Any = None, plots: bool = True) -> Path:
+    """Write ``report.md``, ``ce_per_corruption.png``, ``error_vs_severity.png`` and ``summary.json``
+    into ``out_dir``; returns the path of report.md. ``baseline``: None (AlexNet), a run name, a
+    method label, a results path or dict. ``plots=False`` skips the PNGs (tables only)."""
+    summary = summarize(results, baseline)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = {"CE per corruption": "ce_per_corruption.png", "Error vs severity": "error_vs_severity.png"}
+    if plots:
+        _plot_ce(summary["runs"], out / figures["CE per corruption"], summary["normalisation"])
+        _plot_severity(summary["runs"], out / figures["Error vs severity"])
+    else:
+        figures = {}
+    summary["figures"] = list(figures.values())
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    report = out / "report.md"
+    report.write_text(_markdown(summary, figures))
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m apr.report",
+        description="Build report.md, plots and summary.json from evaluation results JSON files "
+                    "(no model or GPU needed).")
+    p.add_argument("results", nargs="+", help="results JSON files written by the evaluator, or folders holding them")
+    p.add_argument("--out", required=True, help="output folder for report.md, the PNGs and summary.json")
+    p.add_argument("--no-plots", action="store_true", help="tables only, no PNGs")
+    p.add_argument("--baseline", default=None, metavar="NAME_OR_PATH",
+                   help="normalise CE by this run instead of AlexNet: a run name, a method label "
+                        "(e.g. 'baseline') or a results JSON path")
+    args = p.parse_args(argv)
+    try:
+        report = write_report(args.results, args.out, baseline=args.baseline, plots=not args.no_plots)
+    except ReportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
