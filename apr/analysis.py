@@ -32,7 +32,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from apr.io import atomic_open, atomic_write_text
 from apr.fourier import fourier_basis_batch, mirror_half_spectrum_map, recombine
 
 __all__ = [
@@ -277,7 +277,7 @@ class HeatmapResult:
                  "json": out_dir / f"{stem}.json"}
         np.save(paths["half"], self.half_errors)
         np.save(paths["map"], self.full_map)
-        _atomic_write_text(paths["json"], json.dumps(self.to_dict(), indent=1))
+        atomic_write_text(paths["json"], json.dumps(self.to_dict(), indent=1))
         return paths
 
     @classmethod
@@ -292,22 +292,11 @@ class HeatmapResult:
                    clean_error=data["clean_error"], params=data["params"])
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _save_progress(path: Path, counts: np.ndarray, done: np.ndarray, clean_errors: int, params: dict) -> None:
     """Partial error counts + done mask, written to a temporary file and renamed (atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_open(path, "wb") as f:
         np.savez(f, counts=counts, done=done, clean_errors=np.int64(clean_errors),
                  params=np.array(json.dumps(params, sort_keys=True)))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _load_progress(path: Path, params: dict, shape: tuple[int, int]):
@@ -839,7 +828,7 @@ def _cmd_heatmap(args) -> int:
               f"{summary[-1]['mean_error']:.3f} -> {model_dir}", file=sys.stderr)
     if len(results) > 1:
         plot_heatmaps_side_by_side(results, out_dir / "heatmaps_side_by_side.png", titles=titles)
-    _atomic_write_text(out_dir / "heatmaps.json", json.dumps({"schema": "apr.heatmaps/1", "models": summary},
+    atomic_write_text(out_dir / "heatmaps.json", json.dumps({"schema": "apr.heatmaps/1", "models": summary},
                                                              indent=1))
     print(f"[heatmap] wrote {out_dir / 'heatmaps.json'}", file=sys.stderr)
     return 0
@@ -876,7 +865,7 @@ def _cmd_swap(args) -> int:
             print(f"[swap] {e['name']}: follows amplitude {follow[e['name']]['amplitude_fraction']:.3f}, "
                   f"phase {follow[e['name']]['phase_fraction']:.3f} over {follow[e['name']]['pairs']} pairs",
                   file=sys.stderr)
-    _atomic_write_text(out_dir / "swap.json", json.dumps({
+    atomic_write_text(out_dir / "swap.json", json.dumps({
         "schema": "apr.swap/1", "figure": str(out_dir / "swap.png"),
         "checkpoints": {e["name"]: str(e["path"]) for e in entries},
         "pairs": [[int(i), int(j)] for i, j in zip(a, b)], "num_images": int(images.shape[0]),

@@ -8,16 +8,16 @@ step within the epoch, the loader's position, and every RNG state.
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import signal
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from apr.io import atomic_open
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -44,19 +44,9 @@ class CheckpointError(RuntimeError):
 def save_checkpoint(state: dict, path: str | Path) -> Path:
     """Write ``state`` atomically: a crash mid-write never leaves a truncated file at ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {"format": CHECKPOINT_FORMAT, **state}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as f:
+        torch.save(state, f)
     return path
 
 

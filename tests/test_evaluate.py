@@ -363,7 +363,7 @@ def test_two_ranks_give_the_numbers_of_one(full_eval, tiny_checkpoint, c_tree, i
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     mp.start_processes(_distributed_worker, args=(2, port, args, queue), nprocs=2, join=True, start_method="spawn")
-    got = dict(queue.get(timeout=30) for _ in range(2))
+    got = {rank: (clean, cells) for rank, clean, cells in (queue.get(timeout=30) for _ in range(2))}
     full = full_eval[0]
     for rank in (0, 1):
         clean, corruptions = got[rank]
