@@ -21,9 +21,9 @@ from apr.metrics import ALL_CORRUPTIONS  # numbers only: cheap to import before 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
+        description=__doc__,
         epilog="Errors in the results JSON are fractions; CE and mCE are percent (AlexNet = 100 on ImageNet-C).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--checkpoint", nargs="+", required=True, metavar="CKPT",
                    help="one or more checkpoints written by train_imagenet.py (.pt); each gets its own results JSON")
@@ -35,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--dataset", choices=("auto", "imagenet-c", "folder-c"), default="auto",
                       help="which benchmark the tree is: imagenet-c is normalised by AlexNet's errors; folder-c "
                            "(a tree generated from another dataset) reports raw errors unless --baseline is given; "
-                           "auto = imagenet-c for 1000-class checkpoints, else folder-c")
+                           "auto (default) = imagenet-c for 1000-class checkpoints, else folder-c")
     cifar = p.add_argument_group("CIFAR-10-C / CIFAR-100-C")
     cifar.add_argument("--cifar-c", metavar="ROOT",
                        help="folder with <corruption>.npy and labels.npy (the CIFAR-10-C or CIFAR-100-C download)")
@@ -53,16 +53,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also evaluate the 4 extra corruptions (speckle_noise, gaussian_blur, spatter, saturate); "
                         "they are reported separately and never enter mCE")
     p.add_argument("--severities", nargs="+", type=int, choices=(1, 2, 3, 4, 5), default=[1, 2, 3, 4, 5],
-                   metavar="S", help="severity levels to evaluate")
+                   metavar="S", help="severity levels to evaluate (default: all five)")
     p.add_argument("--allow-partial", action="store_true",
                    help="if some corruption/severity folders are missing, evaluate the rest and mark the mCE partial "
                         "instead of stopping with the list of what is missing")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass on each GPU")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass on each GPU (default: %(default)s)")
     p.add_argument("--backend", choices=("dali", "torchvision"), default="dali",
-                   help="JPEG decoding: dali (fast, GPU decode when a GPU is there) or torchvision (PIL in worker processes)")
-    p.add_argument("--workers", type=int, default=4, help="decoding threads (DALI) or worker processes (torchvision) per GPU")
+                   help="JPEG decoding: dali (fast, GPU decode when a GPU is there) or torchvision (PIL in worker processes); default: %(default)s")
+    p.add_argument("--workers", type=int, default=4, help="decoding threads (DALI) or worker processes (torchvision, 0 = decode in the main process) per GPU "
+                        "(default: %(default)s)")
     p.add_argument("--precision", choices=("bf16", "no"), default="bf16",
-                   help="bf16 runs the model under bfloat16 autocast (faster on GPU); no = full float32")
+                   help="bf16 runs the model under bfloat16 autocast (faster on GPU); no = full float32 (default: %(default)s)")
     p.add_argument("--device", default=None,
                    help="cuda, cpu or cuda:N (default: the GPU of this rank when there is one, else the CPU)")
     p.add_argument("--no-report", action="store_true", help="write the results JSON files only, skip report.md and the plots")
@@ -87,12 +88,9 @@ def main(argv=None) -> int:
 
     from apr.checkpoint import CheckpointError
     from apr.evaluate import EvalError, evaluate_checkpoint, load_result, plan_run_names
+    from apr.data import DatasetLayoutError
     from apr.metrics import MetricsError
-
-    try:
-        from apr.data import DatasetLayoutError
-    except ImportError:  # pragma: no cover - apr.data always defines it
-        DatasetLayoutError = EvalError
+    from apr.report import ReportError, write_report
     try:
         names = plan_run_names(args.checkpoint)
         order = list(range(len(args.checkpoint)))
@@ -125,11 +123,9 @@ def main(argv=None) -> int:
             results[i] = result
         is_main = not dist.is_initialized() or dist.get_rank() == 0
         if is_main and not args.no_report:
-            from apr.report import write_report
-
             report = write_report(results, args.out, baseline=baseline_result)
             print(f"report: {report}")
-    except (EvalError, CheckpointError, DatasetLayoutError, MetricsError) as exc:
+    except (EvalError, CheckpointError, DatasetLayoutError, MetricsError, ReportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -11,7 +11,9 @@ module is built around three promises:
 
 The JSON (schema ``apr.eval/1``, see ``apr.metrics``/``apr.report``) holds raw counts and errors;
 CE/mCE are derived from them by ``apr.metrics.compute_metrics``. A JSON whose ``metrics`` is
-``null`` is an unfinished evaluation.
+``null`` is an unfinished evaluation. Besides the shared schema it keeps an ``eval`` block
+(precision, backend, image sizes, cumulative images/seconds): a rerun resumes only when the
+checkpoint hash, dataset and these settings are unchanged, otherwise it warns and starts over.
 """
 
 from __future__ import annotations
@@ -21,8 +23,6 @@ import hashlib
 import json
 import os
 import platform
-import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -31,6 +31,9 @@ from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
+
+from apr.io import atomic_write_json
+from apr.metrics import SEVERITIES
 
 __all__ = [
     "SCHEMA",
@@ -41,15 +44,14 @@ __all__ = [
     "find_missing_cells",
     "find_missing_cifar_c",
     "evaluate_loader",
+    "InferenceRunner",
     "CellStats",
     "file_sha256",
     "collect_versions",
     "load_result",
-    "write_json_atomic",
 ]
 
 SCHEMA = "apr.eval/1"
-SEVERITIES = (1, 2, 3, 4, 5)
 
 # Called after each finished cell as (corruption, severity, cell_dict); "clean" uses severity 0.
 CellCallback = Callable[[str, int, dict], None]
@@ -100,23 +102,6 @@ def collect_versions() -> dict:
     }
 
 
-def write_json_atomic(data: dict, path: str | Path) -> Path:
-    """temp file + os.replace: a kill mid-write leaves the previous JSON, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def load_result(path: str | Path) -> dict:
@@ -233,8 +218,7 @@ class CellStats:
     correct: int = 0
     correct5: int = 0
     calibration: Any = None  # apr.metrics.CalibrationBins of the cell
-    images_per_s: float = 0.0
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of the loop (decode + inference), for images/s
 
     def as_cell(self) -> dict:
         if self.count == 0:
@@ -243,7 +227,7 @@ class CellStats:
 
 
 @dataclass
-class _Runner:
+class InferenceRunner:
     """The model plus everything that must match training: mean/std, channels_last, precision."""
 
     model: torch.nn.Module
@@ -254,8 +238,22 @@ class _Runner:
     channels_last: bool = True
     dist: _Dist = field(default_factory=_Dist)
 
+    @classmethod
+    def build(cls, model: torch.nn.Module, mean, std, device: torch.device, precision: str = "bf16",
+              channels_last: bool = True, dist_ctx: _Dist | None = None) -> "InferenceRunner":
+        """Put the model (eval mode, channels_last if trained so) and mean/std on ``device``."""
+        model = model.to(device).eval()
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
 
-def evaluate_loader(runner: _Runner, loader: Iterable, progress_bar=None) -> CellStats:
+        def as_tensor(values):
+            return torch.tensor(list(values), dtype=torch.float32, device=device).view(1, 3, 1, 1)
+
+        return cls(model, as_tensor(mean), as_tensor(std), torch.device(device), precision, channels_last,
+                   dist_ctx or _Dist())
+
+
+def evaluate_loader(runner: InferenceRunner, loader: Iterable, progress_bar=None) -> CellStats:
     """Run ``loader`` (batch contract: [0,1] float images, int64 labels) through the model.
 
     Per-image confidences and hits stay on the device until the cell ends (no host sync per
@@ -295,8 +293,7 @@ def evaluate_loader(runner: _Runner, loader: Iterable, progress_bar=None) -> Cel
         local, bins = _all_reduce_counts(local, bins, runner.device)
     seconds = time.perf_counter() - start
     count, correct, correct5 = local
-    return CellStats(count=count, correct=correct, correct5=correct5, calibration=bins,
-                     images_per_s=count / seconds if seconds > 0 else 0.0, seconds=seconds)
+    return CellStats(count=count, correct=correct, correct5=correct5, calibration=bins, seconds=seconds)
 
 
 def _all_reduce_counts(local: list[int], bins, device: torch.device):
@@ -428,16 +425,8 @@ def evaluate_checkpoint(
     if not present:
         raise EvalError("no corruption cell to evaluate: every asked-for cell is missing")
 
-    model = model.to(device)
-    channels_last = bool(cfg.model.channels_last)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    runner = _Runner(
-        model=model,
-        mean=torch.tensor(cfg.data.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1),
-        std=torch.tensor(cfg.data.std, dtype=torch.float32, device=device).view(1, 3, 1, 1),
-        device=device, precision=precision, channels_last=channels_last, dist=ctx,
-    )
+    runner = InferenceRunner.build(model, cfg.data.mean, cfg.data.std, device, precision,
+                                   channels_last=bool(cfg.model.channels_last), dist_ctx=ctx)
     settings = {"precision": precision, "backend": backend if use_folder else "tensor",
                 "image_size": int(cfg.data.image_size), "val_resize": int(cfg.data.val_resize)}
 
@@ -479,7 +468,7 @@ def evaluate_checkpoint(
 
     def save() -> None:
         if is_main:
-            write_json_atomic(result, out_path)
+            atomic_write_json(out_path, result, indent=1)
 
     from tqdm.auto import tqdm
 
@@ -548,7 +537,7 @@ def evaluate_checkpoint(
     result["metrics"] = compute_metrics(result, baseline_result, allow_partial=allow_partial or subset,
                                         normalisation=normalisation)
     save()
-    if is_main and progress:
+    if is_main:
         if evaluated_now[1] > 0:
             print(f"{run_name}: evaluated {evaluated_now[0]} images in {evaluated_now[1]:.1f} s "
                   f"({evaluated_now[0] / evaluated_now[1]:.1f} images/s on {device})")
@@ -574,13 +563,8 @@ def plan_run_names(checkpoints: list[str | Path]) -> list[str]:
     for path in checkpoints:
         config = load_checkpoint(path)["config"]
         names.append((config.get("train") or {}).get("run_name") or Path(path).stem)
-    for i, name in enumerate(names):
-        if names.count(name) > 1:
-            names[i] = f"{name}-{Path(checkpoints[i]).stem}"
-    for i, name in enumerate(names):
-        if names.count(name) > 1:
-            names[i] = f"{name}-{i}"
-    return names
+    names = [f"{name}-{Path(path).stem}" if names.count(name) > 1 else name for name, path in zip(names, checkpoints)]
+    return [f"{name}-{i}" if names.count(name) > 1 else name for i, name in enumerate(names)]
 
 
 def _load_previous(out_path: Path, sha: str, dataset: str, settings: dict) -> dict | None:
