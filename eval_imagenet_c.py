@@ -108,19 +108,24 @@ def main(argv=None) -> int:
                 raise EvalError(f"--baseline {args.baseline!r} is neither a results JSON, nor {Path(args.out)}/"
                                 f"{args.baseline}.json, nor one of the run names given here ({', '.join(names)})")
         results = [None] * len(order)
-        for i in order:
-            result = evaluate_checkpoint(
+
+        def run(i: int, baseline: dict | None) -> dict:
+            return evaluate_checkpoint(
                 args.checkpoint[i], imagenet_c_root=args.imagenet_c, val_root=args.val,
                 cifar_c_root=args.cifar_c, cifar_root=args.cifar, out_dir=args.out,
                 corruptions=args.corruptions, extra=args.extra, severities=args.severities,
                 allow_partial=args.allow_partial, batch_size=args.batch_size, backend=args.backend,
                 num_workers=args.workers, precision=args.precision, device=args.device,
-                baseline_result=baseline_result, dataset=None if args.dataset == "auto" else args.dataset,
+                baseline_result=baseline, dataset=None if args.dataset == "auto" else args.dataset,
                 run_name=names[i], progress=not args.quiet,
             )
+
+        for i in order:
+            results[i] = run(i, baseline_result)
             if i == baseline_index:
-                baseline_result = result
-            results[i] = result
+                # normalised by itself (CE 100 by definition), so its JSON reads like the others';
+                # every cell is already in its JSON, so this only recomputes the metrics
+                baseline_result = results[i] = run(i, results[i])
         is_main = not dist.is_initialized() or dist.get_rank() == 0
         if is_main and not args.no_report:
             report = write_report(results, args.out, baseline=baseline_result)
