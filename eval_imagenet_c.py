@@ -62,8 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="JPEG decoding: dali (fast, GPU decode when a GPU is there) or torchvision (PIL in worker processes); default: %(default)s")
     p.add_argument("--workers", type=int, default=4, help="decoding threads (DALI) or worker processes (torchvision, 0 = decode in the main process) per GPU "
                         "(default: %(default)s)")
-    p.add_argument("--precision", choices=("bf16", "no"), default="bf16",
-                   help="bf16 runs the model under bfloat16 autocast (faster on GPU); no = full float32 (default: %(default)s)")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                   help="bf16 runs the model under bfloat16 autocast (faster on GPU); fp32 = full float32 (default: %(default)s)")
     p.add_argument("--device", default=None,
                    help="cuda, cpu or cuda:N (default: the GPU of this rank when there is one, else the CPU)")
     p.add_argument("--no-report", action="store_true", help="write the results JSON files only, skip report.md and the plots")

@@ -60,7 +60,7 @@ __all__ = [
 ]
 
 HEATMAP_SCHEMA = "apr.heatmap/1"
-PRECISIONS = ("no", "fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "no", "bf16", "fp16")  # "no" = fp32, accelerate's spelling
 
 
 # ---------------------------------------------------------------------------------------
@@ -345,7 +345,7 @@ def fourier_heatmap(
     max_frequency: int | None = None,
     batch_size: int = 256,
     device=None,
-    precision: str = "no",
+    precision: str = "fp32",
     channels_last: bool = False,
     seed: int = 0,
     progress: bool = True,
@@ -360,7 +360,7 @@ def fourier_heatmap(
     ``eps``: L2 norm of the perturbation per channel (default 4.0 up to 64 px, else 15.7).
     ``max_frequency``: evaluate only ``|i|, |j| <= m`` (cost ~ (2m+1)(m+1) frequencies).
     ``batch_size``: perturbed images per forward pass; when it exceeds N, several frequencies
-    share one pass. ``precision``: "no" | "bf16" | "fp16" (autocast).
+    share one pass. ``precision``: "fp32" | "bf16" | "fp16" (autocast).
     ``resume_path``: an .npz file updated after every chunk; rerunning with the same
     parameters (model weights, images, eps, ...) continues from it.
     ``max_chunks``: stop after this many chunks in this call (the result is then partial:
@@ -387,7 +387,7 @@ def fourier_heatmap(
 
     params = {
         "eps": eps, "max_frequency": max_frequency, "image_shape": [n, channels, height, width],
-        "seed": int(seed), "precision": "no" if precision == "fp32" else precision,
+        "seed": int(seed), "precision": "fp32" if precision == "no" else precision,
         "mean": None if mean is None else [float(v) for v in mean],
         "std": None if std is None else [float(v) for v in std],
         "images": _fingerprint_images(images), "labels": _fingerprint_images(labels),
@@ -560,7 +560,7 @@ SWAP_COLUMNS = ("A", "B", "amplitude B + phase A", "amplitude A + phase B")
 
 
 def swap_predictions(models: Mapping[str, nn.Module], images_a, images_b, *, mean=None, std=None, device=None,
-                     precision: str = "no", dim: Sequence[int] = (-3, -2, -1)) -> dict:
+                     precision: str = "fp32", dim: Sequence[int] = (-3, -2, -1)) -> dict:
     """Predictions of each model on A, B and both recombinations, for pairs of images.
 
     Returns ``{"images": 4 x P x C x H x W tensor (columns as SWAP_COLUMNS),
@@ -592,7 +592,7 @@ def swap_predictions(models: Mapping[str, nn.Module], images_a, images_b, *, mea
 
 def swap_figure(models: Mapping[str, nn.Module], images_a, images_b, path: str | Path | None = None, *,
                 classes: Sequence[str] | None = None, labels_a=None, labels_b=None, mean=None, std=None,
-                device=None, precision: str = "no", dim: Sequence[int] = (-3, -2, -1)):
+                device=None, precision: str = "fp32", dim: Sequence[int] = (-3, -2, -1)):
     """Grid of pairs: A, B, amplitude(B)+phase(A), amplitude(A)+phase(B), each with every model's top
     prediction and confidence underneath. Saved as PNG when ``path`` is given; returns the Figure."""
     out = swap_predictions(models, images_a, images_b, mean=mean, std=std, device=device, precision=precision,
@@ -660,7 +660,7 @@ def class_derangement(labels, seed: int = 0) -> np.ndarray:
 
 
 def amplitude_follow_fraction(model: nn.Module, images, labels, *, mean=None, std=None, batch_size: int = 256,
-                              device=None, precision: str = "no", seed: int = 0,
+                              device=None, precision: str = "fp32", seed: int = 0,
                               dim: Sequence[int] = (-3, -2, -1), progress: bool = False) -> dict:
     """How often the model follows the amplitude rather than the phase of an image.
 
@@ -791,7 +791,7 @@ def _images_for(args, entry, cache: dict):
 
 def _cmd_heatmap(args) -> int:
     device = torch.device(args.device)
-    precision = args.precision or ("bf16" if device.type == "cuda" else "no")
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     entries = _load_models(args.checkpoint, device)
@@ -836,7 +836,7 @@ def _cmd_heatmap(args) -> int:
 
 def _cmd_swap(args) -> int:
     device = torch.device(args.device)
-    precision = args.precision or ("bf16" if device.type == "cuda" else "no")
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     entries = _load_models(args.checkpoint, device)
@@ -887,7 +887,7 @@ def _add_common(p: argparse.ArgumentParser, max_images: int) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda, cuda:1 or cpu (default: cuda when available)")
-    p.add_argument("--precision", choices=("bf16", "no"), default=None,
+    p.add_argument("--precision", choices=("bf16", "fp32"), default=None,
                    help="bf16 autocast or full float32 (default: bf16 on a GPU, float32 on the CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed for image choice, random signs and pairing")
     p.add_argument("--backend", choices=("torchvision", "dali"), default="torchvision",

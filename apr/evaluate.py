@@ -363,8 +363,8 @@ def evaluate_checkpoint(
         raise EvalError("ImageNet-C evaluation needs both the corrupted tree (--imagenet-c) and the clean val folder (--val)")
     if use_cifar and (cifar_c_root is None or cifar_root is None):
         raise EvalError("CIFAR-C evaluation needs both the CIFAR-C folder (--cifar-c) and the CIFAR folder (--cifar)")
-    if precision not in ("bf16", "no"):
-        raise EvalError(f"precision must be 'bf16' or 'no', got {precision!r}")
+    if precision not in ("bf16", "fp32"):
+        raise EvalError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
     if backend not in ("dali", "torchvision"):
         raise EvalError(f"backend must be 'dali' or 'torchvision', got {backend!r}")
     if batch_size < 1:

@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     p.add_argument("--backends", nargs="+", default=["dali", "torchvision"], choices=["dali", "torchvision"],
                    help="decode paths to measure (DALI is skipped with a note where it is not installed)")
     p.add_argument("--workers", type=int, default=8 if cuda else 2, help="DALI threads / DataLoader workers")
-    p.add_argument("--precision", choices=("bf16", "no"), default="bf16" if cuda else "no",
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16" if cuda else "fp32",
                    help="bf16 autocast (GPU default) or float32 (CPU default: bf16 is slower than fp32 on most CPUs)")
     p.add_argument("--machine", default=None, help="machine description written next to the figures")
     p.add_argument("--out", default=None, help="also write the table to this text file")

@@ -58,7 +58,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12, help="timed steps per variant (after 2 warm-up steps)")
     p.add_argument("--images", type=int, default=640, help="JPEGs in the generated train folder")
     p.add_argument("--jpeg-size", type=int, default=None, help="stored JPEG side (default: 8/7 of image size)")
-    p.add_argument("--precision", default="no", choices=["no", "bf16"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--folder", type=Path, help="use this ImageNet-layout folder instead of generating one")
     args = p.parse_args()

@@ -30,7 +30,7 @@ from apr.models import create_model
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = [f"n{k:08d}" for k in range(4)]
-FAST = dict(backend="torchvision", num_workers=0, batch_size=10, precision="no", device="cpu", progress=False)
+FAST = dict(backend="torchvision", num_workers=0, batch_size=10, precision="fp32", device="cpu", progress=False)
 
 
 # ----------------------------------------------------------------------------- references
@@ -491,7 +491,7 @@ def test_script_end_to_end(full_eval, tiny_checkpoint, c_tree, imagenet_tree, tm
     finally:
         sys.path.remove(str(REPO))
     common = ["--imagenet-c", str(c_tree), "--val", str(imagenet_tree / "val"), "--backend", "torchvision",
-              "--workers", "0", "--precision", "no", "--device", "cpu", "--quiet", "--batch-size", "16"]
+              "--workers", "0", "--precision", "fp32", "--device", "cpu", "--quiet", "--batch-size", "16"]
     # two checkpoints of the same run: names get the file stem so their JSON files do not clash
     second = tmp_path / "other.pt"
     shutil.copy(tiny_checkpoint[0], second)
