@@ -165,8 +165,14 @@ def main(argv=None) -> int:
             _run(cmd, report_dir.with_name(f"heatmap_seed{seed}.log"), quiet)
 
     table = _seed_table(per_seed, args.augs)
+    links = "\n".join(
+        f"- seed {seed}: [report](seed{seed}/report.md)"
+        + (f", ![Fourier heat maps, seed {seed}](seed{seed}/heatmap/heatmaps_side_by_side.png)"
+           if (out / "report" / f"seed{seed}" / "heatmap" / "heatmaps_side_by_side.png").is_file() else "")
+        for seed in per_seed)
     (out / "report" / "summary.md").write_text(
-        "# Demo summary (scikit-learn digits, 32x32; CE normalised by the baseline run)\n\n" + table + "\n")
+        "# Demo summary (scikit-learn digits, 32x32; CE normalised by the baseline run of each seed)\n\n"
+        "Mean ± standard deviation over seeds; percentages.\n\n" + table + "\n\n" + links + "\n")
     (out / "report" / "summary.json").write_text(json.dumps(per_seed, indent=2))
     print(f"\nreport: {out / 'report'}  (report.md per seed, summary.md over seeds)")
     for seed, rows in per_seed.items():

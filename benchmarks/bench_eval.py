@@ -26,7 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -34,27 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from apr.data import build_folder_eval_loader  # noqa: E402
 from apr.evaluate import InferenceRunner, collect_versions, evaluate_loader  # noqa: E402
 from apr.models import create_model  # noqa: E402
+from photos import write_photo_jpegs  # benchmarks/photos.py
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def write_photo_jpegs(root: Path, n: int, size: int, classes: int = 4, seed: int = 0) -> Path:
-    """n random crops of scikit-image's bundled photos, resized to size x size, JPEG quality 85."""
-    from PIL import Image
-    from skimage import data
-
-    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
-    rng = np.random.default_rng(seed)
-    for k in range(classes):
-        (root / f"n{k:08d}").mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        photo = photos[i % len(photos)]
-        h, w = photo.shape[:2]
-        side = int(rng.integers(min(h, w) // 2, min(h, w) + 1))
-        y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-        crop = Image.fromarray(photo[y:y + side, x:x + side]).resize((size, size), Image.BILINEAR)
-        crop.save(root / f"n{i % classes:08d}" / f"img_{i:06d}.JPEG", quality=85)
-    return root
 
 
 def synthetic_batches(n: int, batch: int, size: int, device: torch.device, classes: int):
@@ -99,7 +80,7 @@ def main(argv=None) -> int:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        folder = write_photo_jpegs(Path(tmp) / "cell", args.images, args.image_size, len(classes))
+        folder = write_photo_jpegs(Path(tmp) / "cell", args.images, args.image_size, len(classes), quality=85)
         # warm-up: kernels, cudnn autotune, allocator
         evaluate_loader(runner, synthetic_batches(2 * args.batch_size, args.batch_size, args.image_size, device, 4))
 

@@ -18,27 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+from photos import write_photo_jpegs  # benchmarks/photos.py
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def make_folder(root: Path, n: int, size: int, classes: int = 10, seed: int = 0) -> Path:
-    from PIL import Image
-    from skimage import data
-
-    photos = [np.asarray(getattr(data, name)()) for name in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")]
-    rng = np.random.default_rng(seed)
-    for k in range(classes):
-        (root / f"n{k:08d}").mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        photo = photos[i % len(photos)]
-        h, w = photo.shape[:2]
-        side = int(rng.integers(min(h, w) // 2, min(h, w) + 1))
-        y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-        img = Image.fromarray(photo[y:y + side, x:x + side]).resize((size, size), Image.BILINEAR)
-        img.save(root / f"n{i % classes:08d}" / f"img_{i:05d}.JPEG", quality=90)
-    return root
 
 
 def run(backend: str, train: bool, index, batch: int, workers: int, epochs: int) -> float:
@@ -72,7 +54,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        root = make_folder(Path(tmp) / "jpegs", args.images, 256)
+        root = write_photo_jpegs(Path(tmp) / "jpegs", args.images, 256)
         print(f"generated {args.images} JPEGs in {time.perf_counter() - t0:.1f} s")
         index = scan_image_folder(root)
         rows = []

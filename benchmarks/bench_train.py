@@ -4,7 +4,7 @@
     python benchmarks/bench_train.py --model resnet50 --image-size 224 --batch 256 --precision bf16  # GPU
 
 All variants run side by side in one process on the same JPEG folder (written once from
-scikit-learn's sample photos), so the printed ratios compare like with like on a noisy machine.
+scikit-image's photos), so the printed ratios compare like with like on a noisy machine.
 Also compares the DALI loader with the torchvision DataLoader backend alone (no model).
 """
 
@@ -15,29 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-
-
-def make_jpeg_folder(root: Path, num_images: int, size: int, num_classes: int = 10) -> Path:
-    """Random crops of scikit-learn's two sample photos, as ImageNet-layout JPEGs (quality 90)."""
-    from sklearn.datasets import load_sample_images
-
-    photos = load_sample_images().images
-    rng = np.random.default_rng(0)
-    for split, count in (("train", num_images), ("val", max(num_classes, num_images // 4))):
-        for i in range(count):
-            photo = photos[i % len(photos)]
-            h, w = photo.shape[:2]
-            s = int(rng.integers(size // 2, min(h, w)))
-            y, x = int(rng.integers(0, h - s)), int(rng.integers(0, w - s))
-            img = Image.fromarray(photo[y:y + s, x:x + s]).resize((size, size), Image.BILINEAR)
-            folder = root / split / f"n{i % num_classes:08d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            img.save(folder / f"{i:06d}.JPEG", quality=90)
-    return root
+from photos import write_photo_jpegs  # benchmarks/photos.py
 
 
 def sync(device: torch.device) -> None:
@@ -65,7 +45,11 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tmp = tempfile.TemporaryDirectory()
-    root = args.folder or make_jpeg_folder(Path(tmp.name), args.images, args.jpeg_size or args.image_size * 8 // 7)
+    root = args.folder
+    if root is None:
+        root, side = Path(tmp.name), args.jpeg_size or args.image_size * 8 // 7
+        write_photo_jpegs(root / "train", args.images, side)
+        write_photo_jpegs(root / "val", max(10, args.images // 4), side, seed=1)
     base = [f"data.root={root}", f"data.image_size={args.image_size}", f"data.val_resize={args.image_size}",
             f"train.batch_size={args.batch}", f"data.num_workers={args.workers}", f"model.name={args.model}"]
 
@@ -140,6 +124,7 @@ def main() -> None:
     print("ratios:")
     print(f"  DALI loader / synthetic                 {r_dali / r_syn:6.3f}")
     print(f"  DALI loader + APR-SP / synthetic        {r_dali_sp / r_syn:6.3f}   (APR-SP doubles the forward batch)")
+    print(f"  DALI loader + APR-SP / synthetic + APR-SP {r_dali_sp / r_syn_sp:6.3f}   (loader cost with APR-SP on)")
     print(f"  APR-SP / no APR (synthetic)             {r_syn_sp / r_syn:6.3f}")
     print(f"  torchvision loader / synthetic          {r_tv / r_syn:6.3f}")
     print(f"  DALI / torchvision (loader alone)       {l_dali / l_tv:6.3f}")
