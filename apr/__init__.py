@@ -6,6 +6,8 @@ The public API, imported lazily so that ``import apr`` stays cheap (no DALI, no 
 - ``apr.apr_p``, ``apr.apr_s``, ``apr.apr_sp``, ``apr.APRPolicy``: the augmentations (``apr.augment``)
 - ``apr.metrics``: CE, mCE, relative mCE, ECE (pure functions of numbers)
 - ``apr.load_config``: typed run configuration (``apr.config``)
+- ``apr.fourier_heatmap``, ``apr.amplitude_follow_fraction``: frequency analysis (``apr.analysis``)
+- ``apr.make_corrupted_tree``: ImageNet-C-style corruptions of any ImageFolder (``apr.corrupt``)
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ _EXPORTS = {
     "load_config": "apr.config",
     "Config": "apr.config",
     "create_model": "apr.models",
+    "fourier_heatmap": "apr.analysis",
+    "amplitude_follow_fraction": "apr.analysis",
+    "make_corrupted_tree": "apr.corrupt",
 }
 _SUBMODULES = ("metrics", "report", "fourier", "augment", "config", "models", "checkpoint", "data",
                "train", "evaluate", "corrupt", "analysis", "demo")

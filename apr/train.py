@@ -35,6 +35,8 @@ from apr.checkpoint import (
 from apr.config import Config, config_to_dict, save_config
 from apr.models import create_model
 
+PREEMPT_CHECK_EVERY = 10  # steps between cross-rank checks for SIGTERM/SIGUSR1 (slurm warns 120 s ahead)
+
 __all__ = ["train", "TrainResult", "TrainingDiverged", "make_lr_lambda", "run_dir_for", "evaluate_top_k"]
 
 
@@ -224,7 +226,8 @@ def train(cfg: Config, resume: str | None = None, accelerator=None, progress: bo
     if cfg.model.compile:
         model = torch.compile(model)
     policy = APRPolicy.from_config(cfg.aug)
-    aug_generator = torch.Generator(device=device)
+    # a CPU generator: APR's per-sample choices are drawn on the host, so no GPU sync per batch
+    aug_generator = torch.Generator()
     aug_generator.manual_seed(cfg.train.seed * 1000 + rank)
     mean = torch.tensor(cfg.data.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(cfg.data.std, device=device).view(1, 3, 1, 1)
@@ -244,8 +247,7 @@ def train(cfg: Config, resume: str | None = None, accelerator=None, progress: bo
         history = list(state.get("history", []))
         manager.best_metric = state.get("best_metric")
         restore_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
-        aug_generator.set_state(state["aug_generator"][min(rank, len(state["aug_generator"]) - 1)].to(
-            aug_generator.get_state().device))
+        aug_generator.set_state(state["aug_generator"][min(rank, len(state["aug_generator"]) - 1)].cpu())
         loader_state = state.get("loader_state", [None] * world)
         if len(loader_state) != world:  # world size changed: restart the interrupted epoch from its start
             loader_state, start_step = None, 0
@@ -286,9 +288,15 @@ def train(cfg: Config, resume: str | None = None, accelerator=None, progress: bo
             }, epoch, step, metric)
         accelerator.wait_for_everyone()
 
-    def stop_requested(flag: PreemptionFlag) -> bool:
+    def stop_requested(flag: PreemptionFlag, force_check: bool = False) -> bool:
+        """True on every rank once any rank got the signal. One process: a flag read, no sync.
+        Several: an all-reduce every PREEMPT_CHECK_EVERY steps (same steps on all ranks), not per step."""
+        if world == 1:
+            return flag.is_set
+        if not force_check and global_step % PREEMPT_CHECK_EVERY:
+            return False
         local = torch.tensor([1.0 if flag.is_set else 0.0], device=device)
-        return bool((accelerator.reduce(local, reduction="sum") if world > 1 else local).item() > 0)
+        return bool(accelerator.reduce(local, reduction="sum").item() > 0)
 
     val_top1 = val_top5 = None
     model.train()
@@ -360,7 +368,7 @@ def train(cfg: Config, resume: str | None = None, accelerator=None, progress: bo
                           f"top-5 error {100 * val_top5:.2f}% ({count} images)", file=sys.stderr)
             history.append(epoch_record)
             save(epoch + 1, 0, metric=epoch_record.get("val_top1_error"))
-            if stop_requested(preempt):
+            if stop_requested(preempt, force_check=True):
                 return TrainResult("preempted", run_dir, epoch + 1, 0, global_step, val_top1, val_top5, history)
 
     return TrainResult("finished", run_dir, cfg.train.epochs, 0, global_step, val_top1, val_top5, history)
