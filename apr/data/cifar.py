@@ -110,8 +110,8 @@ def load_cifar_c(root: str | Path, corruption: str, severity: int | None = None)
             raise ValueError(f"severity must be 1..5, got {severity}")
         block = n // 5
         sl = slice((int(severity) - 1) * block, int(severity) * block)
-        return np.ascontiguousarray(images[sl]), labels[sl].astype(np.int64)
-    return np.ascontiguousarray(images), labels.astype(np.int64)
+        return np.array(images[sl]), labels[sl].astype(np.int64)  # a writable copy of the memory map
+    return np.array(images), labels.astype(np.int64)
 
 
 def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator, flip: bool = True) -> torch.Tensor:
