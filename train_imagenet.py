@@ -3,7 +3,7 @@
 
     python train_imagenet.py --config configs/imagenet/resnet50_apr_sp.yaml --set data.root=/data/imagenet
     torchrun --nproc_per_node=8 train_imagenet.py --config configs/imagenet/resnet50_apr_sp.yaml
-    accelerate launch --num_processes 8 train_imagenet.py --config ...
+    accelerate launch --multi_gpu --num_processes 8 train_imagenet.py --config ...
     sbatch slurm/train.sh configs/imagenet/resnet50_apr_sp.yaml
 
 The script only parses, composes and runs: the loop lives in apr/train.py.

@@ -70,3 +70,30 @@ def imagenet_tree(tmp_path_factory, digits_images) -> Path:
     write_imagefolder(root / "train", images[train_idx], labels[train_idx], classes)
     write_imagefolder(root / "val", images[val_idx], labels[val_idx], classes)
     return root
+
+
+def write_cifar10_folder(folder: Path, images: np.ndarray, labels: np.ndarray, test_images: np.ndarray,
+                         test_labels: np.ndarray) -> Path:
+    """The official python-pickle layout (cifar-10-batches-py) holding the given uint8 N x 32 x 32 x 3 images."""
+    import pickle
+
+    def rows(x):  # R plane, G plane, B plane per row, as the official files
+        return x.transpose(0, 3, 1, 2).reshape(len(x), 3072)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, part in enumerate(np.array_split(np.arange(len(images)), 5), start=1):
+        with open(folder / f"data_batch_{i}", "wb") as f:
+            pickle.dump({b"data": rows(images[part]), b"labels": [int(v) for v in labels[part]]}, f)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({b"data": rows(test_images), b"labels": [int(v) for v in test_labels]}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [f"digit_{k}".encode() for k in range(10)]}, f)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def cifar10_folder(tmp_path_factory, digits_images) -> Path:
+    """Real digits in the CIFAR-10 pickle layout: 80 train and 40 test images, 10 classes."""
+    images, labels = digits_images
+    root = tmp_path_factory.mktemp("cifar") / "cifar-10-batches-py"
+    return write_cifar10_folder(root, images[:80], labels[:80], images[100:140], labels[100:140])

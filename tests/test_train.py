@@ -189,3 +189,25 @@ def test_torchrun_two_cpu_ranks_keep_identical_weights(imagenet_tree, tmp_path):
     assert len(state["loader_state"]) == 2 and len(state["rng"]) == 2
     assert len(list(run.glob("metrics.csv"))) == 1
     assert not list(run.glob("*.tmp"))
+
+
+def test_cifar_recipe_trains_and_resumes_exactly(cifar10_folder, tmp_path):
+    """The CIFAR path (in-memory uint8 tensors, crop 32 pad 4 + flip on the device) through the same loop."""
+    extra = ("data.dataset=cifar10", f"data.root={cifar10_folder}", "aug.name=apr_sp", "train.batch_size=16",
+             "data.mean=[0.4914, 0.4822, 0.4465]", "data.std=[0.2470, 0.2435, 0.2616]")
+    straight = train(tiny_config(cifar10_folder, tmp_path / "a", *extra), progress=False)
+    assert straight.status == "finished" and straight.global_step == 10  # 80 / 16 x 2 epochs
+    assert straight.history[-1]["val_count"] == 40
+
+    def preempt(info):
+        if info["epoch"] == 1 and info["step"] == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)  # slurm's warning signal
+
+    cfg = tiny_config(cifar10_folder, tmp_path / "b", *extra)
+    assert train(cfg, progress=False, on_step_end=preempt).status == "preempted"
+    train(cfg, resume="auto", progress=False)
+    a = weights(find_latest_checkpoint(tmp_path / "a" / "run"))
+    b = weights(find_latest_checkpoint(tmp_path / "b" / "run"))
+    assert load_checkpoint(find_latest_checkpoint(tmp_path / "a" / "run"))["classes"][0] == "digit_0"
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
