@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from apr.data.layout import IMG_EXTENSIONS as IMAGE_EXTENSIONS, scan_image_folder
 from apr.io import atomic_open, atomic_write_text
 from apr.metrics import ALL_CORRUPTIONS, CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITIES
 
@@ -56,7 +57,6 @@ __all__ = [
     "main",
 ]
 
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 MANIFEST_NAME = "apr_corrupt.json"
 MIN_SIZE = 32  # imagecorruptions refuses anything smaller
 
@@ -107,11 +107,15 @@ def scan_source(src: str | os.PathLike, limit_per_class: int | None = None) -> l
         raise CorruptionError(f"source folder {root} has no class folders (expected <src>/<class>/<image>).{hint}")
     if limit_per_class is not None and limit_per_class < 1:
         raise CorruptionError(f"limit_per_class must be >= 1, got {limit_per_class}")
+
+    index = scan_image_folder(root, verify=True, allow_empty=True)
+    per_class: dict[str, list[str]] = {cls: [] for cls in index.classes}
+    for path, label in zip(index.files, index.labels):
+        per_class[index.classes[label]].append(Path(path).name)
     items: list[tuple[str, str]] = []
     empty: list[str] = []
-    for cls in classes:
-        names = sorted(p.name for p in (root / cls).iterdir()
-                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    for cls, names in per_class.items():
+        names.sort()
         stems: dict[str, str] = {}
         for name in names:
             stem = Path(name).stem

@@ -211,3 +211,16 @@ def test_cli(src_tree, tmp_path):
     proc = run(str(tmp_path / "missing"), str(out))
     assert proc.returncode == 2 and "does not exist" in proc.stderr
     assert len(CORRUPTIONS) == 15
+
+
+def test_unreadable_source_files_are_skipped_not_fatal(tmp_path, digits_images):
+    """A truncated JPEG or an HTML page named .JPEG in the source (apr.data's header check) is skipped."""
+    images, labels = digits_images
+    src = write_imagefolder(tmp_path / "src", images[:2], np.array([0, 0]), ["n00000000"])
+    good = sorted(src.glob("*/*.JPEG"))
+    (src / "n00000000" / "broken.JPEG").write_bytes(good[0].read_bytes()[:300])
+    (src / "n00000000" / "page.JPEG").write_text("<html>not an image</html>")
+    summary = make_corrupted_tree(src, tmp_path / "dst", corruptions=["gaussian_noise"], severities=[1],
+                                  resize=None, crop=None, workers=1, progress=False)
+    assert summary.source_images == 2
+    assert sorted(p.name for p in (tmp_path / "dst").rglob("*.JPEG")) == sorted(p.name for p in good)
