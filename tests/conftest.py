@@ -97,3 +97,11 @@ def cifar10_folder(tmp_path_factory, digits_images) -> Path:
     images, labels = digits_images
     root = tmp_path_factory.mktemp("cifar") / "cifar-10-batches-py"
     return write_cifar10_folder(root, images[:80], labels[:80], images[100:140], labels[100:140])
+
+
+def sample_photos(height: int, width: int) -> np.ndarray:
+    """scikit-learn's two real sample photos (china, flower) resized to height x width: uint8 2 x H x W x 3."""
+    from sklearn.datasets import load_sample_images
+
+    return np.stack([np.asarray(Image.fromarray(im).resize((width, height), Image.BILINEAR))
+                     for im in load_sample_images().images])

@@ -13,6 +13,7 @@ from apr import augment as A
 from apr.augment import OP_NAMES, OPS, APRPolicy, apr_p, apr_s, apr_sp, apply_apr_s, sample_apr_s_params
 from apr.config import AugConfig
 from apr.fourier import recombine
+from conftest import sample_photos
 
 
 # ---------------------------------------------------------------------------------------
@@ -65,10 +66,7 @@ def from_pil(img: Image.Image) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def photos() -> torch.Tensor:
     """The two scikit-learn sample photos, downscaled to 48 x 64 (float32 2 x 3 x 48 x 64, uint8 grid)."""
-    from sklearn.datasets import load_sample_images
-
-    imgs = [np.asarray(Image.fromarray(im).resize((64, 48), Image.BILINEAR)) for im in load_sample_images().images]
-    return torch.from_numpy(np.stack(imgs).astype(np.float32) / 255.0).permute(0, 3, 1, 2).contiguous()
+    return torch.from_numpy(sample_photos(48, 64).astype(np.float32) / 255.0).permute(0, 3, 1, 2).contiguous()
 
 
 @pytest.fixture(scope="module")

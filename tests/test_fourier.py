@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from apr.fourier import (
     amplitude_phase,
@@ -14,6 +13,7 @@ from apr.fourier import (
     mirror_half_spectrum_map,
     recombine,
 )
+from conftest import sample_photos
 
 DIMS = [(-3, -2, -1), (-2, -1)]
 
@@ -41,10 +41,7 @@ def _axes(dim):
 @pytest.fixture(scope="module")
 def photos() -> torch.Tensor:
     """scikit-learn's two sample photos (china, flower), downscaled to 40 x 56, float64 2 x 3 x H x W."""
-    from sklearn.datasets import load_sample_images
-
-    imgs = [np.asarray(Image.fromarray(im).resize((56, 40), Image.BILINEAR)) for im in load_sample_images().images]
-    return torch.from_numpy(np.stack(imgs).astype(np.float64) / 255.0).permute(0, 3, 1, 2).contiguous()
+    return torch.from_numpy(sample_photos(40, 56).astype(np.float64) / 255.0).permute(0, 3, 1, 2).contiguous()
 
 
 @pytest.fixture(scope="module")
