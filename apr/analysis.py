@@ -130,7 +130,8 @@ def _as_images(images, name: str = "images") -> torch.Tensor:
 
 
 def _as_labels(labels, n: int) -> torch.Tensor:
-    labels = torch.as_tensor(labels).reshape(-1).long()
+    # on the CPU whatever the caller's device: counts and pairings are tallied there
+    labels = torch.as_tensor(labels).reshape(-1).long().cpu()
     if labels.numel() != n:
         raise ValueError(f"got {n} images but {labels.numel()} labels")
     return labels

@@ -10,7 +10,10 @@ images.
 Random numbers (op choice, levels, signs, coins, permutations) are drawn from
 ``generator`` (default: torch's global CPU generator) *before* touching the images and
 kept on the CPU, so grouping the batch by op needs no GPU->CPU synchronisation and a
-fixed generator gives the same result on CPU and CUDA.
+fixed generator gives the same result on CPU and CUDA. What the device needs of them
+(row indices, affine matrices, masks) goes over with :func:`_to_device`: a pinned,
+non-blocking copy, because a plain ``.to("cuda")`` of pageable memory makes the host wait
+until the GPU has finished all queued work (a full stream synchronisation per copy).
 
 Deliberate differences from the reference, all documented where they happen:
 
@@ -105,6 +108,22 @@ def _per_sample(values, n: int, name: str) -> torch.Tensor:
     return t
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor (indices, parameters) on ``device`` without blocking the host.
+
+    ``t.to("cuda")`` from pageable memory is ``cudaMemcpyAsync`` + ``cudaStreamSynchronize``:
+    the host stalls until the GPU has drained its queue (the previous training step
+    included). A copy from pinned memory with ``non_blocking=True`` is only enqueued on the
+    current stream, so the kernels that use it still see it in order.
+    """
+    device = torch.device(device)
+    if t.device.type != "cpu" or device.type == "cpu":
+        return t.to(device)  # already on a device (a caller's own tensor), or no transfer at all
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def _rand(shape, generator: Optional[torch.Generator]) -> torch.Tensor:
     """Uniform [0, 1) float64 numbers from ``generator`` (its own device), returned on the CPU."""
     device = generator.device if generator is not None else "cpu"
@@ -190,7 +209,7 @@ def posterize(images: torch.Tensor, bits) -> torch.Tensor:
     if ((bits < 0) | (bits > 8)).any():
         raise ValueError(f"posterize bits must lie in [0, 8], got {bits.tolist()}")
     q = _to_uint8(images)
-    mask = (255 - (2 ** (8 - bits) - 1)).to(torch.uint8).to(q.device)  # ~(2**(8-bits)-1) & 0xFF
+    mask = _to_device((255 - (2 ** (8 - bits) - 1)).to(torch.uint8), q.device)  # ~(2**(8-bits)-1) & 0xFF
     return _from_uint8(q & mask[:, None, None, None], images.dtype)
 
 
@@ -199,7 +218,7 @@ def solarize(images: torch.Tensor, threshold) -> torch.Tensor:
     _check_images(images, "solarize")
     threshold = _per_sample(threshold, images.shape[0], "solarize threshold").to(torch.int16)
     q = _to_uint8(images).to(torch.int16)
-    thr = threshold.to(q.device)[:, None, None, None]
+    thr = _to_device(threshold, q.device)[:, None, None, None]
     out = torch.where(q >= thr, 255 - q, q)
     return _from_uint8(out, images.dtype)
 
@@ -225,7 +244,7 @@ def affine(images: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"affine needs one matrix per image ({n}), got {m.shape[0]}")
     if n == 0:
         return images.clone()
-    m = m.to(device=images.device, dtype=torch.float32)[:, :, None, None]
+    m = _to_device(m.to(torch.float32), images.device)[:, :, None, None]
     ys = (torch.arange(h, device=images.device, dtype=torch.float32) + 0.5)[:, None]
     xs = (torch.arange(w, device=images.device, dtype=torch.float32) + 0.5)[None, :]
     u = m[:, 0] * xs + m[:, 1] * ys + m[:, 2]  # N x H x W input x (continuous, pixel edges)
@@ -385,10 +404,10 @@ def _apply_ops(x: torch.Tensor, op_index: torch.Tensor, levels: torch.Tensor, si
             geo_rows.append(rows)
             geo_mats.append(_GEOMETRIC_MATRIX[name](_PARAM[name](levels[rows], signs[rows], h, w), h, w))
             continue
-        rows_d = rows.to(x.device)
+        rows_d = _to_device(rows, x.device)
         out[rows_d] = OPS[name](x[rows_d], levels[rows], signs[rows])
     if geo_rows:
-        rows_d = torch.cat(geo_rows).to(x.device)
+        rows_d = _to_device(torch.cat(geo_rows), x.device)
         out[rows_d] = affine(x[rows_d], torch.cat(geo_mats))
     return out
 
@@ -447,10 +466,10 @@ def apply_apr_s(images: torch.Tensor, params: APRSParams, dim: Sequence[int] = C
     x1 = _apply_ops(x, params.op1, params.level1, params.sign1)
     rows = params.recombined.nonzero().reshape(-1)
     if rows.numel():
-        rows_d = rows.to(x.device)
+        rows_d = _to_device(rows, x.device)
         first = x1[rows_d]
         second = _apply_ops(first, params.op2[rows], params.level2[rows], params.sign2[rows])
-        keep_first = params.amplitude_from_first[rows].to(x.device)[:, None, None, None]
+        keep_first = _to_device(params.amplitude_from_first[rows], x.device)[:, None, None, None]
         amplitude_source = torch.where(keep_first, first, second)
         phase_source = torch.where(keep_first, second, first)
         x1[rows_d] = recombine(amplitude_source, phase_source, dim=dim)
@@ -505,10 +524,10 @@ def apr_p(
     if rows.numel() == 0:
         return images
     if rows.numel() == n:  # the usual case (batch coin): no copy of the untouched images needed
-        return recombine(images[perm.to(images.device)], images, dim=dim)
+        return recombine(images[_to_device(perm, images.device)], images, dim=dim)
     out = images.clone()
-    rows_d = rows.to(images.device)
-    out[rows_d] = recombine(images[perm[rows].to(images.device)], images[rows_d], dim=dim)
+    rows_d = _to_device(rows, images.device)
+    out[rows_d] = recombine(images[_to_device(perm[rows], images.device)], images[rows_d], dim=dim)
     return out
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "restore_rng_state",
     "CheckpointManager",
     "find_latest_checkpoint",
+    "checkpoint_position",
     "PreemptionFlag",
 ]
 
@@ -128,7 +129,9 @@ def capture_rng_state() -> dict:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # this process's own GPU only: a process that lists every visible GPU would, on resume where fewer
+        # GPUs are visible (one per process under some launchers), fail on a device index that is gone
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -140,7 +143,7 @@ def restore_rng_state(state: dict) -> None:
                          numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])  # the current device (accelerate sets it per process)
 
 
 # ---------------------------------------------------------------------------------------
@@ -150,6 +153,12 @@ def restore_rng_state(state: dict) -> None:
 def _sort_key(path: Path) -> tuple[int, int]:
     match = _NAME.match(path.name)
     return (int(match.group(1)), int(match.group(2))) if match else (-1, -1)
+
+
+def checkpoint_position(path: str | Path) -> tuple[int, int] | None:
+    """``(epoch, step)`` from a ``checkpoint-e<epoch>-s<step>.pt`` name; None for other names (best.pt)."""
+    match = _NAME.match(Path(path).name)
+    return (int(match.group(1)), int(match.group(2))) if match else None
 
 
 def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -178,10 +187,16 @@ class CheckpointManager:
         return self.run_dir / f"checkpoint-e{epoch:04d}-s{step:07d}.pt"
 
     def save(self, state: dict, epoch: int, step: int, metric: float | None = None) -> Path:
-        """Save; ``metric`` is an error (lower is better) used to maintain ``best.pt``."""
-        path = save_checkpoint(state, self.path_for(epoch, step))
-        if self.keep_best and metric is not None and (self.best_metric is None or metric < self.best_metric):
+        """Save; ``metric`` is an error (lower is better) used to maintain ``best.pt``.
+
+        The saved ``best_metric`` includes this save's ``metric``: a run resumed from this file must
+        not let a later, worse epoch overwrite ``best.pt``."""
+        is_best = self.keep_best and metric is not None and (self.best_metric is None or metric < self.best_metric)
+        if is_best:
             self.best_metric = metric
+        state = {**state, "best_metric": self.best_metric}
+        path = save_checkpoint(state, self.path_for(epoch, step))
+        if is_best:
             save_checkpoint(state, self.run_dir / "best.pt")
         self._prune()
         return path

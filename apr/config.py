@@ -8,6 +8,7 @@ typo in a recipe never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -141,6 +142,28 @@ class Config:
                 raise ConfigError(f"{key} must be >= 1, got {value}")
         if self.optim.schedule == "multistep" and not self.optim.milestones:
             raise ConfigError("optim.schedule=multistep needs optim.milestones, e.g. [60, 120, 160]")
+        # numbers that would otherwise fail deep inside a run (after the data scan), or silently do nothing
+        for key, value, low in (
+            ("optim.lr", self.optim.lr, 0), ("optim.momentum", self.optim.momentum, 0),
+            ("optim.weight_decay", self.optim.weight_decay, 0), ("optim.lr_base_batch", self.optim.lr_base_batch, 0),
+            ("optim.warmup_epochs", self.optim.warmup_epochs, 0), ("optim.step_size", self.optim.step_size, 1),
+            ("train.val_every", self.train.val_every, 0), ("train.log_every", self.train.log_every, 1),
+            ("train.max_steps_per_epoch", self.train.max_steps_per_epoch, 0),
+            ("checkpoint.every_steps", self.checkpoint.every_steps, 0),
+            ("checkpoint.keep_last", self.checkpoint.keep_last, 1), ("model.num_classes", self.model.num_classes, 0),
+            ("data.num_workers", self.data.num_workers, 0), ("data.crop_padding", self.data.crop_padding, 0),
+            ("data.val_resize", self.data.val_resize, 0),
+        ):
+            if value < low:
+                raise ConfigError(f"{key} must be >= {low}, got {value}")
+        if not self.optim.gamma > 0:
+            raise ConfigError(f"optim.gamma must be > 0, got {self.optim.gamma}")
+        if self.optim.warmup_epochs > self.train.epochs:
+            raise ConfigError(f"optim.warmup_epochs={self.optim.warmup_epochs} exceeds train.epochs={self.train.epochs}")
+        if not 0 <= self.model.drop_rate < 1:
+            raise ConfigError(f"model.drop_rate must lie in [0, 1), got {self.model.drop_rate}")
+        if not all(s > 0 for s in self.data.std):
+            raise ConfigError(f"data.std must be positive (images are divided by it), got {self.data.std}")
         return self
 
 
@@ -156,6 +179,9 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
 class _OverrideText(str):
     """A ``--set`` value as typed: read as YAML (5, 0.1, true, [1, 2]) unless the key holds text,
     so ``--set data.root=2024`` stays the string "2024" and ``--set train.precision=fp32`` is text."""
+
+
+_YAML11_EXPONENT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
@@ -193,6 +219,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _YAML11_EXPONENT.match(value.strip()):
+            return float(value)  # PyYAML reads 1e-4 (no dot) as text; it is a number
         raise ConfigError(f"{key} must be a number, got {value!r}")
     if annotation is str:
         if isinstance(value, str):

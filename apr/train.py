@@ -28,6 +28,7 @@ from apr.checkpoint import (
     PreemptionFlag,
     capture_rng_state,
     check_model_compatible,
+    checkpoint_position,
     find_latest_checkpoint,
     load_checkpoint,
     restore_rng_state,
@@ -128,14 +129,51 @@ def _setup_determinism(cfg: Config, rank: int) -> None:
 
 
 def _resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
+    """The checkpoint to continue from. Refuses to mix two runs in one folder: a fresh start, or an
+    explicit older checkpoint, next to newer checkpoints would see its own saves pruned at once by
+    ``keep_last`` (they sort older), and ``--resume auto`` would later return to the other run."""
+    latest = find_latest_checkpoint(run_dir)
     if not resume:
+        if latest is not None:
+            raise CheckpointError(
+                f"{run_dir} already holds checkpoints (newest {latest.name}): continue that run with --resume auto, "
+                "or start a new one with another train.run_name or train.output_dir")
         return None
     if resume == "auto":
-        return find_latest_checkpoint(run_dir)
+        return latest
     path = Path(resume)
     if not path.is_file():
         raise CheckpointError(f"--resume {resume}: no such checkpoint file")
+    if latest is not None and latest.resolve() != path.resolve():
+        position = checkpoint_position(path)
+        if position is None:  # best.pt or a renamed file: its position is inside
+            state = load_checkpoint(path)
+            position = (int(state.get("epoch", 0)), int(state.get("step", 0)))
+        if checkpoint_position(latest) > position:
+            raise CheckpointError(
+                f"--resume {resume} is at epoch {position[0]}, step {position[1]}, but {run_dir} holds the newer "
+                f"{latest.name}: the resumed run's checkpoints would be pruned as older ones and --resume auto "
+                "would return to the newer file; move the newer checkpoints away or set another train.run_name")
     return path
+
+
+def _on_rank0(fn: Callable, world: int, is_main: bool):
+    """``fn()`` evaluated on rank 0 and broadcast (result or CheckpointError) to every rank: the nodes of a
+    job may list a shared run folder differently (NFS caching), and ranks that resume from different
+    checkpoints run different step counts (DDP deadlock) or silently train different weights."""
+    if world == 1:
+        return fn()
+    box = [None]
+    if is_main:
+        try:
+            box[0] = ("ok", fn())
+        except CheckpointError as exc:
+            box[0] = ("error", str(exc))
+    torch.distributed.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise CheckpointError(value)
+    return value
 
 
 class _CsvLog:
@@ -205,7 +243,6 @@ def train(cfg: Config, resume: str | None = None, accelerator=None, progress: bo
     steps_per_epoch = len(train_loader)
     if cfg.train.max_steps_per_epoch > 0:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
-    truncated = steps_per_epoch < len(train_loader)
     if steps_per_epoch < 1:
         raise ValueError(
             f"the training set gives no full batch per process: {train_loader.num_samples} samples on this rank, "
@@ -235,7 +272,7 @@ def train(cfg: Config, resume: str | None = None, accelerator=None, progress: bo
     # resume
     manager = CheckpointManager(run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best)
     start_epoch, start_step, global_step, history = 0, 0, 0, []
-    resume_path = _resolve_resume(resume, run_dir)
+    resume_path = _on_rank0(lambda: _resolve_resume(resume, run_dir), world, is_main)
     loader_state = None
     if resume_path is not None:
         state = load_checkpoint(resume_path, map_location="cpu")
@@ -246,11 +283,20 @@ def train(cfg: Config, resume: str | None = None, accelerator=None, progress: bo
         start_epoch, start_step, global_step = state["epoch"], state["step"], state["global_step"]
         history = list(state.get("history", []))
         manager.best_metric = state.get("best_metric")
-        restore_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
-        aug_generator.set_state(state["aug_generator"][min(rank, len(state["aug_generator"]) - 1)].cpu())
         loader_state = state.get("loader_state", [None] * world)
-        if len(loader_state) != world:  # world size changed: restart the interrupted epoch from its start
-            loader_state, start_step = None, 0
+        if len(loader_state) == world:
+            restore_rng_state(state["rng"][rank])
+            aug_generator.set_state(state["aug_generator"][rank].cpu())
+        else:  # world size changed: the interrupted epoch restarts from its start, with this world's schedule
+            # steps per epoch and the scaled lr depend on the world size: a step count or base lr carried
+            # over from the old world would put every later warmup/decay at the wrong epoch
+            loader_state, start_step, global_step = None, 0, start_epoch * steps_per_epoch
+            scheduler.base_lrs = [base_lr for _ in optimizer.param_groups]
+            scheduler.last_epoch = global_step
+            lr_now = base_lr * make_lr_lambda(cfg, steps_per_epoch)(global_step)
+            for group in optimizer.param_groups:
+                group["initial_lr"], group["lr"] = base_lr, lr_now
+            scheduler._last_lr = [lr_now for _ in optimizer.param_groups]
             if is_main:
                 print(f"checkpoint was written by {len(state['loader_state'])} processes, now {world}: "
                       "the interrupted epoch restarts from its first batch", file=sys.stderr)
@@ -340,12 +386,16 @@ def train(cfg: Config, resume: str | None = None, accelerator=None, progress: bo
                                   loss=f"{loss_sum.item() / max(1, step):.5f}", images_per_s=f"{rate:.1f}")
                 if on_step_end is not None:
                     on_step_end({"epoch": epoch, "step": step, "global_step": global_step, "loss": loss.detach()})
-                if step >= steps_per_epoch and truncated:
-                    break
+                if step >= steps_per_epoch:  # the epoch end below saves, validates and checks for a signal;
+                    break  # a mid-epoch save of the last step would resume into a replay of the whole epoch
                 if checkpoint_due:
                     save(epoch, step)
                 if stop_requested(preempt):
                     bar.close()
+                    if bool(bad_loss.item()):  # never let a preemption save replace the last good checkpoint
+                        raise TrainingDiverged(
+                            f"loss became non-finite in epoch {epoch + 1} before step {step}; the last good "
+                            f"checkpoint in {run_dir} is kept (lower optim.lr or check the data)")
                     save(epoch, step)
                     if is_main:
                         print(f"signal {preempt.received}: saved epoch {epoch + 1} step {step}; "

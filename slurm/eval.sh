@@ -46,6 +46,7 @@ else
     data_args=(--imagenet-c "${IMAGENET_C:?set IMAGENET_C to the ImageNet-C root}"
                --val "${IMAGENET_VAL:?set IMAGENET_VAL to the clean ImageNet val folder}")
 fi
+# (expanded as ${a[@]+"${a[@]}"}: under set -u, bash < 4.4 calls an empty array unbound)
 baseline_args=()
 if [ -n "${BASELINE:-}" ]; then
     baseline_args=(--baseline "$BASELINE")
@@ -67,6 +68,6 @@ echo "apr eval: $# checkpoint(s) on $GPUS GPU(s) of $(hostname), results in ${OU
 # --standalone: a single-node rendezvous on a free local port (no head-node address needed).
 # shellcheck disable=SC2086  # EXTRA_ARGS is meant to split into words
 srun --ntasks=1 torchrun --standalone --nnodes 1 --nproc_per_node "$GPUS" \
-    eval_imagenet_c.py --checkpoint "$@" "${data_args[@]}" --out "${OUT:-eval}" "${baseline_args[@]}" \
+    eval_imagenet_c.py --checkpoint "$@" "${data_args[@]}" --out "${OUT:-eval}" ${baseline_args[@]+"${baseline_args[@]}"} \
     --batch-size "${BATCH_SIZE:-256}" --backend "${BACKEND:-dali}" --workers "${WORKERS:-8}" \
     --precision "${PRECISION:-bf16}" ${EXTRA_ARGS:-}

@@ -411,6 +411,18 @@ def test_amplitude_follow_fraction_separates_amplitude_and_phase_classifiers(spe
     assert [amp["amplitude_count"], amp["phase_count"], amp["neither_count"]] == counts
 
 
+@pytest.mark.cuda
+def test_amplitude_follow_fraction_takes_cuda_images_and_labels(spectral_models):
+    """Images and labels already on the GPU (as a caller's batch is) give the CPU counts."""
+    x, y, amplitude, phase = spectral_models
+    tx, ty = _both_correct([amplitude, phase], x, y, 40)
+    cpu = amplitude_follow_fraction(amplitude, tx, ty, batch_size=16, seed=2)
+    gpu = amplitude_follow_fraction(amplitude, tx.cuda(), torch.as_tensor(ty).cuda(), batch_size=16, seed=2,
+                                    device="cuda")
+    assert gpu["pairs"] == cpu["pairs"] == 40
+    assert abs(gpu["amplitude_count"] - cpu["amplitude_count"]) <= 1
+
+
 def test_swap_predictions_and_figure(spectral_models, tmp_path):
     x, y, amplitude, phase = spectral_models
     tx, ty = _both_correct([amplitude, phase], x, y, 40)

@@ -417,6 +417,39 @@ def test_policy_outputs_mirror_the_reference(digits):
 
 
 # ---------------------------------------------------------------------------------------
+# host<->device traffic: APR runs every training step, so it must never block the host
+
+
+def test_parameters_reach_the_device_without_blocking_copies(monkeypatch, digits):
+    """Every CPU -> device copy inside APR (indices, matrices, masks) is non-blocking.
+
+    A plain ``.to("cuda")`` of pageable memory synchronises the whole stream; with the
+    training loop's CPU generator APR-SP made ~19 such copies per step. The "meta" device
+    stands in for a GPU here (shapes only, no data): the spy sees every explicit transfer.
+    """
+    copies = []
+    real_to = torch.Tensor.to
+
+    def spy(self, *args, **kwargs):
+        out = real_to(self, *args, **kwargs)
+        if self.device.type == "cpu" and out.device.type != "cpu":
+            copies.append(bool(kwargs.get("non_blocking", False)))
+        return out
+
+    x = digits[:12].to("meta")
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    g = torch.Generator().manual_seed(0)
+    first, second = APRPolicy("apr_sp", p_prob=1.0)(x, g)
+    apr_p(x, 1.0, g, per_sample=True)
+    for name in OP_NAMES:
+        OPS[name](x, torch.full((12,), 2.0), torch.ones(12))
+    monkeypatch.undo()
+    assert first.device.type == "meta" and second.device.type == "meta"
+    assert len(copies) > 10, copies  # the ops really moved their parameters to the device
+    assert all(copies), f"{copies.count(False)} of {len(copies)} CPU->device copies block the host"
+
+
+# ---------------------------------------------------------------------------------------
 # CUDA (skipped without a GPU)
 
 
@@ -443,3 +476,19 @@ def test_each_op_cuda_matches_cpu(photos, name):
     cpu = OPS[name](photos, levels, signs)
     gpu = OPS[name](photos.cuda(), levels, signs)
     assert torch.allclose(gpu.cpu(), cpu, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_apr_sp_on_cuda_never_synchronises(digits, photos):
+    """With a CPU generator (what the training loop passes) APR-SP and its policy call make no host sync."""
+    x = torch.cat([digits, photos[:, :, :32, :32]]).cuda()
+    g = torch.Generator().manual_seed(0)
+    APRPolicy("apr_sp", p_prob=1.0)(x, g)  # warm-up: cuFFT plans, pinned-memory pool
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        first, second = APRPolicy("apr_sp", p_prob=1.0)(x, g)
+        apr_p(x, 0.5, g, per_sample=True)  # the partial path: clone + indexed write
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert first.device.type == "cuda" and second.device.type == "cuda"

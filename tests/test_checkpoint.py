@@ -13,6 +13,7 @@ from apr.checkpoint import (
     CheckpointManager,
     PreemptionFlag,
     capture_rng_state,
+    checkpoint_position,
     find_latest_checkpoint,
     load_checkpoint,
     load_model_for_eval,
@@ -114,6 +115,46 @@ def test_rng_state_round_trip():
     assert (random.random(), np.random.rand(), torch.rand(1).item(), np.random.randn()) == expected
 
 
+class _FakeCuda:
+    """torch.cuda as one process of a multi-GPU job sees it: ``visible`` GPUs, ``current`` its own."""
+
+    def __init__(self, visible: int, current: int):
+        self.visible, self.current, self.states = visible, current, {}
+
+    def install(self, monkeypatch):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: self.visible)
+        monkeypatch.setattr(torch.cuda, "get_rng_state", self.get)
+        monkeypatch.setattr(torch.cuda, "set_rng_state", self.set)
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [self.get(i) for i in range(self.visible)])
+        monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: [self.set(s, i) for i, s in enumerate(states)])
+
+    def _index(self, device):
+        index = self.current if device in (None, "cuda") else int(device)
+        if not 0 <= index < self.visible:
+            raise RuntimeError(f"CUDA error: invalid device ordinal {index}")
+        return index
+
+    def get(self, device="cuda"):
+        index = self._index(device)
+        return self.states.get(index, torch.tensor([index], dtype=torch.uint8))
+
+    def set(self, state, device="cuda"):
+        self.states[self._index(device)] = state
+
+
+def test_cuda_rng_state_is_this_process_gpu_only(monkeypatch):
+    """Saved by local rank 3 seeing 8 GPUs, resumed by a process that sees only its own GPU (cuda:0)."""
+    saver = _FakeCuda(visible=8, current=3)
+    saver.install(monkeypatch)
+    state = capture_rng_state()
+    resumer = _FakeCuda(visible=1, current=0)
+    resumer.install(monkeypatch)
+    restore_rng_state(state)
+    assert resumer.states[0].tolist() == [3]  # rank 3's own generator, now on the only visible GPU
+
+
 def test_manager_keeps_last_k_and_best(tmp_path):
     manager = CheckpointManager(tmp_path, keep_last=2)
     state, _ = _state()
@@ -125,6 +166,27 @@ def test_manager_keeps_last_k_and_best(tmp_path):
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 2
     assert find_latest_checkpoint(tmp_path).name == "checkpoint-e0003-s0000007.pt"
     assert find_latest_checkpoint(tmp_path / "missing") is None
+
+
+def test_saved_best_metric_includes_the_save_itself(tmp_path):
+    """A run resumed from a file must know that file's own val error: otherwise a later, worse epoch
+    overwrites best.pt."""
+    manager = CheckpointManager(tmp_path, keep_last=5)
+    state, _ = _state()
+    manager.save({**state, "best_metric": manager.best_metric}, 1, 0, 0.3)
+    assert load_checkpoint(tmp_path / "checkpoint-e0001-s0000000.pt")["best_metric"] == 0.3
+    assert load_checkpoint(tmp_path / "best.pt")["best_metric"] == 0.3
+    resumed = CheckpointManager(tmp_path, keep_last=5)
+    resumed.best_metric = load_checkpoint(tmp_path / "checkpoint-e0001-s0000000.pt")["best_metric"]
+    resumed.save({**state, "epoch": 2}, 2, 0, 0.4)  # worse: best.pt stays epoch 1's
+    assert load_checkpoint(tmp_path / "best.pt")["best_metric"] == 0.3
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
+    assert load_checkpoint(tmp_path / "checkpoint-e0002-s0000000.pt")["best_metric"] == 0.3
+
+
+def test_checkpoint_position_reads_the_file_name():
+    assert checkpoint_position("runs/x/checkpoint-e0012-s0000345.pt") == (12, 345)
+    assert checkpoint_position("runs/x/best.pt") is None
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])

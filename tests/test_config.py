@@ -51,6 +51,19 @@ def test_int_is_accepted_where_a_float_is_expected():
     (["data.crop_scale=[0.5]"], "data.crop_scale"),
     (["train.epochs"], "must look like section.key=value"),
     (["optim.milestones=3"], "optim.milestones must be a list"),
+    (["optim.lr=-0.1"], "optim.lr must be >= 0"),
+    (["optim.weight_decay=-0.0001"], "optim.weight_decay must be >= 0"),
+    (["optim.step_size=0"], "optim.step_size must be >= 1"),
+    (["optim.gamma=0"], "optim.gamma must be > 0"),
+    (["optim.warmup_epochs=-1"], "optim.warmup_epochs must be >= 0"),
+    (["train.epochs=5", "optim.warmup_epochs=6"], "optim.warmup_epochs=6.0 exceeds train.epochs=5"),
+    (["train.val_every=-1"], "train.val_every must be >= 0"),
+    (["train.log_every=0"], "train.log_every must be >= 1"),
+    (["checkpoint.keep_last=0"], "checkpoint.keep_last must be >= 1"),
+    (["checkpoint.every_steps=-5"], "checkpoint.every_steps must be >= 0"),
+    (["model.drop_rate=1.0"], "model.drop_rate must lie in [0, 1)"),
+    (["data.std=[0.2, 0.0, 0.2]"], "data.std must be positive"),
+    (["data.num_workers=-1"], "data.num_workers must be >= 0"),
 ])
 def test_bad_values_fail_naming_the_key(override, message):
     with pytest.raises(ConfigError) as err:
@@ -86,3 +99,15 @@ def test_yaml_boolean_in_a_string_key_gets_a_hint(tmp_path):
     (tmp_path / "r.yaml").write_text("train:\n  precision: no\n")
     with pytest.raises(ConfigError, match="train.precision must be a string, got False \\(quote it"):
         load_config(tmp_path / "r.yaml")
+
+
+def test_exponent_numbers_without_a_dot_are_numbers(tmp_path):
+    """PyYAML (YAML 1.1) reads 1e-4 as a string; a float key must still take it, in a recipe or --set."""
+    (tmp_path / "r.yaml").write_text("optim:\n  weight_decay: 1e-4\n")
+    assert load_config(tmp_path / "r.yaml").optim.weight_decay == 1e-4
+    cfg = load_config(overrides=["optim.lr=2E-3"])
+    assert cfg.optim.lr == 0.002
+    with pytest.raises(ConfigError, match="optim.weight_decay must be >= 0"):
+        load_config(overrides=["optim.weight_decay=-5e-4"])
+    with pytest.raises(ConfigError, match="optim.lr must be a number"):
+        load_config(overrides=["optim.lr=1e-4x"])

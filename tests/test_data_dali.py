@@ -172,3 +172,28 @@ def test_decode_error_without_verification(tmp_path, imagenet_tree):
         for _ in range(2):
             for _ in loader:
                 pass
+
+
+def test_mixed_pipeline_decodes_on_the_training_device(imagenet_tree, monkeypatch):
+    """GPU path without a GPU: the pipeline is asked for nvJPEG ("mixed") on the training device's index.
+    With one visible GPU per process accelerate's device is cuda:0 while the local rank is e.g. 3."""
+    from apr.data import dali
+
+    asked = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_pipeline(*args, **kwargs):
+        asked.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(dali, "image_pipeline", fake_pipeline)
+    index = scan_image_folder(imagenet_tree / "train")
+    for device, local_rank, expected in (("cuda:0", 3, 0), ("cuda:2", 2, 2), ("cuda", 1, 1), ("cpu", 3, None)):
+        asked.clear()
+        with pytest.raises(Stop):
+            dali.DaliImageLoader(index.files, index.labels, index.classes, batch_size=8, train=True, image_size=24,
+                                 rank=local_rank, world_size=4, local_rank=local_rank, device=device)
+        assert asked["device_id"] == expected, (device, local_rank)
+        assert asked["decoder_device"] == ("cpu" if device == "cpu" else "mixed")

@@ -89,6 +89,83 @@ def test_resume_after_sigterm_mid_epoch_gives_identical_weights(imagenet_tree, t
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
 
 
+def test_preemption_at_the_last_step_of_an_epoch_resumes_without_replaying_it(imagenet_tree, tmp_path):
+    """A signal (or an every_steps save) on an epoch's last batch: the epoch end saves (e+1, 0) and
+    validates; a mid-epoch file (e, last step) would resume into a second pass over the whole epoch."""
+    extra = ("checkpoint.every_steps=4",)  # 4 steps per epoch: a periodic save falls on the last batch too
+    straight = train(tiny_config(imagenet_tree, tmp_path / "a", *extra), progress=False)
+
+    def preempt(info):
+        if info["epoch"] == 0 and info["step"] == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    cfg = tiny_config(imagenet_tree, tmp_path / "b", *extra)
+    first = train(cfg, progress=False, on_step_end=preempt)
+    assert (first.status, first.epoch, first.step) == ("preempted", 1, 0)
+    run = tmp_path / "b" / "run"
+    assert sorted(p.name for p in run.glob("checkpoint-*.pt")) == ["checkpoint-e0001-s0000000.pt"]
+    state = load_checkpoint(run / "checkpoint-e0001-s0000000.pt")
+    assert state["best_metric"] == state["history"][0]["val_top1_error"]  # this epoch's val counts for best.pt
+    second = train(cfg, resume="auto", progress=False)
+    assert second.global_step == straight.global_step == 8
+    assert [h["epoch"] for h in second.history] == [1, 2]
+    a = weights(find_latest_checkpoint(tmp_path / "a" / "run"))
+    b = weights(find_latest_checkpoint(run))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_a_run_folder_is_never_shared_by_two_runs(imagenet_tree, tmp_path):
+    """Without --resume, or from an older checkpoint, next to newer checkpoints: the new run's saves
+    would be pruned at once (they sort older) and --resume auto would go back to the other run."""
+    from apr.checkpoint import CheckpointError
+
+    cfg = tiny_config(imagenet_tree, tmp_path, "train.epochs=1", "checkpoint.every_steps=2",
+                      "checkpoint.keep_last=3")
+    train(cfg, progress=False)
+    run = tmp_path / "run"
+    names = sorted(p.name for p in run.glob("checkpoint-*.pt"))
+    assert names == ["checkpoint-e0000-s0000002.pt", "checkpoint-e0001-s0000000.pt"]
+    with pytest.raises(CheckpointError, match="already holds checkpoints .*--resume auto"):
+        train(cfg, progress=False)
+    with pytest.raises(CheckpointError, match="holds the newer checkpoint-e0001-s0000000.pt"):
+        train(cfg, resume=str(run / names[0]), progress=False)
+    assert sorted(p.name for p in run.glob("checkpoint-*.pt")) == names  # nothing touched
+    assert train(cfg, resume=str(run / names[1]), progress=False).status == "finished"  # the newest: fine
+    assert train(cfg, resume="auto", progress=False).status == "finished"
+
+
+def test_nan_loss_before_a_preemption_save_keeps_the_last_good_checkpoint(imagenet_tree, tmp_path):
+    """The loss is only read at log points; a preemption save in between must not write NaN weights
+    as the newest checkpoint (the requeued job would resume from it)."""
+    import apr.train as train_module
+
+    original = train_module.create_model
+    params = []
+
+    def capture(*a, **k):
+        model = original(*a, **k)
+        params.extend(model.parameters())
+        return model
+
+    def poison_then_preempt(info):
+        if info["epoch"] == 1 and info["step"] == 1:
+            with torch.no_grad():
+                for p in params:
+                    p.fill_(float("nan"))
+        if info["epoch"] == 1 and info["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    cfg = tiny_config(imagenet_tree, tmp_path, "train.log_every=50")
+    train_module.create_model = capture
+    try:
+        with pytest.raises(TrainingDiverged, match="non-finite in epoch 2"):
+            train(cfg, progress=False, on_step_end=poison_then_preempt)
+    finally:
+        train_module.create_model = original
+    assert find_latest_checkpoint(tmp_path / "run").name == "checkpoint-e0001-s0000000.pt"
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(imagenet_tree, tmp_path):
     from apr.checkpoint import load_model_for_eval
 
@@ -211,3 +288,57 @@ def test_cifar_recipe_trains_and_resumes_exactly(cifar10_folder, tmp_path):
     assert load_checkpoint(find_latest_checkpoint(tmp_path / "a" / "run"))["classes"][0] == "digit_0"
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+RESUME_WORKER = textwrap.dedent("""
+    import hashlib, os, sys, torch
+    sys.path.insert(0, {root!r})
+    from apr.config import load_config
+    from apr import train as T
+    captured = {{}}
+    original = T.create_model
+    def capture(*a, **k):
+        captured["model"] = original(*a, **k)
+        return captured["model"]
+    T.create_model = capture
+    if os.environ["RANK"] == "1":  # this node's (stale) view of the shared run folder: no checkpoint yet
+        T.find_latest_checkpoint = lambda run_dir: None
+    cfg = load_config(overrides={overrides!r})
+    T.train(cfg, resume="auto", progress=False)
+    flat = torch.cat([p.detach().flatten() for p in captured["model"].parameters()])
+    rank = os.environ["RANK"]
+    open(os.path.join({out!r}, f"rank{{rank}}.txt"), "w").write(hashlib.sha256(flat.numpy().tobytes()).hexdigest())
+""")
+
+
+def test_resume_on_another_world_size_with_ranks_that_list_the_folder_differently(imagenet_tree, tmp_path):
+    """1 process preempted mid-epoch, resumed by 2 (torchrun, gloo): rank 0 picks the checkpoint for all
+    (rank 1 sees no checkpoint here), and the schedule follows the new world: 4 steps per epoch and the
+    lr scaled to the new global batch, as if the run had used 2 processes from that epoch on."""
+    overrides = [f"data.root={imagenet_tree}", "data.image_size=32", "data.val_resize=32", "data.num_workers=1",
+                 "model.name=cnn_tiny", "aug.name=apr_p", "train.epochs=2", "train.batch_size=8",
+                 "train.precision=fp32", f"train.output_dir={tmp_path / 'runs'}", "train.run_name=grow",
+                 "optim.lr=0.05", "optim.lr_base_batch=16", "optim.schedule=step", "optim.step_size=1",
+                 "optim.gamma=0.5"]
+
+    def preempt(info):
+        if info["epoch"] == 0 and info["step"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    first = train(load_config(overrides=overrides), progress=False, on_step_end=preempt)
+    assert (first.status, first.epoch, first.step, first.global_step) == ("preempted", 0, 3, 3)
+    script = tmp_path / "worker.py"
+    script.write_text(RESUME_WORKER.format(root=str(ROOT), overrides=overrides, out=str(tmp_path)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master_port=29518", str(script)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "checkpoint was written by 1 processes, now 2" in proc.stderr
+    hashes = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert hashes[0] == hashes[1]
+    state = load_checkpoint(find_latest_checkpoint(tmp_path / "runs" / "grow"))
+    assert state["global_step"] == 8 and len(state["loader_state"]) == 2  # 2 epochs x 64 / (2 x 8)
+    # base lr 0.05 x 16/16 for the new global batch of 16, halved after each of the 2 epochs
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.05 * 0.25)
+    assert state["scheduler"]["last_epoch"] == 8

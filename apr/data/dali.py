@@ -134,7 +134,7 @@ class DaliImageLoader:
     def _build(self, checkpoint: bytes | None = None):
         pipe = image_pipeline(
             self.files, self.labels, **self._kwargs, batch_size=self.batch_size, num_threads=self._num_threads,
-            device_id=self.local_rank if self.device.type == "cuda" else None, seed=self._pipe_seed,
+            device_id=self._device_id(), seed=self._pipe_seed,
             prefetch_queue_depth=self._prefetch, checkpoint=checkpoint)
         try:
             pipe.build()
@@ -143,6 +143,13 @@ class DaliImageLoader:
                 last_batch_policy=LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL)
         except RuntimeError as exc:  # the first batch is decoded when the iterator is created
             raise self._decode_error(exc) from exc
+
+    def _device_id(self) -> int | None:
+        """The GPU DALI decodes on: the training device's own index (accelerate uses local_rank % visible
+        GPUs, so with one visible GPU per process that is 0, not the local rank); None on CPU."""
+        if self.device.type != "cuda":
+            return None
+        return self.device.index if self.device.index is not None else self.local_rank
 
     def __len__(self) -> int:
         return self._len
