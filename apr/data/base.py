@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["mix_seed", "train_shard_size", "epoch_permutation", "eval_shard", "to_device_batch"]
+__all__ = ["mix_seed", "train_shard_size", "epoch_permutation", "eval_shard", "to_device_batch",
+           "check_loader_state"]
 
 
 def mix_seed(*values: int) -> int:
@@ -41,3 +42,15 @@ def to_device_batch(images: torch.Tensor, labels: torch.Tensor, device: torch.de
     labels = labels.reshape(-1).to(device=device, dtype=torch.int64, non_blocking=True)
     images = images.to(device=device, dtype=torch.float32, non_blocking=True)
     return images, labels
+
+
+def check_loader_state(state: dict, backend: str, backend_words: str, identity: dict, advice: str) -> None:
+    """Refuse a saved loader position that belongs to another backend, data set, world or seed.
+
+    ``identity`` maps the keys that must match (num_files, world_size, rank, seed, ...) to this
+    loader's values; a mismatch means the saved position would point at other samples."""
+    if state.get("backend") != backend:
+        raise ValueError(f"loader state is for backend {state.get('backend')!r}, this loader uses {backend_words}")
+    for key, mine in identity.items():
+        if state[key] != mine:
+            raise ValueError(f"loader state has {key}={state[key]} but this loader has {key}={mine}: {advice}")

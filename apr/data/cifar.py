@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .base import epoch_permutation, eval_shard, mix_seed, train_shard_size
+from .base import check_loader_state, epoch_permutation, eval_shard, mix_seed, train_shard_size
 from .layout import DatasetLayoutError
 
 __all__ = ["load_cifar", "load_cifar_c", "TensorBatchLoader", "CIFAR_FOLDERS"]
@@ -212,11 +212,7 @@ class TensorBatchLoader:
                 "world_size": self.world_size, "rank": self.rank, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("backend") != "tensor":
-            raise ValueError(f"loader state is for backend {state.get('backend')!r}, this loader uses in-memory tensors")
-        for key, mine in (("num_files", len(self.images)), ("world_size", self.world_size), ("rank", self.rank),
-                          ("seed", self.seed)):
-            if state[key] != mine:
-                raise ValueError(f"loader state has {key}={state[key]} but this loader has {key}={mine}: "
-                                 "resume with the same data, seed and number of processes")
+        check_loader_state(state, "tensor", "in-memory tensors",
+                           {"num_files": len(self.images), "world_size": self.world_size, "rank": self.rank,
+                            "seed": self.seed}, "resume with the same data, seed and number of processes")
         self.epoch, self._pos, self._started = int(state["epoch"]), int(state["batch"]), True

@@ -33,7 +33,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .base import mix_seed, to_device_batch, train_shard_size
+from .base import check_loader_state, mix_seed, to_device_batch, train_shard_size
 from .layout import ImageDecodeError
 
 try:
@@ -191,12 +191,9 @@ class DaliImageLoader:
                 "world_size": self.world_size, "rank": self.rank, "checkpoint": bytes(self._it.checkpoints()[0])}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("backend") != "dali":
-            raise ValueError(f"loader state is for backend {state.get('backend')!r}, this loader uses dali")
-        for key, mine in (("num_files", len(self.files)), ("world_size", self.world_size), ("rank", self.rank)):
-            if state[key] != mine:
-                raise ValueError(f"loader state has {key}={state[key]} but this loader has {key}={mine}: "
-                                 "resume with the same data and the same number of processes")
+        check_loader_state(state, "dali", "dali",
+                           {"num_files": len(self.files), "world_size": self.world_size, "rank": self.rank},
+                           "resume with the same data and the same number of processes")
         self._it = self._build(bytes(state["checkpoint"]))
         self.epoch, self._pos = int(state["epoch"]), int(state["batch"])
 

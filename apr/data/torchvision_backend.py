@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .base import epoch_permutation, eval_shard, mix_seed, to_device_batch, train_shard_size
+from .base import check_loader_state, epoch_permutation, eval_shard, mix_seed, to_device_batch, train_shard_size
 from .layout import ImageDecodeError
 
 __all__ = ["TorchvisionImageLoader", "build_transform"]
@@ -141,11 +141,7 @@ class TorchvisionImageLoader:
                 "world_size": self.world_size, "rank": self.rank, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("backend") != "torchvision":
-            raise ValueError(f"loader state is for backend {state.get('backend')!r}, this loader uses torchvision")
-        for key, mine in (("num_files", len(self.files)), ("world_size", self.world_size), ("rank", self.rank),
-                          ("seed", self.seed)):
-            if state[key] != mine:
-                raise ValueError(f"loader state has {key}={state[key]} but this loader has {key}={mine}: "
-                                 "resume with the same data, seed and number of processes")
+        check_loader_state(state, "torchvision", "torchvision",
+                           {"num_files": len(self.files), "world_size": self.world_size, "rank": self.rank,
+                            "seed": self.seed}, "resume with the same data, seed and number of processes")
         self.epoch, self._pos, self._started = int(state["epoch"]), int(state["batch"]), True
