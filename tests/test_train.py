@@ -227,7 +227,8 @@ def test_entry_script_help_and_config_errors():
     assert out.returncode == 2 and "unknown config key(s) train.epocs" in out.stderr
 
 
-DDP_WORKER = textwrap.dedent("""
+# a torchrun worker: train() with the model captured, then this rank's weight hash written to <out>/rank<R>.txt
+WORKER = textwrap.dedent("""
     import hashlib, os, sys, torch
     sys.path.insert(0, {root!r})
     from apr.config import load_config
@@ -238,8 +239,9 @@ DDP_WORKER = textwrap.dedent("""
         captured["model"] = original(*a, **k)
         return captured["model"]
     T.create_model = capture
+    {setup}
     cfg = load_config(overrides={overrides!r})
-    T.train(cfg, progress=False)
+    T.train(cfg, resume={resume!r}, progress=False)
     flat = torch.cat([p.detach().flatten() for p in captured["model"].parameters()])
     rank = os.environ["RANK"]
     open(os.path.join({out!r}, f"rank{{rank}}.txt"), "w").write(hashlib.sha256(flat.numpy().tobytes()).hexdigest())
@@ -252,7 +254,7 @@ def test_torchrun_two_cpu_ranks_keep_identical_weights(imagenet_tree, tmp_path):
                  "train.precision=fp32", f"train.output_dir={tmp_path / 'runs'}", "train.run_name=ddp",
                  "optim.lr_base_batch=0"]
     script = tmp_path / "worker.py"
-    script.write_text(DDP_WORKER.format(root=str(ROOT), overrides=overrides, out=str(tmp_path)))
+    script.write_text(WORKER.format(root=str(ROOT), overrides=overrides, out=str(tmp_path), setup="", resume=None))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                            "--master_port=29517", str(script)], capture_output=True, text=True, env=env,
@@ -290,25 +292,6 @@ def test_cifar_recipe_trains_and_resumes_exactly(cifar10_folder, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
 
 
-RESUME_WORKER = textwrap.dedent("""
-    import hashlib, os, sys, torch
-    sys.path.insert(0, {root!r})
-    from apr.config import load_config
-    from apr import train as T
-    captured = {{}}
-    original = T.create_model
-    def capture(*a, **k):
-        captured["model"] = original(*a, **k)
-        return captured["model"]
-    T.create_model = capture
-    if os.environ["RANK"] == "1":  # this node's (stale) view of the shared run folder: no checkpoint yet
-        T.find_latest_checkpoint = lambda run_dir: None
-    cfg = load_config(overrides={overrides!r})
-    T.train(cfg, resume="auto", progress=False)
-    flat = torch.cat([p.detach().flatten() for p in captured["model"].parameters()])
-    rank = os.environ["RANK"]
-    open(os.path.join({out!r}, f"rank{{rank}}.txt"), "w").write(hashlib.sha256(flat.numpy().tobytes()).hexdigest())
-""")
 
 
 def test_resume_on_another_world_size_with_ranks_that_list_the_folder_differently(imagenet_tree, tmp_path):
@@ -328,7 +311,10 @@ def test_resume_on_another_world_size_with_ranks_that_list_the_folder_differentl
     first = train(load_config(overrides=overrides), progress=False, on_step_end=preempt)
     assert (first.status, first.epoch, first.step, first.global_step) == ("preempted", 0, 3, 3)
     script = tmp_path / "worker.py"
-    script.write_text(RESUME_WORKER.format(root=str(ROOT), overrides=overrides, out=str(tmp_path)))
+    # this node's (stale) view of the shared run folder: rank 1 sees no checkpoint yet
+    setup = 'if os.environ["RANK"] == "1": T.find_latest_checkpoint = lambda run_dir: None'
+    script.write_text(WORKER.format(root=str(ROOT), overrides=overrides, out=str(tmp_path), setup=setup,
+                                    resume="auto"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                            "--master_port=29518", str(script)], capture_output=True, text=True, env=env,
