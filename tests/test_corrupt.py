@@ -220,7 +220,8 @@ def test_unreadable_source_files_are_skipped_not_fatal(tmp_path, digits_images):
     good = sorted(src.glob("*/*.JPEG"))
     (src / "n00000000" / "broken.JPEG").write_bytes(good[0].read_bytes()[:300])
     (src / "n00000000" / "page.JPEG").write_text("<html>not an image</html>")
-    summary = make_corrupted_tree(src, tmp_path / "dst", corruptions=["gaussian_noise"], severities=[1],
-                                  resize=None, crop=None, workers=1, progress=False)
+    with pytest.warns(UserWarning, match="skipped 2 unreadable image file"):
+        summary = make_corrupted_tree(src, tmp_path / "dst", corruptions=["gaussian_noise"], severities=[1],
+                                      resize=None, crop=None, workers=1, progress=False)
     assert summary.source_images == 2
     assert sorted(p.name for p in (tmp_path / "dst").rglob("*.JPEG")) == sorted(p.name for p in good)
