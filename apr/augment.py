@@ -559,7 +559,8 @@ class APRPolicy:
     * ``apr_p``  -> ``(x, apr_p(x))``;
     * ``apr_s``  -> ``(x, apr_s(x))``;
     * ``apr_sp`` -> ``(s, apr_p(s))`` with ``s = apr_s(x)`` (the clean image is never seen, as
-      in the reference where APR-S replaced it in the loader).
+      in the reference where APR-S replaced it in the loader); with ``sp_clean_first=True``
+      ``(x, apr_p(s))`` instead: the first half stays clean (not the reference; an option).
     """
 
     name: str = "none"
@@ -567,6 +568,7 @@ class APRPolicy:
     p_per_sample: bool = False
     s_severity: float = 3.0
     dims: str = "chw"
+    sp_clean_first: bool = False
 
     def __post_init__(self):
         if self.name not in POLICY_NAMES:
@@ -587,6 +589,7 @@ class APRPolicy:
             p_per_sample=bool(aug.p_per_sample),
             s_severity=float(aug.s_severity),
             dims=aug.fourier_dims,
+            sp_clean_first=bool(getattr(aug, "sp_clean_first", False)),
         )
 
     @property
@@ -606,4 +609,4 @@ class APRPolicy:
         if self.name == "apr_s":
             return images, apr_s(images, generator, self.s_severity, self.dim)
         s = apr_s(images, generator, self.s_severity, self.dim)
-        return s, apr_p(s, self.p_prob, generator, self.p_per_sample, self.dim)
+        return (images if self.sp_clean_first else s), apr_p(s, self.p_prob, generator, self.p_per_sample, self.dim)

@@ -66,6 +66,7 @@ class AugConfig:
     p_per_sample: bool = False  # APR-P: one coin per image instead of per batch
     s_severity: float = 3.0  # APR-S: op levels drawn uniformly in [0.1, severity]
     fourier_dims: str = "chw"  # chw: one FFT over channels+space (reference) | hw: per channel
+    sp_clean_first: bool = False  # apr_sp: first loss half the clean batch instead of APR-S of it (not the reference)
 
 
 @dataclass

@@ -414,6 +414,11 @@ def test_policy_outputs_mirror_the_reference(digits):
     s = apr_s(x, g)
     assert torch.equal(first, s) and torch.equal(second, apr_p(s, 1.0, g))
     assert not torch.equal(first, x) and not torch.equal(second, first)
+    # the option that keeps the first half clean: same APR-SP second half, clean first half
+    first, second = APRPolicy("apr_sp", p_prob=1.0, sp_clean_first=True)(x, gen())
+    g = gen()
+    assert first is x and torch.equal(second, apr_p(apr_s(x, g), 1.0, g))
+    assert APRPolicy.from_config(AugConfig(name="apr_sp", sp_clean_first=True)).sp_clean_first
 
 
 # ---------------------------------------------------------------------------------------
