@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 __all__ = ["mix_seed", "train_shard_size", "epoch_permutation", "eval_shard", "to_device_batch",
-           "check_loader_state"]
+           "check_loader_state", "SeededPosition"]
 
 
 def mix_seed(*values: int) -> int:
@@ -54,3 +54,28 @@ def check_loader_state(state: dict, backend: str, backend_words: str, identity: 
     for key, mine in identity.items():
         if state[key] != mine:
             raise ValueError(f"loader state has {key}={state[key]} but this loader has {key}={mine}: {advice}")
+
+
+class SeededPosition:
+    """Resume state of a loader whose epoch order is a pure function of (seed, epoch): the position is
+    just (epoch, next batch). Used by the torchvision and the in-memory backends (DALI keeps its own
+    checkpoint bytes). Subclasses set ``STATE_BACKEND``, ``STATE_WORDS`` and ``_num_items()``."""
+
+    STATE_BACKEND = ""
+    STATE_WORDS = ""
+
+    def _num_items(self) -> int:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        epoch, pos = self.epoch, self._pos
+        if pos >= self._len:
+            epoch, pos = epoch + 1, 0
+        return {"backend": self.STATE_BACKEND, "epoch": epoch, "batch": pos, "num_files": self._num_items(),
+                "world_size": self.world_size, "rank": self.rank, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        check_loader_state(state, self.STATE_BACKEND, self.STATE_WORDS,
+                           {"num_files": self._num_items(), "world_size": self.world_size, "rank": self.rank,
+                            "seed": self.seed}, "resume with the same data, seed and number of processes")
+        self.epoch, self._pos, self._started = int(state["epoch"]), int(state["batch"]), True

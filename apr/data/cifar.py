@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .base import check_loader_state, epoch_permutation, eval_shard, mix_seed, train_shard_size
+from .base import SeededPosition, epoch_permutation, eval_shard, mix_seed, train_shard_size
 from .layout import DatasetLayoutError
 
 __all__ = ["load_cifar", "load_cifar_c", "TensorBatchLoader", "CIFAR_FOLDERS"]
@@ -129,13 +129,15 @@ def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Genera
     return padded[b, ch, rows[:, None, :, None], cols[:, None, None, :]]
 
 
-class TensorBatchLoader:
+class TensorBatchLoader(SeededPosition):
     """Batches from in-memory uint8 images (N x H x W x 3): batch contract, sharding, exact resume.
 
     ``train=True``: seeded per-epoch permutation shared by all ranks, split ``rank::world_size``,
     last partial batch dropped, random crop + flip on the device. ``train=False``: the rank's samples
     in order (each sample exactly once over all ranks), last partial batch kept, no augmentation.
     """
+
+    STATE_BACKEND, STATE_WORDS = "tensor", "in-memory tensors"
 
     def __init__(self, images_uint8: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor | Sequence[int],
                  batch_size: int, *, train: bool = False, crop_padding: int = 4, flip: bool = True, seed: int = 0,
@@ -204,15 +206,5 @@ class TensorBatchLoader:
             self._pos += 1
             yield x.float().div_(255.0), self.label_tensor[idx]
 
-    def state_dict(self) -> dict:
-        epoch, pos = self.epoch, self._pos
-        if pos >= self._len:
-            epoch, pos = epoch + 1, 0
-        return {"backend": "tensor", "epoch": epoch, "batch": pos, "num_files": len(self.images),
-                "world_size": self.world_size, "rank": self.rank, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        check_loader_state(state, "tensor", "in-memory tensors",
-                           {"num_files": len(self.images), "world_size": self.world_size, "rank": self.rank,
-                            "seed": self.seed}, "resume with the same data, seed and number of processes")
-        self.epoch, self._pos, self._started = int(state["epoch"]), int(state["batch"]), True
+    def _num_items(self) -> int:
+        return len(self.images)

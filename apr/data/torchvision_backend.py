@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .base import check_loader_state, epoch_permutation, eval_shard, mix_seed, to_device_batch, train_shard_size
+from .base import SeededPosition, epoch_permutation, eval_shard, mix_seed, to_device_batch, train_shard_size
 from .layout import ImageDecodeError
 
 __all__ = ["TorchvisionImageLoader", "build_transform"]
@@ -66,8 +66,10 @@ class _ImageFiles(Dataset):
         return x, self.labels[index]
 
 
-class TorchvisionImageLoader:
+class TorchvisionImageLoader(SeededPosition):
     """Iterable over one epoch of ``(images, labels)`` batches decoded by DataLoader workers."""
+
+    STATE_BACKEND, STATE_WORDS = "torchvision", "torchvision"
 
     def __init__(self, files: Sequence[str], labels: Sequence[int], classes: Sequence[str], *, batch_size: int,
                  train: bool, image_size: int, crop_scale: Sequence[float] = (0.08, 1.0), resize: int | None = None,
@@ -133,15 +135,5 @@ class TorchvisionImageLoader:
             self._pos += 1
             yield to_device_batch(images, labels, self.device)
 
-    def state_dict(self) -> dict:
-        epoch, pos = self.epoch, self._pos
-        if pos >= self._len:
-            epoch, pos = epoch + 1, 0
-        return {"backend": "torchvision", "epoch": epoch, "batch": pos, "num_files": len(self.files),
-                "world_size": self.world_size, "rank": self.rank, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        check_loader_state(state, "torchvision", "torchvision",
-                           {"num_files": len(self.files), "world_size": self.world_size, "rank": self.rank,
-                            "seed": self.seed}, "resume with the same data, seed and number of processes")
-        self.epoch, self._pos, self._started = int(state["epoch"]), int(state["batch"]), True
+    def _num_items(self) -> int:
+        return len(self.files)
