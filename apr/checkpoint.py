@@ -8,6 +8,7 @@ step within the epoch, the loader's position, and every RNG state.
 
 from __future__ import annotations
 
+from apr.errors import UserError
 import random
 import re
 import signal
@@ -38,7 +39,7 @@ CHECKPOINT_FORMAT = "apr.checkpoint/1"
 _NAME = re.compile(r"^checkpoint-e(\d+)-s(\d+)\.pt$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, unreadable, not ours, or does not fit the model."""
 
 

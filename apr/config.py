@@ -7,6 +7,7 @@ typo in a recipe never silently falls back to a default.
 
 from __future__ import annotations
 
+from apr.errors import UserError
 import dataclasses
 import re
 import types
@@ -37,7 +38,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A recipe or override that cannot be used as written."""
 
 

@@ -21,6 +21,7 @@ long-lived so that happens once per worker, and only if that worker has glass_bl
 
 from __future__ import annotations
 
+from apr.errors import UserError
 import argparse
 import hashlib
 import json
@@ -61,7 +62,7 @@ MANIFEST_NAME = "apr_corrupt.json"
 MIN_SIZE = 32  # imagecorruptions refuses anything smaller
 
 
-class CorruptionError(ValueError):
+class CorruptionError(UserError, ValueError):
     """Bad input for corruption generation (missing/empty source, unknown corruption, tiny image...)."""
 
 

@@ -18,6 +18,7 @@ checkpoint hash, dataset and these settings are unchanged, otherwise it warns an
 
 from __future__ import annotations
 
+from apr.errors import UserError
 import datetime as _dt
 import hashlib
 import json
@@ -57,7 +58,7 @@ SCHEMA = "apr.eval/1"
 CellCallback = Callable[[str, int, dict], None]
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
     """An evaluation that cannot run as asked (missing cells, class mismatch, bad options)."""
 
 

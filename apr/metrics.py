@@ -19,6 +19,7 @@ AlexNet numbers are means over severities, so ``sum_s E^AlexNet_{s,c} = n_s * me
 
 from __future__ import annotations
 
+from apr.errors import UserError
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -86,7 +87,7 @@ ALEXNET_ERRORS: dict[str, float] = {
 ALEXNET_CLEAN_ERROR: float = 0.4345
 
 
-class MetricsError(ValueError):
+class MetricsError(UserError, ValueError):
     """Results that cannot give the requested metric (missing cells, impossible values)."""
 
 

@@ -7,6 +7,7 @@ scratch, as in the paper.
 
 from __future__ import annotations
 
+from apr.errors import UserError
 import re
 
 import torch
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 __all__ = ["create_model", "WideResNet", "TinyCNN", "list_local_models", "ModelError"]
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """A model name or shape that cannot be built."""
 
 

@@ -11,6 +11,7 @@ APR-S, APR-SP, DeepAugment + APR-SP, with the run name added where two runs shar
 
 from __future__ import annotations
 
+from apr.errors import UserError
 import argparse
 import json
 import math
@@ -69,7 +70,7 @@ PUBLISHED_MCE: list[tuple[str, float, float | None, str]] = [
 PARTIAL_MARK = "†"  # after a mean that covers only some cells (not "*": markdown emphasis)
 
 
-class ReportError(ValueError):
+class ReportError(UserError, ValueError):
     """Results that cannot go into one report (unreadable file, foreign schema, mixed datasets...)."""
 
 

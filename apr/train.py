@@ -10,6 +10,7 @@ labels is minimised; with ``aug: none`` only the clean batch is used.
 
 from __future__ import annotations
 
+from apr.errors import UserError
 import csv
 import math
 import sys
@@ -41,7 +42,7 @@ PREEMPT_CHECK_EVERY = 10  # steps between cross-rank checks for SIGTERM/SIGUSR1 
 __all__ = ["train", "TrainResult", "TrainingDiverged", "make_lr_lambda", "run_dir_for", "evaluate_top_k"]
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 

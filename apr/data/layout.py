@@ -20,6 +20,7 @@ Corrupt-file policy (a multi-day run must not die on one bad JPEG):
 
 from __future__ import annotations
 
+from apr.errors import UserError
 import argparse
 import os
 import warnings
@@ -44,11 +45,11 @@ _TAIL = 4096
 _SIGNATURES = (b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*", b"P6", b"P5")
 
 
-class DatasetLayoutError(ValueError):
+class DatasetLayoutError(UserError, ValueError):
     """A dataset folder that does not have the expected ``<root>/<class>/<image>`` layout."""
 
 
-class ImageDecodeError(RuntimeError):
+class ImageDecodeError(UserError, RuntimeError):
     """An image file that the decoder could not read (raised only with verification off)."""
 
 

@@ -1,0 +1,13 @@
+"""The project's user-facing error base: a wrong input, not a bug.
+
+Command-line entry points (``apr.cli.run_main``) print a :class:`UserError` as one ``error:`` line
+and exit 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = ["UserError"]
+
+
+class UserError(Exception):
+    """A problem the user can fix (data, config, checkpoint, options); its message names the fix."""
