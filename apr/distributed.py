@@ -1,0 +1,81 @@
+"""The evaluation side's distributed layer, shared by corruption evaluation, OOD scoring and attacks.
+
+Training goes through accelerate; evaluation commands run under plain ``torchrun`` and only need
+the rank, the world size, a device and two collectives (sum counts, gather per-sample scores).
+One process without torchrun is a world of one: every function here is then a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["World", "join_world", "resolve_device", "all_reduce_sum", "all_gather_cat"]
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def join_world(device_hint: str | torch.device | None = None) -> World:
+    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on GPU, gloo on CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return World()
+    if not dist.is_initialized():
+        wants_cuda = torch.cuda.is_available() and (device_hint is None or torch.device(device_hint).type == "cuda")
+        dist.init_process_group(backend="nccl" if wants_cuda else "gloo")
+    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(device: str | torch.device | None, world: World = World()) -> torch.device:
+    """``device`` (default: this rank's GPU, else the CPU); a bare ``cuda`` becomes this rank's GPU."""
+    if device is None:
+        return torch.device(f"cuda:{world.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device(f"cuda:{world.local_rank}")
+    return device
+
+
+def _collective_device(tensor: torch.Tensor) -> torch.device:
+    return tensor.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_reduce_sum(values: torch.Tensor, world: World) -> torch.Tensor:
+    """Element-wise sum over ranks (float64 keeps integer counts exact up to 2**53)."""
+    if not world.active:
+        return values
+    flat = values.to(_collective_device(values), dtype=torch.float64)
+    dist.all_reduce(flat)
+    return flat.to(values.device)
+
+
+def all_gather_cat(values: torch.Tensor, world: World) -> torch.Tensor:
+    """Concatenation over ranks (rank order) of 1-D tensors of possibly different lengths."""
+    if not world.active:
+        return values
+    device = _collective_device(values)
+    local = values.reshape(-1).to(device)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world.world_size)]
+    dist.all_gather(sizes, torch.tensor([local.numel()], dtype=torch.int64, device=device))
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, dtype=local.dtype, device=device)
+    padded[: local.numel()] = local
+    parts = [torch.empty_like(padded) for _ in range(world.world_size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)]).to(values.device)
