@@ -15,7 +15,14 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-__all__ = ["atomic_open", "atomic_write_text", "atomic_write_json"]
+__all__ = ["atomic_open", "atomic_write_text", "atomic_write_json", "current_umask"]
+
+
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it: POSIX has no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -27,6 +34,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", fsync: bool = True) -
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates 0600 files; give the result the mode open() would (0666 less the umask)
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()

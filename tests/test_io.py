@@ -29,3 +29,20 @@ def test_only_whole_file_modes():
     with pytest.raises(ValueError, match="mode 'w' or 'wb'"):
         with atomic_open("x", "a"):
             pass
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_written_files_honour_the_umask_like_open(tmp_path, umask):
+    import os
+    import stat
+
+    previous = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "atomic.txt", "x")
+        with open(tmp_path / "plain.txt", "w") as f:
+            f.write("x")
+    finally:
+        os.umask(previous)
+    mode = stat.S_IMODE((tmp_path / "atomic.txt").stat().st_mode)
+    assert mode == 0o666 & ~umask  # e.g. 0o644 under umask 022, not mkstemp's 0o600
+    assert mode == stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
