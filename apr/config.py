@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from apr.errors import UserError
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -105,6 +106,7 @@ class TrainConfig:
     max_steps_per_epoch: int = 0  # >0 truncates each epoch (smoke runs, benchmarks)
     output_dir: str = "runs"
     run_name: str = ""  # "" -> derived from model and aug
+    num_threads: int = 0  # torch CPU threads per process; 0: the cores of this process / local processes - loader threads
 
 
 @dataclass
@@ -124,6 +126,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def validate(self) -> "Config":
+        _check_finite(self, "")
         _choice("data.dataset", self.data.dataset, ("imagefolder", "cifar10", "cifar100"))
         _choice("data.backend", self.data.backend, ("dali", "torchvision"))
         _choice("aug.name", self.aug.name, ("none", "apr_p", "apr_s", "apr_sp"))
@@ -154,7 +157,7 @@ class Config:
             ("checkpoint.every_steps", self.checkpoint.every_steps, 0),
             ("checkpoint.keep_last", self.checkpoint.keep_last, 1), ("model.num_classes", self.model.num_classes, 0),
             ("data.num_workers", self.data.num_workers, 0), ("data.crop_padding", self.data.crop_padding, 0),
-            ("data.val_resize", self.data.val_resize, 0),
+            ("data.val_resize", self.data.val_resize, 0), ("train.num_threads", self.train.num_threads, 0),
         ):
             if value < low:
                 raise ConfigError(f"{key} must be >= {low}, got {value}")
@@ -167,6 +170,19 @@ class Config:
         if not all(s > 0 for s in self.data.std):
             raise ConfigError(f"data.std must be positive (images are divided by it), got {self.data.std}")
         return self
+
+
+def _check_finite(node: Any, prefix: str) -> None:
+    """Refuse NaN and infinities anywhere (``--set optim.lr=.nan``): every comparison with NaN is
+    False, so a range check alone lets it through and the run dies later with a NaN loss."""
+    if dataclasses.is_dataclass(node):
+        for f in fields(node):
+            _check_finite(getattr(node, f.name), f"{prefix}{f.name}" if not prefix else f"{prefix}.{f.name}")
+    elif isinstance(node, (list, tuple)):
+        for i, item in enumerate(node):
+            _check_finite(item, f"{prefix}[{i}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"{prefix} must be a finite number, got {node}")
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -261,6 +277,22 @@ def config_to_dict(config: Config) -> dict:
     return asdict(config)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key written twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                source = key_node.start_mark.name
+                where = f"{source}: " if source and not str(source).startswith("<") else ""
+                raise ConfigError(f"{where}duplicate key {key!r} on lines {seen[key]} and {line}; keep one of them")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _parse_value(text: str) -> Any:
     # YAML scalars: 5 -> int, 0.1 -> float, true -> bool, [1, 2] -> list, abc -> str
     return yaml.safe_load(text) if text.strip() else ""
@@ -291,13 +323,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            data = yaml.load(f, Loader=_UniqueKeyLoader) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a recipe must be a YAML mapping of sections")
     return config_from_dict(apply_overrides(data, overrides or []))
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        yaml.safe_dump(config_to_dict(config), f, sort_keys=False)
+    from apr.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))

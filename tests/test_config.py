@@ -1,5 +1,6 @@
 """Config: YAML recipes -> typed dataclasses, overrides, and errors that name the key."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,36 @@ def test_exponent_numbers_without_a_dot_are_numbers(tmp_path):
         load_config(overrides=["optim.weight_decay=-5e-4"])
     with pytest.raises(ConfigError, match="optim.lr must be a number"):
         load_config(overrides=["optim.lr=1e-4x"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.lr=.nan", "optim.lr"), ("optim.lr=.inf", "optim.lr"), ("optim.momentum=.nan", "optim.momentum"),
+    ("optim.gamma=.inf", "optim.gamma"), ("data.mean=[0.5, .nan, 0.5]", "data.mean[1]"),
+    ("aug.s_severity=.inf", "aug.s_severity"), ("optim.weight_decay=-.inf", "optim.weight_decay"),
+])
+def test_non_finite_numbers_are_refused_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=f"{re.escape(key)} must be a finite number"):
+        load_config(overrides=[override])
+
+
+def test_duplicate_recipe_key_is_refused_with_both_lines(tmp_path):
+    (tmp_path / "r.yaml").write_text("optim:\n  lr: 0.1\n  momentum: 0.9\n  lr: 0.4\ntrain:\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'lr' on lines 2 and 4"):
+        load_config(tmp_path / "r.yaml")
+    (tmp_path / "s.yaml").write_text("train:\n  epochs: 3\noptim:\n  lr: 0.1\ntrain:\n  seed: 1\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'train' on lines 1 and 5"):
+        load_config(tmp_path / "s.yaml")
+
+
+def test_cifar_recipes_scale_lr_with_the_global_batch():
+    """One process keeps the reference lr (0.1 at batch 128); two double the batch and so the lr."""
+    for recipe in sorted((Path(__file__).resolve().parents[1] / "configs" / "cifar").glob("*.yaml")):
+        cfg = load_config(recipe)
+        assert cfg.optim.lr_base_batch == cfg.train.batch_size == 128, recipe.name
+
+
+def test_num_threads_is_a_non_negative_train_key():
+    assert load_config().train.num_threads == 0
+    assert load_config(overrides=["train.num_threads=3"]).train.num_threads == 3
+    with pytest.raises(ConfigError, match="train.num_threads must be >= 0"):
+        load_config(overrides=["train.num_threads=-1"])
