@@ -8,12 +8,18 @@ step within the epoch, the loader's position, and every RNG state.
 
 from __future__ import annotations
 
-from apr.errors import UserError
+import fcntl
+import os
 import random
 import re
 import signal
+import socket
+import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+from apr.errors import UserError
 
 import numpy as np
 import torch
@@ -33,6 +39,14 @@ __all__ = [
     "find_latest_checkpoint",
     "checkpoint_position",
     "PreemptionFlag",
+    "TrainingDiverged",
+    "RunFolderBusy",
+    "RunLock",
+    "weights_are_finite",
+    "diverged",
+    "clean_stale_temp_files",
+    "resolve_resume",
+    "on_rank0",
 ]
 
 CHECKPOINT_FORMAT = "apr.checkpoint/1"
@@ -41,6 +55,28 @@ _NAME = re.compile(r"^checkpoint-e(\d+)-s(\d+)\.pt$")
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, unreadable, not ours, or does not fit the model."""
+
+
+class TrainingDiverged(UserError, RuntimeError):
+    """The loss or the weights became NaN or infinite; no such weights are ever saved."""
+
+
+class RunFolderBusy(CheckpointError):
+    """Another process (named in the message) is training in this run folder."""
+
+
+def weights_are_finite(state_dict: dict) -> bool:
+    """True when every floating-point tensor of ``state_dict`` is free of NaN and infinities."""
+    return all(bool(torch.isfinite(t).all()) for t in state_dict.values()
+               if isinstance(t, torch.Tensor) and t.is_floating_point())
+
+
+def diverged(run_dir: str | Path, what: str) -> TrainingDiverged:
+    """The error for a diverged run, naming the checkpoint that is good (every saved one is) or saying none is."""
+    latest = find_latest_checkpoint(run_dir)
+    kept = (f"the last good checkpoint is {latest} (what --resume auto continues from)"
+            if latest is not None else f"no checkpoint was saved in {run_dir} before it")
+    return TrainingDiverged(f"{what}; {kept}; lower optim.lr or check the data")
 
 
 def save_checkpoint(state: dict, path: str | Path) -> Path:
@@ -192,6 +228,9 @@ class CheckpointManager:
 
         The saved ``best_metric`` includes this save's ``metric``: a run resumed from this file must
         not let a later, worse epoch overwrite ``best.pt``."""
+        if not weights_are_finite(state["model"]):  # never let NaN weights replace (or prune) good ones
+            raise diverged(self.run_dir, f"the weights became non-finite by epoch {epoch + 1}, step {step}; "
+                                         "they were not saved")
         is_best = self.keep_best and metric is not None and (self.best_metric is None or metric < self.best_metric)
         if is_best:
             self.best_metric = metric
@@ -240,3 +279,128 @@ class PreemptionFlag:
     @property
     def is_set(self) -> bool:
         return self.received is not None
+
+
+# ---------------------------------------------------------------------------------------
+# one run per folder: the lock, stale temporary files, which checkpoint to resume from
+
+
+class RunLock:
+    """Exclusive ``flock`` on ``<run_dir>/.run.lock`` for the life of a run, with the holder's pid and host.
+
+    The kernel drops the lock when the process exits, however it exits (crash, SIGKILL), so a stale
+    lock file never blocks the next run. ``acquire`` is explicit (rank 0 only, inside :func:`on_rank0`);
+    leaving the ``with`` block releases it.
+    """
+
+    NAME = ".run.lock"
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / self.NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "a process that has not written its pid yet"
+            os.close(fd)
+            raise RunFolderBusy(
+                f"{self.path.parent} is in use by another training run ({holder}): wait for it to end, stop it, "
+                "or choose another train.run_name") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}, since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def clean_stale_temp_files(run_dir: str | Path) -> list[Path]:
+    """Remove half-written ``.checkpoint-*.tmp`` / ``.best.pt.*.tmp`` files a killed run left behind.
+
+    Call it only while holding the run's :class:`RunLock`: then no other process is writing them."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    stale = [p for p in run_dir.iterdir() if p.name.endswith(".tmp")
+             and (p.name.startswith(".checkpoint-") or p.name.startswith(".best.pt."))]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def _newest_readable(run_dir: Path) -> Path | None:
+    """The newest checkpoint that loads; unreadable newer ones are renamed ``*.corrupt`` (out of the
+    sequence, so the resumed run's saves are not pruned in their favour) and reported."""
+    while (latest := find_latest_checkpoint(run_dir)) is not None:
+        try:
+            load_checkpoint(latest)
+            return latest
+        except CheckpointError as exc:
+            aside = latest.with_name(latest.name + ".corrupt")
+            latest.rename(aside)
+            print(f"--resume auto: {exc}; moved it to {aside.name} and falling back to the previous checkpoint",
+                  file=sys.stderr)
+    return None
+
+
+def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
+    """The checkpoint to continue from. Refuses to mix two runs in one folder: a fresh start, or an
+    explicit older checkpoint, next to newer checkpoints would see its own saves pruned at once by
+    ``keep_last`` (they sort older), and ``--resume auto`` would later return to the other run."""
+    run_dir = Path(run_dir)
+    latest = find_latest_checkpoint(run_dir)
+    if not resume:
+        if latest is not None:
+            raise CheckpointError(
+                f"{run_dir} already holds checkpoints (newest {latest.name}): continue that run with --resume auto, "
+                "or start a new one with another train.run_name or train.output_dir")
+        return None
+    if resume == "auto":
+        return _newest_readable(run_dir)
+    path = Path(resume)
+    if not path.is_file():
+        raise CheckpointError(f"--resume {resume}: no such checkpoint file")
+    if latest is not None and latest.resolve() != path.resolve():
+        position = checkpoint_position(path)
+        if position is None:  # best.pt or a renamed file: its position is inside
+            state = load_checkpoint(path)
+            position = (int(state.get("epoch", 0)), int(state.get("step", 0)))
+        if checkpoint_position(latest) > position:
+            raise CheckpointError(
+                f"--resume {resume} is at epoch {position[0]}, step {position[1]}, but {run_dir} holds the newer "
+                f"{latest.name}: the resumed run's checkpoints would be pruned as older ones and --resume auto "
+                "would return to the newer file; move the newer checkpoints away or set another train.run_name")
+    return path
+
+
+def on_rank0(fn: Callable, world_size: int, is_main: bool):
+    """``fn()`` evaluated on rank 0 and broadcast (result or CheckpointError) to every rank: the nodes of a
+    job may list a shared run folder differently (NFS caching), and ranks that resume from different
+    checkpoints run different step counts (DDP deadlock) or silently train different weights."""
+    if world_size == 1:
+        return fn()
+    box: list = [None]
+    if is_main:
+        try:
+            box[0] = ("ok", fn())
+        except CheckpointError as exc:
+            box[0] = ("error", exc)
+    torch.distributed.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value

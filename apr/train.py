@@ -1,7 +1,8 @@
 """The training loop: APR on the device, CE on the clean and the recombined batch, exact resume.
 
-Read ``train()`` top to bottom: it builds the pieces, then runs the plain loop of
-torchvision's classification reference. Everything else here is a small helper it calls.
+Read ``train()`` top to bottom: it claims the run folder, builds a :class:`Run` (loaders, model,
+optimizer, schedule), restores a checkpoint if asked, then calls :func:`run_epoch` per epoch.
+One optimizer step is :func:`train_step`; everything else is a small helper.
 
 Loss, as in the reference (iCGY96/APR core/train.py): the clean batch and the APR batch are
 concatenated into one forward pass and ``CE(first half) + CE(second half)`` with the same
@@ -10,40 +11,43 @@ labels is minimised; with ``aug: none`` only the clean batch is used.
 
 from __future__ import annotations
 
-from apr.errors import UserError
+import contextlib
 import csv
-import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
 from apr.augment import APRPolicy
 from apr.checkpoint import (
-    CheckpointError,
     CheckpointManager,
     PreemptionFlag,
+    RunLock,
+    TrainingDiverged,
     capture_rng_state,
     check_model_compatible,
-    checkpoint_position,
-    find_latest_checkpoint,
+    clean_stale_temp_files,
+    diverged,
     load_checkpoint,
+    on_rank0,
+    resolve_resume,
     restore_rng_state,
+    weights_are_finite,
 )
 from apr.config import Config, config_to_dict, save_config
+from apr.inference import ImageClassifier, predict_batches
 from apr.models import create_model
+from apr.optim import build_optimizer, build_scheduler, make_lr_lambda, scaled_lr
 
 PREEMPT_CHECK_EVERY = 10  # steps between cross-rank checks for SIGTERM/SIGUSR1 (slurm warns 120 s ahead)
 
-__all__ = ["train", "TrainResult", "TrainingDiverged", "make_lr_lambda", "run_dir_for", "evaluate_top_k"]
-
-
-class TrainingDiverged(UserError, RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+__all__ = ["train", "train_step", "run_epoch", "apr_inputs", "apr_loss", "TrainResult", "TrainingDiverged",
+           "RunLog", "LossMeter", "make_lr_lambda", "run_dir_for", "evaluate_top_k", "resolve_num_threads"]
 
 
 @dataclass
@@ -59,6 +63,45 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------------------
+# one step
+
+
+def apr_inputs(images: torch.Tensor, policy: APRPolicy, generator: torch.Generator) -> torch.Tensor:
+    """The batch of the one forward pass: ``images`` alone (aug none) or (first ‖ APR second)."""
+    first, second = policy(images, generator=generator)
+    return first if second is None else torch.cat([first, second])
+
+
+def apr_loss(model, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``CE(first half) + CE(second half)``, both halves with ``labels`` (one half: plain CE)."""
+    logits = model(inputs)
+    n = len(labels)
+    loss = F.cross_entropy(logits[:n], labels)
+    if len(logits) > n:
+        loss = loss + F.cross_entropy(logits[n:], labels)
+    return loss
+
+
+def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, *, policy: APRPolicy,
+               generator: torch.Generator, backward: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """One optimizer step on ``images`` ([0, 1], on the device); returns the detached loss.
+
+    ``model`` is an :class:`~apr.inference.ImageClassifier` (possibly DDP-wrapped): normalisation and
+    precision happen inside it. The scheduler is the caller's. A batch perturbation (FGSM, stage 2)
+    slots in between :func:`apr_inputs` and :func:`apr_loss`, reusing the latter for its gradient.
+    """
+    inputs = apr_inputs(images, policy, generator)
+    loss = apr_loss(model, inputs, labels)
+    optimizer.zero_grad(set_to_none=True)
+    if backward is None:
+        loss.backward()
+    else:
+        backward(loss)
+    optimizer.step()
+    return loss.detach()
+
+
+# ---------------------------------------------------------------------------------------
 # small pieces the loop composes
 
 
@@ -67,55 +110,46 @@ def run_dir_for(cfg: Config) -> Path:
     return Path(cfg.train.output_dir) / name
 
 
-def make_lr_lambda(cfg: Config, steps_per_epoch: int) -> Callable[[int], float]:
-    """Multiplier of the base lr as a function of the optimizer step (warmup, then the schedule)."""
-    o, epochs = cfg.optim, cfg.train.epochs
-    warmup_steps = o.warmup_epochs * steps_per_epoch
-
-    def factor(step: int) -> float:
-        if warmup_steps > 0 and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        epoch = step / steps_per_epoch  # fractional epoch; decays happen at whole epochs
-        if o.schedule == "constant":
-            return 1.0
-        if o.schedule == "step":
-            return o.gamma ** int(epoch // o.step_size)
-        if o.schedule == "multistep":
-            return o.gamma ** sum(int(epoch) >= m for m in o.milestones)
-        progress = (step - warmup_steps) / max(1.0, epochs * steps_per_epoch - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # cosine
-
-    return factor
+def resolve_num_threads(cfg: Config) -> int:
+    """``train.num_threads``, or for 0 the cores this process may use (its CPU affinity) shared by the
+    processes of this node (``LOCAL_WORLD_SIZE``), less the loader's threads, at least 1: torch's default
+    (every core in every process) oversubscribes the CPU under torchrun and starves the loader."""
+    if cfg.train.num_threads > 0:
+        return cfg.train.num_threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, cores // local_processes - cfg.data.num_workers)
 
 
-def _normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    images = (images - mean) / std
-    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+@contextlib.contextmanager
+def _cpu_threads(count: int) -> Iterator[int]:
+    """torch's intra-op threads set to ``count`` for the run, restored after (tests share a process)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield count
+    finally:
+        torch.set_num_threads(previous)
 
 
-@torch.inference_mode()
-def evaluate_top_k(model, loader, mean, std, accelerator, channels_last=True) -> tuple[float, float, int]:
+def evaluate_top_k(classifier, loader, accelerator) -> tuple[float, float, int]:
     """Top-1 / top-5 error over a loader; counts are summed over ranks (no sample twice)."""
-    model.eval()
     counts = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
-    for images, labels in loader:
-        with accelerator.autocast():
-            logits = model(_normalize(images, mean, std, channels_last))
-        k = min(5, logits.shape[1])
-        top = logits.float().topk(k, dim=1).indices
+    for logits, labels in predict_batches(classifier, loader):
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         counts[0] += (top[:, 0] == labels).sum()
         counts[1] += (top == labels[:, None]).any(dim=1).sum()
         counts[2] += labels.numel()
     counts = accelerator.reduce(counts, reduction="sum") if accelerator.num_processes > 1 else counts
     total = max(1.0, counts[2].item())
-    model.train()
     return 1.0 - counts[0].item() / total, 1.0 - counts[1].item() / total, int(counts[2].item())
 
 
-def _make_accelerator(cfg: Config):
+def _make_accelerator():
+    """DDP plumbing only: precision lives in ImageClassifier (the one autocast path)."""
     from accelerate import Accelerator
 
-    return Accelerator(mixed_precision="bf16" if cfg.train.precision == "bf16" else "no", cpu=not torch.cuda.is_available())
+    return Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available())
 
 
 def _setup_determinism(cfg: Config, rank: int) -> None:
@@ -129,73 +163,25 @@ def _setup_determinism(cfg: Config, rank: int) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def _resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
-    """The checkpoint to continue from. Refuses to mix two runs in one folder: a fresh start, or an
-    explicit older checkpoint, next to newer checkpoints would see its own saves pruned at once by
-    ``keep_last`` (they sort older), and ``--resume auto`` would later return to the other run."""
-    latest = find_latest_checkpoint(run_dir)
-    if not resume:
-        if latest is not None:
-            raise CheckpointError(
-                f"{run_dir} already holds checkpoints (newest {latest.name}): continue that run with --resume auto, "
-                "or start a new one with another train.run_name or train.output_dir")
-        return None
-    if resume == "auto":
-        return latest
-    path = Path(resume)
-    if not path.is_file():
-        raise CheckpointError(f"--resume {resume}: no such checkpoint file")
-    if latest is not None and latest.resolve() != path.resolve():
-        position = checkpoint_position(path)
-        if position is None:  # best.pt or a renamed file: its position is inside
-            state = load_checkpoint(path)
-            position = (int(state.get("epoch", 0)), int(state.get("step", 0)))
-        if checkpoint_position(latest) > position:
-            raise CheckpointError(
-                f"--resume {resume} is at epoch {position[0]}, step {position[1]}, but {run_dir} holds the newer "
-                f"{latest.name}: the resumed run's checkpoints would be pruned as older ones and --resume auto "
-                "would return to the newer file; move the newer checkpoints away or set another train.run_name")
-    return path
-
-
-def _on_rank0(fn: Callable, world: int, is_main: bool):
-    """``fn()`` evaluated on rank 0 and broadcast (result or CheckpointError) to every rank: the nodes of a
-    job may list a shared run folder differently (NFS caching), and ranks that resume from different
-    checkpoints run different step counts (DDP deadlock) or silently train different weights."""
-    if world == 1:
-        return fn()
-    box = [None]
-    if is_main:
-        try:
-            box[0] = ("ok", fn())
-        except CheckpointError as exc:
-            box[0] = ("error", str(exc))
-    torch.distributed.broadcast_object_list(box, src=0)
-    kind, value = box[0]
-    if kind == "error":
-        raise CheckpointError(value)
-    return value
-
-
-class _CsvLog:
-    """Append-only CSV of training metrics (rank 0), surviving resumes."""
+class RunLog:
+    """Append-only ``metrics.csv`` (rank 0) surviving resumes, mirrored to TensorBoard when installed."""
 
     COLUMNS = ["time", "epoch", "step", "global_step", "lr", "loss", "images_per_s",
                "val_top1_error", "val_top5_error"]
 
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
-        if enabled and not path.exists():
-            with open(path, "w", newline="") as f:
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.path, self.enabled, self.tensorboard = run_dir / "metrics.csv", enabled, None
+        if not enabled:
+            return
+        if not self.path.exists():
+            with open(self.path, "w", newline="") as f:
                 csv.writer(f).writerow(self.COLUMNS)
-        self.tensorboard = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        try:
+            from torch.utils.tensorboard import SummaryWriter
 
-                self.tensorboard = SummaryWriter(str(path.parent / "tensorboard"))
-            except Exception:  # tensorboard is optional
-                self.tensorboard = None
+            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+        except Exception:  # tensorboard is optional
+            self.tensorboard = None
 
     def write(self, **row) -> None:
         if not self.enabled:
@@ -208,35 +194,87 @@ class _CsvLog:
                 if row.get(key) not in (None, ""):
                     self.tensorboard.add_scalar(key, float(row[key]), row["global_step"])
 
-
-def _progress(total: int, initial: int, epoch: int, epochs: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}/{epochs}", unit="batch",
-                disable=not enabled, dynamic_ncols=True, file=sys.stderr)
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
-# ---------------------------------------------------------------------------------------
-# the loop
+class LossMeter:
+    """Sum of this epoch's losses on the device (no host sync per step), the steps summed, and
+    whether any was non-finite; saved in checkpoints so a mid-epoch resume logs the true mean."""
+
+    def __init__(self, device, state: dict | None = None):
+        state = state or {"sum": 0.0, "steps": 0}
+        self.sum = torch.tensor(float(state["sum"]), device=device)
+        self.steps = int(state["steps"])
+        self.bad = torch.zeros((), dtype=torch.bool, device=device)
+        self.images_per_s = 0.0  # this session's throughput, set at the epoch end
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.sum += loss
+        self.steps += 1
+        self.bad |= ~torch.isfinite(loss)
+
+    def mean(self) -> float:
+        return self.sum.item() / max(1, self.steps)
+
+    def state_dict(self) -> dict:
+        return {"sum": self.sum.item(), "steps": self.steps}
 
 
-def train(cfg: Config, resume: str | None = None, accelerator=None, progress: bool = True,
-          on_step_end: Callable[[dict], None] | None = None) -> TrainResult:
-    """Train ``cfg`` to the end (or until preempted); ``resume`` = checkpoint path or ``"auto"``."""
+@dataclass
+class Run:
+    """What :func:`train` builds once and :func:`run_epoch` uses."""
+
+    cfg: Config
+    run_dir: Path
+    accelerator: object
+    train_loader: object
+    val_loader: object
+    classes: list[str]
+    steps_per_epoch: int
+    bare_model: torch.nn.Module  # what checkpoints store: the model's own state_dict
+    classifier: torch.nn.Module  # ImageClassifier, DDP-wrapped / compiled as prepared
+    optimizer: torch.optim.Optimizer
+    raw_optimizer: torch.optim.Optimizer  # the SGD object itself, which the scheduler is built on
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    base_lr: float
+    policy: APRPolicy
+    generator: torch.Generator  # CPU: APR's per-sample choices are drawn on the host, no GPU sync per batch
+    checkpoints: CheckpointManager
+    log: RunLog
+    progress: bool = True
+    on_step_end: Callable[[dict], None] | None = None
+    global_step: int = 0
+    history: list[dict] = field(default_factory=list)
+    preempt: PreemptionFlag | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+
+def build_run(cfg: Config, accelerator, run_dir: Path, progress: bool, on_step_end) -> Run:
+    """Loaders, model behind its ImageClassifier, optimizer with the batch-scaled lr, schedule, policy."""
     from apr.data import build_train_loader, build_val_loader
 
-    accelerator = accelerator or _make_accelerator(cfg)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    is_main = accelerator.is_main_process
-    device = accelerator.device
-    _setup_determinism(cfg, rank)
-    run_dir = run_dir_for(cfg)
-
-    # data
-    train_loader = build_train_loader(cfg, rank=rank, world_size=world, local_rank=accelerator.local_process_index,
-                                      device=device, seed=cfg.train.seed)
+    rank, world, local = accelerator.process_index, accelerator.num_processes, accelerator.local_process_index
+    train_loader = build_train_loader(cfg, rank=rank, world_size=world, local_rank=local,
+                                      device=accelerator.device, seed=cfg.train.seed)
     val_loader = build_val_loader(cfg, classes=train_loader.classes, rank=rank, world_size=world,
-                                  local_rank=accelerator.local_process_index, device=device)
+                                  local_rank=local, device=accelerator.device)
     classes = list(train_loader.classes)
     num_classes = cfg.model.num_classes or len(classes)
     if num_classes != len(classes):
@@ -247,179 +285,241 @@ def train(cfg: Config, resume: str | None = None, accelerator=None, progress: bo
     if steps_per_epoch < 1:
         raise ValueError(
             f"the training set gives no full batch per process: {train_loader.num_samples} samples on this rank, "
-            f"batch size {cfg.train.batch_size}; lower train.batch_size"
-        )
-
-    # model, optimizer, schedule
+            f"batch size {cfg.train.batch_size}; lower train.batch_size")
     model = create_model(cfg.model.name, num_classes, drop_rate=cfg.model.drop_rate)
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    global_batch = cfg.train.batch_size * world
-    base_lr = cfg.optim.lr * (global_batch / cfg.optim.lr_base_batch if cfg.optim.lr_base_batch > 0 else 1.0)
-    optimizer = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=cfg.optim.momentum,
-                                nesterov=cfg.optim.nesterov, weight_decay=cfg.optim.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, make_lr_lambda(cfg, steps_per_epoch))
-    raw_model = model
-    model, optimizer = accelerator.prepare(model, optimizer)
+    classifier = ImageClassifier(model, cfg.data.mean, cfg.data.std, precision=cfg.train.precision,
+                                 channels_last=cfg.model.channels_last)
+    base_lr = scaled_lr(cfg, world)
+    raw_optimizer = build_optimizer(model.parameters(), cfg, base_lr)
+    scheduler = build_scheduler(raw_optimizer, cfg, steps_per_epoch, base_lr)
+    prepared, optimizer = accelerator.prepare(classifier, raw_optimizer)
     if cfg.model.compile:
-        model = torch.compile(model)
-    policy = APRPolicy.from_config(cfg.aug)
-    # a CPU generator: APR's per-sample choices are drawn on the host, so no GPU sync per batch
-    aug_generator = torch.Generator()
-    aug_generator.manual_seed(cfg.train.seed * 1000 + rank)
-    mean = torch.tensor(cfg.data.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.data.std, device=device).view(1, 3, 1, 1)
+        prepared = torch.compile(prepared)
+    generator = torch.Generator()
+    generator.manual_seed(cfg.train.seed * 1000 + rank)
+    return Run(cfg, run_dir, accelerator, train_loader, val_loader, classes, steps_per_epoch, model, prepared,
+               optimizer, raw_optimizer, scheduler, base_lr, APRPolicy.from_config(cfg.aug), generator,
+               CheckpointManager(run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best),
+               RunLog(run_dir, enabled=False), progress, on_step_end)
 
-    # resume
-    manager = CheckpointManager(run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best)
-    start_epoch, start_step, global_step, history = 0, 0, 0, []
-    resume_path = _on_rank0(lambda: _resolve_resume(resume, run_dir), world, is_main)
-    loader_state = None
-    if resume_path is not None:
-        state = load_checkpoint(resume_path, map_location="cpu")
-        check_model_compatible(state, raw_model, source=f"checkpoint {resume_path}")
-        raw_model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, start_step, global_step = state["epoch"], state["step"], state["global_step"]
-        history = list(state.get("history", []))
-        manager.best_metric = state.get("best_metric")
-        loader_state = state.get("loader_state", [None] * world)
-        if len(loader_state) == world:
-            restore_rng_state(state["rng"][rank])
-            aug_generator.set_state(state["aug_generator"][rank].cpu())
-        else:  # world size changed: the interrupted epoch restarts from its start, with this world's schedule
-            # steps per epoch and the scaled lr depend on the world size: a step count or base lr carried
-            # over from the old world would put every later warmup/decay at the wrong epoch
-            loader_state, start_step, global_step = None, 0, start_epoch * steps_per_epoch
-            scheduler.base_lrs = [base_lr for _ in optimizer.param_groups]
-            scheduler.last_epoch = global_step
-            lr_now = base_lr * make_lr_lambda(cfg, steps_per_epoch)(global_step)
-            for group in optimizer.param_groups:
-                group["initial_lr"], group["lr"] = base_lr, lr_now
-            scheduler._last_lr = [lr_now for _ in optimizer.param_groups]
-            if is_main:
-                print(f"checkpoint was written by {len(state['loader_state'])} processes, now {world}: "
-                      "the interrupted epoch restarts from its first batch", file=sys.stderr)
-        if is_main:
-            print(f"resumed from {resume_path} at epoch {start_epoch + 1}, step {start_step}", file=sys.stderr)
-    elif resume == "auto" and is_main:
-        print(f"--resume auto: no checkpoint in {run_dir}, starting fresh", file=sys.stderr)
 
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        print(f"run folder: {run_dir}\n{world} process(es), global batch {global_batch}, base lr {base_lr:g}, "
-              f"{len(classes)} classes, {steps_per_epoch} steps/epoch, aug {cfg.aug.name}", file=sys.stderr)
-    log = _CsvLog(run_dir / "metrics.csv", enabled=is_main)
+# ---------------------------------------------------------------------------------------
+# resume
 
-    def gather(obj):
-        """Per-rank objects (RNG, loader positions) collected on every rank, in rank order."""
-        if world == 1:
-            return [obj]
-        out = [None] * world
-        torch.distributed.all_gather_object(out, obj)
-        return out
 
-    def save(epoch: int, step: int, metric: float | None = None) -> None:
-        rng, gen, pos = gather(capture_rng_state()), gather(aug_generator.get_state()), gather(
-            train_loader.state_dict())
-        if is_main:
-            manager.save({
-                "model": raw_model.state_dict(), "model_name": cfg.model.name, "num_classes": num_classes,
-                "classes": classes, "config": config_to_dict(cfg), "epoch": epoch, "step": step,
-                "global_step": global_step, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": rng, "aug_generator": gen, "loader_state": pos,
-                "history": history, "best_metric": manager.best_metric,
-                "metrics": history[-1] if history else {},
-            }, epoch, step, metric)
-        accelerator.wait_for_everyone()
+@dataclass
+class ResumePoint:
+    """Where the loop starts: epoch in progress, batches of it done, and what this rank restores."""
 
-    def stop_requested(flag: PreemptionFlag, force_check: bool = False) -> bool:
-        """True on every rank once any rank got the signal. One process: a flag read, no sync.
-        Several: an all-reduce every PREEMPT_CHECK_EVERY steps (same steps on all ranks), not per step."""
-        if world == 1:
-            return flag.is_set
-        if not force_check and global_step % PREEMPT_CHECK_EVERY:
-            return False
-        local = torch.tensor([1.0 if flag.is_set else 0.0], device=device)
-        return bool(accelerator.reduce(local, reduction="sum").item() > 0)
+    epoch: int = 0
+    step: int = 0
+    loader_state: dict | None = None
+    epoch_loss: dict | None = None
 
-    val_top1 = val_top5 = None
-    model.train()
-    with PreemptionFlag() as preempt:
-        for epoch in range(start_epoch, cfg.train.epochs):
-            if epoch == start_epoch and loader_state is not None and loader_state[rank] is not None:
-                train_loader.load_state_dict(loader_state[rank])  # the exact next batch of the old run
-            train_loader.set_epoch(epoch)
-            step = start_step if epoch == start_epoch else 0
-            bad_loss = torch.zeros((), dtype=torch.bool, device=device)
-            loss_sum, seen, t0 = torch.zeros((), device=device), 0, time.perf_counter()
-            bar = _progress(steps_per_epoch, step, epoch, cfg.train.epochs, progress and is_main)
-            for images, labels in train_loader:
-                first, second = policy(images, generator=aug_generator)
-                inputs = first if second is None else torch.cat([first, second])
-                with accelerator.autocast():
-                    logits = model(_normalize(inputs, mean, std, cfg.model.channels_last)).float()
-                    loss = F.cross_entropy(logits[: len(labels)], labels)
-                    if second is not None:
-                        loss = loss + F.cross_entropy(logits[len(labels):], labels)
-                optimizer.zero_grad(set_to_none=True)
-                accelerator.backward(loss)
-                optimizer.step()
-                scheduler.step()
-                step, global_step, seen = step + 1, global_step + 1, seen + len(labels)
-                bad_loss |= ~torch.isfinite(loss.detach())
-                loss_sum += loss.detach()
-                bar.update(1)
-                checkpoint_due = cfg.checkpoint.every_steps > 0 and global_step % cfg.checkpoint.every_steps == 0
-                log_due = global_step % max(1, cfg.train.log_every) == 0
-                if log_due or checkpoint_due or step >= steps_per_epoch:
-                    if bool(bad_loss.item()):
-                        raise TrainingDiverged(
-                            f"loss became {loss.item()} at epoch {epoch + 1}, step {step}; the last good "
-                            f"checkpoint in {run_dir} is kept (lower optim.lr or check the data)")
-                    rate = seen * world / max(1e-9, time.perf_counter() - t0)
-                    lr = scheduler.get_last_lr()[0]
-                    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
-                    if log_due:
-                        log.write(epoch=epoch + 1, step=step, global_step=global_step, lr=lr,
-                                  loss=f"{loss_sum.item() / max(1, step):.5f}", images_per_s=f"{rate:.1f}")
-                if on_step_end is not None:
-                    on_step_end({"epoch": epoch, "step": step, "global_step": global_step, "loss": loss.detach()})
-                if step >= steps_per_epoch:  # the epoch end below saves, validates and checks for a signal;
-                    break  # a mid-epoch save of the last step would resume into a replay of the whole epoch
-                if checkpoint_due:
-                    save(epoch, step)
-                if stop_requested(preempt):
-                    bar.close()
-                    if bool(bad_loss.item()):  # never let a preemption save replace the last good checkpoint
-                        raise TrainingDiverged(
-                            f"loss became non-finite in epoch {epoch + 1} before step {step}; the last good "
-                            f"checkpoint in {run_dir} is kept (lower optim.lr or check the data)")
-                    save(epoch, step)
-                    if is_main:
-                        print(f"signal {preempt.received}: saved epoch {epoch + 1} step {step}; "
-                              f"resume with --resume auto", file=sys.stderr)
-                    return TrainResult("preempted", run_dir, epoch, step, global_step, history=history)
+
+def restore_run(run: Run, path: Path) -> ResumePoint:
+    """Load ``path`` into ``run``. Same world size: the exact next batch (loader, RNG, schedule). Another
+    world size: the interrupted epoch restarts with that world's steps per epoch and batch-scaled lr,
+    through a scheduler rebuilt at the new step (steps per epoch and lr depend on the world size)."""
+    state = load_checkpoint(path, map_location="cpu")
+    check_model_compatible(state, run.bare_model, source=f"checkpoint {path}")
+    run.bare_model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.global_step, run.history = state["global_step"], list(state.get("history", []))
+    run.checkpoints.best_metric = state.get("best_metric")
+    point = ResumePoint(state["epoch"], state["step"])
+    written_by = len(state.get("loader_state") or [])
+    if written_by == run.world:
+        run.scheduler.load_state_dict(state["scheduler"])
+        restore_rng_state(state["rng"][run.rank])
+        run.generator.set_state(state["aug_generator"][run.rank].cpu())
+        point.loader_state = state["loader_state"][run.rank]
+        point.epoch_loss = state.get("epoch_loss")
+    else:
+        point.step, run.global_step = 0, point.epoch * run.steps_per_epoch
+        run.scheduler = build_scheduler(run.raw_optimizer, run.cfg, run.steps_per_epoch, run.base_lr,
+                                        run.global_step)
+        if run.is_main:
+            print(f"checkpoint was written by {written_by} processes, now {run.world}: "
+                  "the interrupted epoch restarts from its first batch", file=sys.stderr)
+    if run.is_main:
+        print(f"resumed from {path} at epoch {point.epoch + 1}, step {point.step}", file=sys.stderr)
+    return point
+
+
+def claim_run_folder(lock: RunLock, run_dir: Path, resume: str | None) -> Path | None:
+    """Rank 0: lock the folder for this run, drop temp files a killed run left, pick the checkpoint."""
+    lock.acquire()
+    for path in clean_stale_temp_files(run_dir):
+        print(f"removed {path.name}, left half-written by an interrupted run", file=sys.stderr)
+    return resolve_resume(resume, run_dir)
+
+
+# ---------------------------------------------------------------------------------------
+# saving, divergence, preemption
+
+
+def _gather(run: Run, obj) -> list:
+    """Per-rank objects (RNG, loader positions) collected on every rank, in rank order."""
+    if run.world == 1:
+        return [obj]
+    out = [None] * run.world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def check_diverged(run: Run, meter: LossMeter, epoch: int, step: int) -> None:
+    """Stop when a loss since the epoch start was NaN/inf (one host sync, at log, save and stop points)."""
+    if bool(meter.bad.item()):
+        raise diverged(run.run_dir, f"loss became non-finite in epoch {epoch + 1} by step {step}")
+
+
+def save(run: Run, epoch: int, step: int, meter: LossMeter | None, metric: float | None = None) -> None:
+    """Checkpoint on rank 0 of a state gathered from every rank; never of non-finite weights
+    (checked on every rank, so all stop together; DDP keeps the weights equal)."""
+    if meter is not None:
+        check_diverged(run, meter, epoch, step)
+    if not weights_are_finite(run.bare_model.state_dict()):
+        raise diverged(run.run_dir, f"the weights became non-finite in epoch {epoch + 1} by step {step}")
+    rng, gen = _gather(run, capture_rng_state()), _gather(run, run.generator.get_state())
+    position = _gather(run, run.train_loader.state_dict())
+    if run.is_main:
+        cfg = run.cfg
+        run.checkpoints.save({
+            "model": run.bare_model.state_dict(), "model_name": cfg.model.name, "num_classes": len(run.classes),
+            "classes": run.classes, "config": config_to_dict(cfg), "epoch": epoch, "step": step,
+            "global_step": run.global_step, "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "rng": rng, "aug_generator": gen, "loader_state": position,
+            "epoch_loss": meter.state_dict() if meter is not None else None,
+            "history": run.history, "best_metric": run.checkpoints.best_metric,
+            "metrics": run.history[-1] if run.history else {},
+        }, epoch, step, metric)
+    run.accelerator.wait_for_everyone()
+
+
+def stop_requested(run: Run, force_check: bool = False) -> bool:
+    """True on every rank once any rank got SIGTERM/SIGUSR1. One process: a flag read, no sync.
+    Several: an all-reduce every PREEMPT_CHECK_EVERY steps (same steps on all ranks), not per step."""
+    if run.world == 1:
+        return run.preempt.is_set
+    if not force_check and run.global_step % PREEMPT_CHECK_EVERY:
+        return False
+    local = torch.tensor([1.0 if run.preempt.is_set else 0.0], device=run.device)
+    return bool(run.accelerator.reduce(local, reduction="sum").item() > 0)
+
+
+def _progress(run: Run, initial: int, epoch: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=run.steps_per_epoch, initial=initial, desc=f"epoch {epoch + 1}/{run.cfg.train.epochs}",
+                unit="batch", disable=not (run.progress and run.is_main), dynamic_ncols=True, file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------
+# the loop
+
+
+def run_epoch(run: Run, epoch: int, start: ResumePoint | None = None) -> tuple[str, int, LossMeter]:
+    """Train one epoch (from ``start`` when resuming into it): ``("done" | "preempted", step, meter)``."""
+    cfg, step = run.cfg, 0
+    meter = LossMeter(run.device)
+    if start is not None and start.loader_state is not None:
+        run.train_loader.load_state_dict(start.loader_state)  # the exact next batch of the old run
+        step, meter = start.step, LossMeter(run.device, start.epoch_loss)
+    run.train_loader.set_epoch(epoch)
+    seen, t0, bar = 0, time.perf_counter(), _progress(run, step, epoch)
+    backward = run.accelerator.backward
+    for images, labels in run.train_loader:
+        loss = train_step(run.classifier, run.optimizer, images, labels, policy=run.policy,
+                          generator=run.generator, backward=backward)
+        run.scheduler.step()
+        step, run.global_step, seen = step + 1, run.global_step + 1, seen + len(labels)
+        meter.add(loss)
+        bar.update(1)
+        checkpoint_due = cfg.checkpoint.every_steps > 0 and run.global_step % cfg.checkpoint.every_steps == 0
+        log_due = run.global_step % max(1, cfg.train.log_every) == 0
+        if log_due or checkpoint_due or step >= run.steps_per_epoch:
+            check_diverged(run, meter, epoch, step)
+            rate, lr = seen * run.world / max(1e-9, time.perf_counter() - t0), run.scheduler.get_last_lr()[0]
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
+            if log_due:
+                run.log.write(epoch=epoch + 1, step=step, global_step=run.global_step, lr=lr,
+                              loss=f"{meter.mean():.5f}", images_per_s=f"{rate:.1f}")
+        if run.on_step_end is not None:
+            run.on_step_end({"epoch": epoch, "step": step, "global_step": run.global_step, "loss": loss})
+        if step >= run.steps_per_epoch:  # the epoch end saves, validates and checks for a signal;
+            break  # a mid-epoch save of the last step would resume into a replay of the whole epoch
+        if checkpoint_due:
+            save(run, epoch, step, meter)
+        if stop_requested(run):
             bar.close()
-            start_step = 0
+            save(run, epoch, step, meter)  # checks the loss first: never a NaN save at preemption
+            return "preempted", step, meter
+    bar.close()
+    meter.images_per_s = seen * run.world / max(1e-9, time.perf_counter() - t0)
+    return "done", step, meter
 
-            epoch_record = {"epoch": epoch + 1, "train_loss": loss_sum.item() / max(1, step),
-                            "images_per_s": seen * world / max(1e-9, time.perf_counter() - t0)}
-            last_epoch = epoch + 1 == cfg.train.epochs
-            if last_epoch or (cfg.train.val_every > 0 and (epoch + 1) % cfg.train.val_every == 0):
-                val_top1, val_top5, count = evaluate_top_k(model, val_loader, mean, std, accelerator,
-                                                           cfg.model.channels_last)
-                epoch_record.update(val_top1_error=val_top1, val_top5_error=val_top5, val_count=count)
-                log.write(epoch=epoch + 1, step=step, global_step=global_step,
-                          val_top1_error=f"{val_top1:.5f}", val_top5_error=f"{val_top5:.5f}")
-                if is_main:
-                    print(f"epoch {epoch + 1}: val top-1 error {100 * val_top1:.2f}%, "
-                          f"top-5 error {100 * val_top5:.2f}% ({count} images)", file=sys.stderr)
-            history.append(epoch_record)
-            save(epoch + 1, 0, metric=epoch_record.get("val_top1_error"))
-            if stop_requested(preempt, force_check=True):
-                return TrainResult("preempted", run_dir, epoch + 1, 0, global_step, val_top1, val_top5, history)
 
-    return TrainResult("finished", run_dir, cfg.train.epochs, 0, global_step, val_top1, val_top5, history)
+def finish_epoch(run: Run, epoch: int, step: int, meter: LossMeter) -> dict:
+    """Validate when due, record the epoch in the history, save ``(epoch + 1, 0)``."""
+    cfg = run.cfg
+    record = {"epoch": epoch + 1, "train_loss": meter.mean(), "images_per_s": meter.images_per_s}
+    if epoch + 1 == cfg.train.epochs or (cfg.train.val_every > 0 and (epoch + 1) % cfg.train.val_every == 0):
+        top1, top5, count = evaluate_top_k(run.classifier, run.val_loader, run.accelerator)
+        record.update(val_top1_error=top1, val_top5_error=top5, val_count=count)
+        run.log.write(epoch=epoch + 1, step=step, global_step=run.global_step,
+                      val_top1_error=f"{top1:.5f}", val_top5_error=f"{top5:.5f}")
+        if run.is_main:
+            print(f"epoch {epoch + 1}: val top-1 error {100 * top1:.2f}%, top-5 error {100 * top5:.2f}% "
+                  f"({count} images)", file=sys.stderr)
+    run.history.append(record)
+    save(run, epoch + 1, 0, None, metric=record.get("val_top1_error"))
+    return record
+
+
+def _announce(run: Run, threads: int) -> None:
+    if not run.is_main:
+        return
+    save_config(run.cfg, run.run_dir / "config.yaml")
+    print(f"run folder: {run.run_dir}\n{run.world} process(es), global batch {run.cfg.train.batch_size * run.world}, "
+          f"base lr {run.base_lr:g}, {len(run.classes)} classes, {run.steps_per_epoch} steps/epoch, "
+          f"aug {run.cfg.aug.name}, {threads} CPU thread(s) per process", file=sys.stderr)
+
+
+def train(cfg: Config, resume: str | None = None, accelerator=None, progress: bool = True,
+          on_step_end: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train ``cfg`` to the end (or until preempted); ``resume`` = checkpoint path or ``"auto"``."""
+    accelerator = accelerator or _make_accelerator()
+    is_main, world = accelerator.is_main_process, accelerator.num_processes
+    _setup_determinism(cfg, accelerator.process_index)
+    run_dir = run_dir_for(cfg)
+    with RunLock(run_dir) as lock, _cpu_threads(resolve_num_threads(cfg)) as threads:
+        resume_path = on_rank0(lambda: claim_run_folder(lock, run_dir, resume), world, is_main)
+        run = build_run(cfg, accelerator, run_dir, progress, on_step_end)
+        start = restore_run(run, resume_path) if resume_path is not None else ResumePoint()
+        if resume == "auto" and resume_path is None and is_main:
+            print(f"--resume auto: no checkpoint in {run_dir}, starting fresh", file=sys.stderr)
+        _announce(run, threads)
+        run.log = RunLog(run_dir, enabled=is_main)
+        try:
+            return _loop(run, start)
+        finally:
+            run.log.close()
+
+
+def _loop(run: Run, start: ResumePoint) -> TrainResult:
+    """Epochs from ``start`` to the end, or until a preemption signal (saved, then returned)."""
+    last = (None, None)
+    with PreemptionFlag() as run.preempt:
+        for epoch in range(start.epoch, run.cfg.train.epochs):
+            status, step, meter = run_epoch(run, epoch, start if epoch == start.epoch else None)
+            if status == "preempted":
+                if run.is_main:
+                    print(f"signal {run.preempt.received}: saved epoch {epoch + 1} step {step}; "
+                          "resume with --resume auto", file=sys.stderr)
+                return TrainResult("preempted", run.run_dir, epoch, step, run.global_step, history=run.history)
+            record = finish_epoch(run, epoch, step, meter)
+            last = (record.get("val_top1_error", last[0]), record.get("val_top5_error", last[1]))
+            if stop_requested(run, force_check=True):
+                return TrainResult("preempted", run.run_dir, epoch + 1, 0, run.global_step, *last, run.history)
+    return TrainResult("finished", run.run_dir, run.cfg.train.epochs, 0, run.global_step, *last, run.history)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -159,7 +160,8 @@ def test_nan_loss_before_a_preemption_save_keeps_the_last_good_checkpoint(imagen
     cfg = tiny_config(imagenet_tree, tmp_path, "train.log_every=50")
     train_module.create_model = capture
     try:
-        with pytest.raises(TrainingDiverged, match="non-finite in epoch 2"):
+        with pytest.raises(TrainingDiverged, match="loss became non-finite in epoch 2 by step 2; the last good "
+                                                   "checkpoint is .*checkpoint-e0001-s0000000.pt"):
             train(cfg, progress=False, on_step_end=poison_then_preempt)
     finally:
         train_module.create_model = original
@@ -188,7 +190,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(imagenet_tree, tmp_pa
 
     train_module.create_model = capture
     try:
-        with pytest.raises(TrainingDiverged, match="loss became nan at epoch 2"):
+        with pytest.raises(TrainingDiverged, match="loss became non-finite in epoch 2 by step 2; the last good "
+                                                   "checkpoint is .*checkpoint-e0001-s0000000.pt"):
             train(cfg, progress=False, on_step_end=poison)
     finally:
         train_module.create_model = original
@@ -312,7 +315,8 @@ def test_resume_on_another_world_size_with_ranks_that_list_the_folder_differentl
     assert (first.status, first.epoch, first.step, first.global_step) == ("preempted", 0, 3, 3)
     script = tmp_path / "worker.py"
     # this node's (stale) view of the shared run folder: rank 1 sees no checkpoint yet
-    setup = 'if os.environ["RANK"] == "1": T.find_latest_checkpoint = lambda run_dir: None'
+    setup = ('import apr.checkpoint as C\n'
+             'if os.environ["RANK"] == "1": C.find_latest_checkpoint = lambda run_dir: None')
     script.write_text(WORKER.format(root=str(ROOT), overrides=overrides, out=str(tmp_path), setup=setup,
                                     resume="auto"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -328,3 +332,23 @@ def test_resume_on_another_world_size_with_ranks_that_list_the_folder_differentl
     # base lr 0.05 x 16/16 for the new global batch of 16, halved after each of the 2 epochs
     assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.05 * 0.25)
     assert state["scheduler"]["last_epoch"] == 8
+
+
+def test_a_diverging_lr_never_saves_non_finite_weights(imagenet_tree, tmp_path, capsys):
+    """lr 1000 with a save after every step: the weights go non-finite one step before the loss does;
+    no such weights may be saved, nor may the good checkpoints be pruned in their favour."""
+    cfg = tiny_config(imagenet_tree, tmp_path, "optim.lr=1000", "optim.schedule=constant",
+                      "checkpoint.every_steps=1", "checkpoint.keep_last=2", "train.log_every=50")
+    with pytest.raises(TrainingDiverged) as err:
+        train(cfg, progress=False)
+    run = tmp_path / "run"
+    saved = sorted(run.glob("checkpoint-*.pt"))
+    for path in saved:
+        assert all(torch.isfinite(v).all() for v in weights(path).values() if v.is_floating_point()), path.name
+    assert not list(run.glob(".*.tmp"))
+    message = str(err.value)
+    assert re.search(r"(loss|weights) became non-finite in epoch \d+ by step \d+", message), message
+    if saved:
+        assert f"the last good checkpoint is {saved[-1]}" in message
+    else:
+        assert f"no checkpoint was saved in {run} before it" in message
