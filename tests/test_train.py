@@ -88,6 +88,18 @@ def test_resume_after_sigterm_mid_epoch_gives_identical_weights(imagenet_tree, t
     b = weights(find_latest_checkpoint(tmp_path / "b" / "run"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    # the logged running mean after the resume is the straight run's (sum since the epoch start / steps)
+    straight_log, resumed_log = logged_losses(tmp_path / "a" / "run"), logged_losses(tmp_path / "b" / "run")
+    assert sorted(resumed_log) == sorted(straight_log) == [(e, s) for e in (1, 2) for s in (1, 2, 3, 4)]
+    for key, value in straight_log.items():
+        assert resumed_log[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    assert second.history[-1]["train_loss"] == pytest.approx(straight.history[-1]["train_loss"], rel=1e-4)
+
+
+def logged_losses(run: Path) -> dict[tuple[int, int], float]:
+    """(epoch, step) -> the mean loss metrics.csv logged there (the last row wins after a resume)."""
+    rows = csv.DictReader(open(run / "metrics.csv"))
+    return {(int(r["epoch"]), int(r["step"])): float(r["loss"]) for r in rows if r["loss"]}
 
 
 def test_preemption_at_the_last_step_of_an_epoch_resumes_without_replaying_it(imagenet_tree, tmp_path):
