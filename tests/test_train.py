@@ -364,3 +364,92 @@ def test_a_diverging_lr_never_saves_non_finite_weights(imagenet_tree, tmp_path, 
         assert f"the last good checkpoint is {saved[-1]}" in message
     else:
         assert f"no checkpoint was saved in {run} before it" in message
+
+
+HOLD_LOCK = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {root!r})
+    from apr.checkpoint import RunLock
+    lock = RunLock({run!r}).acquire()
+    print("locked", flush=True)
+    time.sleep(120)
+""")
+
+
+def test_a_second_run_in_a_locked_folder_names_the_running_process(imagenet_tree, tmp_path):
+    """Another live process trains in the folder: both a fresh start and --resume auto stop, naming its
+    pid and host, and touch nothing. The kernel frees the lock when that process dies (even SIGKILL)."""
+    import socket
+
+    from apr.checkpoint import RunFolderBusy
+
+    cfg = tiny_config(imagenet_tree, tmp_path, "train.epochs=1")
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK.format(root=str(ROOT), run=str(run))],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for resume in (None, "auto"):
+            with pytest.raises(RunFolderBusy, match=f"in use by another training run \\(pid {holder.pid} on host "
+                                                     f"{re.escape(socket.gethostname())}"):
+                train(cfg, resume=resume, progress=False)
+        assert not list(run.glob("checkpoint-*.pt")) and not (run / "config.yaml").exists()
+    finally:
+        holder.kill()  # SIGKILL: no cleanup code runs in the holder
+        holder.wait()
+    assert train(cfg, resume="auto", progress=False).status == "finished"
+
+
+def test_the_lock_is_held_for_the_whole_run_and_released_after(imagenet_tree, tmp_path):
+    from apr.checkpoint import RunFolderBusy, RunLock
+
+    cfg = tiny_config(imagenet_tree, tmp_path, "train.epochs=1")
+    outcomes = []
+
+    def try_second_lock(info):
+        if info["step"] == 2:
+            try:
+                RunLock(tmp_path / "run").acquire().release()
+                outcomes.append("acquired")
+            except RunFolderBusy as exc:
+                outcomes.append(str(exc))
+
+    train(cfg, progress=False, on_step_end=try_second_lock)
+    assert len(outcomes) == 1 and f"pid {os.getpid()}" in outcomes[0]
+    RunLock(tmp_path / "run").acquire().release()  # free once train() returned
+
+    def crash(info):
+        raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):  # and after a crash inside the run
+        train(tiny_config(imagenet_tree, tmp_path, "train.run_name=crash"), progress=False, on_step_end=crash)
+    RunLock(tmp_path / "crash").acquire().release()
+
+
+def test_stale_temp_files_are_removed_and_a_truncated_newest_checkpoint_falls_back(imagenet_tree, tmp_path,
+                                                                                   capsys):
+    """A SIGKILL mid-save leaves .checkpoint-*.tmp; a torn copy (or disk full) leaves a truncated newest
+    file: --resume auto removes the first and continues from the checkpoint before the second."""
+    cfg = tiny_config(imagenet_tree, tmp_path, "train.epochs=1", "checkpoint.every_steps=1", "checkpoint.keep_last=3")
+
+    def preempt(info):
+        if info["step"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    assert train(cfg, progress=False, on_step_end=preempt).status == "preempted"
+    run = tmp_path / "run"
+    names = sorted(p.name for p in run.glob("checkpoint-*.pt"))
+    assert names == [f"checkpoint-e0000-s000000{k}.pt" for k in (1, 2, 3)]
+    newest = run / names[-1]
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    stale = [run / ".checkpoint-e0000-s0000004.pt.x1y2z3.tmp", run / ".best.pt.abcd.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a checkpoint")
+    capsys.readouterr()
+    result = train(cfg, resume="auto", progress=False)
+    err = capsys.readouterr().err
+    assert result.status == "finished" and result.global_step == 4
+    assert not any(path.exists() for path in stale) and not list(run.glob(".*.tmp"))
+    assert f"cannot read checkpoint {newest}" in err and "falling back to the previous checkpoint" in err
+    assert "resumed from " + str(run / names[1]) in err
+    assert (run / (names[-1] + ".corrupt")).is_file()  # kept aside, out of the checkpoint sequence
