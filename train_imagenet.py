@@ -30,20 +30,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved configuration and exit without training")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar (e.g. in batch logs)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (user errors print one 'error:' line otherwise)")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    from apr.config import ConfigError, config_to_dict, load_config
+    from apr.config import config_to_dict, load_config
 
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
     if args.print_config:
-        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        from apr.train import resolve_num_threads
+
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip())
+        if cfg.train.num_threads == 0:
+            print(f"# train.num_threads 0 (auto) resolves to {resolve_num_threads(cfg)} here")
         return 0
 
     from apr.train import train
@@ -57,4 +59,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from apr.cli import run_main
+
+    sys.exit(run_main(main))

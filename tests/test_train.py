@@ -453,3 +453,64 @@ def test_stale_temp_files_are_removed_and_a_truncated_newest_checkpoint_falls_ba
     assert f"cannot read checkpoint {newest}" in err and "falling back to the previous checkpoint" in err
     assert "resumed from " + str(run / names[1]) in err
     assert (run / (names[-1] + ".corrupt")).is_file()  # kept aside, out of the checkpoint sequence
+
+
+def run_script(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "train_imagenet.py"), *args], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, cwd=ROOT, timeout=300)
+
+
+def test_entry_script_user_errors_are_one_line_and_debug_keeps_the_traceback(tmp_path):
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("train:\n  epochs: [1, 2\n")
+    out_dir = f"train.output_dir={tmp_path / 'runs'}"
+    cases = [
+        (["--config", str(recipe)], "YAML syntax error"),
+        (["--set", "optim.lr=.nan"], "optim.lr must be a finite number"),
+        (["--set", f"data.root={tmp_path / 'nope'}", "--set", out_dir], str(tmp_path / "nope")),
+        (["--set", f"data.root={tmp_path}", "--set", out_dir, "--resume", str(tmp_path / "missing.pt")],
+         f"--resume {tmp_path / 'missing.pt'}: no such checkpoint file"),
+    ]
+    for args, message in cases:
+        out = run_script(*args)
+        errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+        assert out.returncode == 2 and len(errors) == 1 and message in errors[0], (args, out.stderr[-2000:])
+        assert "Traceback" not in out.stderr
+    out = run_script("--config", str(recipe), "--debug")
+    assert out.returncode != 0 and "Traceback" in out.stderr and "error:" not in out.stderr
+
+
+def test_print_config_shows_the_resolved_thread_count(monkeypatch):
+    from apr.train import resolve_num_threads
+
+    out = run_script("--print-config", "--set", "data.num_workers=1")
+    assert out.returncode == 0 and "num_threads: 0" in out.stdout
+    cfg = load_config(overrides=["data.num_workers=1"])
+    assert f"# train.num_threads 0 (auto) resolves to {resolve_num_threads(cfg)} here" in out.stdout
+    out = run_script("--print-config", "--set", "train.num_threads=3")
+    assert "num_threads: 3" in out.stdout and "resolves to" not in out.stdout
+
+
+def test_auto_threads_share_this_process_cores_between_local_ranks_and_the_loader(monkeypatch):
+    from apr.train import resolve_num_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)))
+    cfg = load_config(overrides=["data.num_workers=4"])
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert resolve_num_threads(cfg) == 28  # 32 cores - 4 loader threads
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert resolve_num_threads(cfg) == 4  # 32 / 4 processes - 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert resolve_num_threads(cfg) == 1  # 32 / 8 - 4 = 0 -> at least one
+    assert resolve_num_threads(load_config(overrides=["train.num_threads=6"])) == 6  # explicit wins
+
+
+def test_training_runs_with_the_resolved_threads_and_restores_them(imagenet_tree, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    before = torch.get_num_threads()
+    seen = []
+    cfg = tiny_config(imagenet_tree, tmp_path, "train.epochs=1", "train.max_steps_per_epoch=1")
+    train(cfg, progress=False, on_step_end=lambda info: seen.append(torch.get_num_threads()))
+    assert seen == [2]  # 3 cores - 1 loader thread
+    assert "2 CPU thread(s) per process" in capsys.readouterr().err
+    assert torch.get_num_threads() == before
