@@ -197,3 +197,52 @@ def test_preemption_signals_become_a_flag(sig):
         os.kill(os.getpid(), sig)
         assert flag.is_set and flag.received == sig
     assert signal.getsignal(sig) == before
+
+
+def test_manager_never_saves_non_finite_weights_and_says_which_checkpoint_is_good(tmp_path):
+    from apr.checkpoint import TrainingDiverged
+
+    manager = CheckpointManager(tmp_path, keep_last=1)
+    bad, _ = _state()
+    bad["model"] = {k: torch.full_like(v, float("inf")) if v.is_floating_point() else v
+                    for k, v in bad["model"].items()}
+    with pytest.raises(TrainingDiverged, match=f"not saved; no checkpoint was saved in {tmp_path} before it"):
+        manager.save(bad, 0, 1)
+    assert list(tmp_path.iterdir()) == []
+    good = manager.save(_state()[0], 0, 2)
+    with pytest.raises(TrainingDiverged, match=f"the last good checkpoint is {good}"):
+        manager.save(bad, 0, 3, metric=0.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [good.name]  # keep_last=1 did not prune it
+
+
+def test_weights_are_finite_looks_at_every_float_tensor():
+    from apr.checkpoint import weights_are_finite
+
+    assert weights_are_finite({"w": torch.ones(3), "n": torch.tensor([2**62])})
+    assert not weights_are_finite({"w": torch.ones(3), "bn.running_var": torch.tensor([1.0, float("nan")])})
+    assert not weights_are_finite({"w": torch.tensor([-float("inf")], dtype=torch.bfloat16)})
+
+
+def test_resolve_resume_auto_skips_unreadable_newest_files(tmp_path, capsys):
+    from apr.checkpoint import resolve_resume
+
+    manager = CheckpointManager(tmp_path, keep_last=5)
+    good = manager.save(_state()[0], 0, 1)
+    manager.path_for(0, 2).write_bytes(b"PK\x03\x04 torn")
+    manager.path_for(0, 3).write_bytes(b"")
+    assert resolve_resume("auto", tmp_path) == good
+    assert sorted(p.name for p in tmp_path.glob("*.corrupt")) == [
+        "checkpoint-e0000-s0000002.pt.corrupt", "checkpoint-e0000-s0000003.pt.corrupt"]
+    assert capsys.readouterr().err.count("falling back to the previous checkpoint") == 2
+    assert resolve_resume(None, tmp_path / "empty") is None
+
+
+def test_clean_stale_temp_files_removes_only_our_temporaries(tmp_path):
+    from apr.checkpoint import clean_stale_temp_files
+
+    ours = [tmp_path / ".checkpoint-e0001-s0000002.pt.ab12.tmp", tmp_path / ".best.pt.zz.tmp"]
+    theirs = [tmp_path / ".notes.txt.tmp", tmp_path / "checkpoint-e0001-s0000001.pt", tmp_path / "metrics.csv"]
+    for path in ours + theirs:
+        path.write_text("x")
+    assert sorted(clean_stale_temp_files(tmp_path)) == sorted(ours)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in theirs)
