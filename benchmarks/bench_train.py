@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from photos import write_photo_jpegs  # benchmarks/photos.py
 
 
@@ -30,7 +29,9 @@ def main() -> None:
     from apr.augment import APRPolicy
     from apr.config import load_config
     from apr.data import build_train_loader
+    from apr.inference import ImageClassifier
     from apr.models import create_model
+    from apr.train import train_step
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet18")
@@ -54,24 +55,17 @@ def main() -> None:
     base = [f"data.root={root}", f"data.image_size={args.image_size}", f"data.val_resize={args.image_size}",
             f"train.batch_size={args.batch}", f"data.num_workers={args.workers}", f"model.name={args.model}"]
 
-    model = create_model(args.model, 10).to(device).to(memory_format=torch.channels_last)
+    model = create_model(args.model, 10)
+    classifier = ImageClassifier(model, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], precision=args.precision,
+                                 channels_last=True).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    generator = torch.Generator()
+    generator.manual_seed(0)
+    plain = APRPolicy(name="none")
 
-    def step(images, labels, policy=None):
-        first, second = policy(images) if policy is not None else (images, None)
-        x = first if second is None else torch.cat([first, second])
-        x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
-        with amp:
-            logits = model(x).float()
-        loss = F.cross_entropy(logits[: len(labels)], labels)
-        if second is not None:
-            loss = loss + F.cross_entropy(logits[len(labels):], labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    def step(images, labels, policy=plain):
+        """The training loop's own step (apr.train.train_step): APR, one forward, CE + CE, SGD."""
+        train_step(classifier, optimizer, images, labels, policy=policy, generator=generator)
 
     def batches(backend: str):
         cfg = load_config(overrides=base + [f"data.backend={backend}"])
