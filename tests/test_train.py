@@ -514,3 +514,42 @@ def test_training_runs_with_the_resolved_threads_and_restores_them(imagenet_tree
     assert seen == [2]  # 3 cores - 1 loader thread
     assert "2 CPU thread(s) per process" in capsys.readouterr().err
     assert torch.get_num_threads() == before
+
+
+def test_train_step_is_ce_of_both_halves_and_one_sgd_step():
+    """Against a hand-built reference: normalise, APR-P with a copy of the generator, CE + CE, w -= lr * grad."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from apr.augment import APRPolicy, apr_p
+    from apr.inference import ImageClassifier
+    from apr.train import train_step
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+    reference = copy.deepcopy(net)
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    classifier = ImageClassifier(net, mean, std, precision="fp32")
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    images, labels = torch.rand(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1])
+    generator = torch.Generator().manual_seed(7)
+    ref_generator = torch.Generator().manual_seed(7)
+    calls = []
+    loss = train_step(classifier, optimizer, images, labels, policy=APRPolicy("apr_p", p_prob=1.0),
+                      generator=generator, backward=lambda value: (calls.append(1), value.backward()))
+
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    mixed = apr_p(images, prob=1.0, generator=ref_generator)
+    expected = (F.cross_entropy(reference((images - m) / s), labels)
+                + F.cross_entropy(reference((mixed - m) / s), labels))
+    expected.backward()
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6)
+    assert calls == [1] and not loss.requires_grad
+    for new, old in zip(net.parameters(), reference.parameters()):
+        torch.testing.assert_close(new, (old - 0.1 * old.grad).detach(), rtol=1e-5, atol=1e-6)
+    # aug none: one half, plain CE of the clean batch
+    with torch.no_grad():
+        expected = F.cross_entropy(net((images - m) / s), labels)  # the loss before this step's update
+    loss = train_step(classifier, optimizer, images, labels, policy=APRPolicy("none"), generator=generator)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
