@@ -484,6 +484,9 @@ def _announce(run: Run, threads: int) -> None:
     print(f"run folder: {run.run_dir}\n{run.world} process(es), global batch {run.cfg.train.batch_size * run.world}, "
           f"base lr {run.base_lr:g}, {len(run.classes)} classes, {run.steps_per_epoch} steps/epoch, "
           f"aug {run.cfg.aug.name}, {threads} CPU thread(s) per process", file=sys.stderr)
+    if run.world > 1 and run.cfg.optim.lr_base_batch == 0:
+        print(f"note: optim.lr_base_batch=0: lr {run.base_lr:g} is not scaled to the global batch of "
+              f"{run.cfg.train.batch_size * run.world} ({run.world} processes)", file=sys.stderr)
 
 
 def train(cfg: Config, resume: str | None = None, accelerator=None, progress: bool = True,

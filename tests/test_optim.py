@@ -1,0 +1,52 @@
+"""Optimizer and schedule: batch-scaled lr, and a scheduler rebuilt at step g is the one stepped g times."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from apr.config import load_config
+from apr.optim import build_optimizer, build_scheduler, scaled_lr
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_lr_scales_with_the_global_batch():
+    cfg = load_config(overrides=["optim.lr=0.1", "optim.lr_base_batch=256", "train.batch_size=32"])
+    assert scaled_lr(cfg, 8) == pytest.approx(0.1)  # 8 x 32 = 256: the paper's recipe
+    assert scaled_lr(cfg, 1) == pytest.approx(0.1 * 32 / 256)
+    unscaled = load_config(overrides=["optim.lr=0.1", "optim.lr_base_batch=0", "train.batch_size=32"])
+    assert scaled_lr(unscaled, 4) == pytest.approx(0.1)
+
+
+def test_cifar_recipe_keeps_the_reference_lr_on_one_process_and_scales_on_two():
+    cfg = load_config(ROOT / "configs" / "cifar" / "cifar10_wrn40_2_apr_sp.yaml")
+    assert scaled_lr(cfg, 1) == pytest.approx(0.1)  # single-process results unchanged
+    assert scaled_lr(cfg, 2) == pytest.approx(0.2)  # global batch 256
+
+
+@pytest.mark.parametrize("schedule", [["optim.schedule=step", "optim.step_size=2"],
+                                      ["optim.schedule=cosine", "optim.warmup_epochs=1"]])
+def test_scheduler_built_at_a_step_matches_one_stepped_there(schedule):
+    cfg = load_config(overrides=["train.epochs=6", "optim.gamma=0.5", *schedule])
+    steps_per_epoch, base_lr = 3, 0.4
+
+    def fresh():
+        params = [torch.nn.Parameter(torch.zeros(2))]
+        optimizer = build_optimizer(params, cfg, base_lr)
+        return optimizer, build_scheduler(optimizer, cfg, steps_per_epoch, base_lr)
+
+    optimizer, stepped = fresh()
+    for global_step in range(1, 15):
+        optimizer.step()
+        stepped.step()
+        other_optimizer, _ = fresh()
+        other_optimizer.param_groups[0]["lr"] = 123.0  # whatever a checkpoint of another world left there
+        rebuilt = build_scheduler(other_optimizer, cfg, steps_per_epoch, base_lr, global_step)
+        assert rebuilt.last_epoch == stepped.last_epoch == global_step
+        assert rebuilt.get_last_lr()[0] == pytest.approx(stepped.get_last_lr()[0], rel=1e-12)
+        assert other_optimizer.param_groups[0]["lr"] == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-12)
+        other_optimizer.step()
+        rebuilt.step()
+        stepped_next = stepped.lr_lambdas[0](global_step + 1) * base_lr
+        assert rebuilt.get_last_lr()[0] == pytest.approx(stepped_next, rel=1e-12)
