@@ -300,7 +300,7 @@ def build_run(cfg: Config, accelerator, run_dir: Path, progress: bool, on_step_e
     return Run(cfg, run_dir, accelerator, train_loader, val_loader, classes, steps_per_epoch, model, prepared,
                optimizer, raw_optimizer, scheduler, base_lr, APRPolicy.from_config(cfg.aug), generator,
                CheckpointManager(run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best),
-               RunLog(run_dir, enabled=False), progress, on_step_end)
+               RunLog(run_dir, enabled=accelerator.is_main_process), progress, on_step_end)
 
 
 # ---------------------------------------------------------------------------------------
@@ -503,7 +503,6 @@ def train(cfg: Config, resume: str | None = None, accelerator=None, progress: bo
         if resume == "auto" and resume_path is None and is_main:
             print(f"--resume auto: no checkpoint in {run_dir}, starting fresh", file=sys.stderr)
         _announce(run, threads)
-        run.log = RunLog(run_dir, enabled=is_main)
         try:
             return _loop(run, start)
         finally:
