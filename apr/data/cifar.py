@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .base import SeededPosition, epoch_permutation, eval_shard, mix_seed, train_shard_size
+from .base import SeededPosition, epoch_permutation, mix_seed, train_shard_size
 from .layout import DatasetLayoutError
 
 __all__ = ["load_cifar", "load_cifar_c", "TensorBatchLoader", "CIFAR_FOLDERS"]
@@ -147,36 +147,13 @@ class TensorBatchLoader(SeededPosition):
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != torch.uint8:
             raise ValueError(f"images must be uint8 N x H x W x 3, got {images.dtype} {tuple(images.shape)}")
         labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64).reshape(-1)
-        if len(labels) != len(images):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world of size {world_size}")
-        self.device = torch.device(device)
+        n_classes = int(labels.max()) + 1 if len(labels) else 0
+        self._init_contract(len(images), len(labels), classes or [str(i) for i in range(n_classes)],
+                            batch_size=batch_size, train=train, rank=rank, world_size=world_size, seed=seed,
+                            device=device)
         self.images = images.permute(0, 3, 1, 2).contiguous().to(self.device)  # N x 3 x H x W uint8
         self.label_tensor = labels.to(self.device)
-        n_classes = int(labels.max()) + 1 if len(labels) else 0
-        self.classes = list(classes) if classes is not None else [str(i) for i in range(n_classes)]
-        self.batch_size, self.train, self.seed = int(batch_size), bool(train), int(seed)
         self.crop_padding, self.flip = int(crop_padding), bool(flip)
-        self.rank, self.world_size = rank, world_size
-        n = len(images)
-        if self.train:
-            self._len = train_shard_size(n, world_size) // self.batch_size
-            self.num_samples = self._len * self.batch_size
-            if self._len == 0:
-                raise ValueError(f"{n} training images for {world_size} rank(s): fewer per rank than "
-                                 f"batch_size={batch_size}")
-        else:
-            self.num_samples = len(eval_shard(n, rank, world_size))
-            self._len = -(-self.num_samples // self.batch_size)
-        self.epoch, self._pos, self._started = 0, 0, False
-
-    def __len__(self) -> int:
-        return self._len
-
-    def set_epoch(self, epoch: int) -> None:
-        if int(epoch) != self.epoch:
-            self.epoch, self._pos = int(epoch), 0
 
     def _indices(self) -> torch.Tensor:
         n = len(self.images)
@@ -186,14 +163,7 @@ class TensorBatchLoader(SeededPosition):
         return order[self.rank::self.world_size][: self._len * self.batch_size]
 
     def __iter__(self):
-        if not self.train:  # evaluation passes always cover the whole shard
-            self._pos = 0
-        if self._pos >= self._len:
-            if self._started:
-                self.epoch += 1
-            self._pos = 0
-        self._started = True
-        epoch = self.epoch
+        epoch, _ = self._begin_pass()
         indices = self._indices()
         while self.epoch == epoch and self._pos < self._len:
             b = self._pos

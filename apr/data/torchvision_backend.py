@@ -74,37 +74,13 @@ class TorchvisionImageLoader(SeededPosition):
     def __init__(self, files: Sequence[str], labels: Sequence[int], classes: Sequence[str], *, batch_size: int,
                  train: bool, image_size: int, crop_scale: Sequence[float] = (0.08, 1.0), resize: int | None = None,
                  num_workers: int = 4, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
-                 seed: int = 0, **_ignored):
-        if len(files) != len(labels):
-            raise ValueError(f"{len(files)} files but {len(labels)} labels")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world of size {world_size}")
-        self.files, self.labels, self.classes = list(files), [int(x) for x in labels], list(classes)
-        self.batch_size, self.train, self.seed = int(batch_size), bool(train), int(seed)
-        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
+                 seed: int = 0):
+        self._init_contract(len(files), len(labels), classes, batch_size=batch_size, train=train, rank=rank,
+                            world_size=world_size, seed=seed, device=device)
+        self.files, self.labels = list(files), [int(x) for x in labels]
         self.num_workers = max(0, int(num_workers))
         self._dataset = _ImageFiles(self.files, self.labels, build_transform(train, image_size, crop_scale, resize),
                                     self.seed, self.train)
-        n = len(self.files)
-        if train:
-            self._len = train_shard_size(n, world_size) // self.batch_size
-            self.num_samples = self._len * self.batch_size
-            if self._len == 0:
-                raise ValueError(f"training set has {n} images for {world_size} rank(s): fewer per rank than "
-                                 f"batch_size={batch_size}")
-        else:
-            self.num_samples = len(eval_shard(n, rank, world_size))
-            self._len = -(-self.num_samples // self.batch_size)
-        self.epoch, self._pos = 0, 0
-        self._started = False
-
-    def __len__(self) -> int:
-        return self._len
-
-    def set_epoch(self, epoch: int) -> None:
-        """Start epoch ``epoch`` at its first batch (unless a loaded state already positioned us in it)."""
-        if int(epoch) != self.epoch:
-            self.epoch, self._pos = int(epoch), 0
 
     def _indices(self) -> list[int]:
         n = len(self.files)
@@ -115,14 +91,7 @@ class TorchvisionImageLoader(SeededPosition):
         return mine.tolist()
 
     def __iter__(self):
-        if not self.train:  # evaluation passes always cover the whole shard
-            self._pos = 0
-        if self._pos >= self._len:  # previous pass finished without set_epoch: next epoch
-            if self._started:
-                self.epoch += 1
-            self._pos = 0
-        self._started = True
-        epoch, start = self.epoch, self._pos
+        epoch, start = self._begin_pass()
         items = [(i, epoch) for i in self._indices()[start * self.batch_size:]]
         batches = [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
         loader = DataLoader(self._dataset, batch_sampler=batches, num_workers=self.num_workers,
