@@ -210,3 +210,19 @@ def test_misspelled_argument_is_refused(imagenet_tree):
     with pytest.raises(TypeError, match="num_thread"):
         TorchvisionImageLoader(index.files, index.labels, index.classes, batch_size=4, train=False, image_size=24,
                                num_thread=2)
+
+
+def test_val_set_missing_training_classes_warns_with_the_list(tmp_path, imagenet_tree):
+    import shutil
+
+    root = tmp_path / "tree"
+    shutil.copytree(imagenet_tree, root)
+    shutil.rmtree(root / "val" / "n00000001")
+    shutil.rmtree(root / "val" / "n00000003")
+    classes = [f"n{k:08d}" for k in range(4)]
+    with pytest.warns(UserWarning, match=r"no images of 2 training class\(es\): n00000001, n00000003"):
+        loader = build_val_loader(_cfg(root), classes=classes)
+    assert sorted(set(int(v) for _, y in loader for v in y)) == [0, 2] and loader.classes == classes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a complete val set: no warning
+        build_val_loader(_cfg(imagenet_tree), classes=classes)

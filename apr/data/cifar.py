@@ -14,6 +14,7 @@ files; pickle can run code, so only point this at files you downloaded from the 
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -23,7 +24,7 @@ import torch
 from .base import SeededPosition, epoch_permutation, mix_seed, train_shard_size
 from .layout import DatasetLayoutError
 
-__all__ = ["load_cifar", "load_cifar_c", "TensorBatchLoader", "CIFAR_FOLDERS"]
+__all__ = ["load_cifar", "load_cifar_c", "cifar_name_for", "TensorBatchLoader", "CIFAR_FOLDERS"]
 
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 
@@ -79,13 +80,29 @@ def load_cifar(root: str | Path, name: str = "cifar10", train: bool = True) -> t
         labels.append(lab)
     meta = _unpickle(folder / meta_file)
     classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta.get(names_key, [])]
-    expected = 10 if name == "cifar10" else 100
-    if len(classes) != expected:
-        raise DatasetLayoutError(f"{folder / meta_file}: expected {expected} names in '{names_key}', got {len(classes)}")
+    if not classes:
+        raise DatasetLayoutError(f"{folder / meta_file}: no class names in '{names_key}'")
+    usual = 10 if name == "cifar10" else 100
+    if len(classes) != usual:
+        warnings.warn(f"{folder / meta_file} lists {len(classes)} classes, not {name}'s {usual}: training on "
+                      f"the {len(classes)} classes of this folder", stacklevel=2)
     labels_all = np.concatenate(labels)
-    if labels_all.size and (labels_all.min() < 0 or labels_all.max() >= expected):
-        raise DatasetLayoutError(f"{folder}: labels outside 0..{expected - 1}")
+    if labels_all.size and (labels_all.min() < 0 or labels_all.max() >= len(classes)):
+        raise DatasetLayoutError(f"{folder}: labels outside 0..{len(classes) - 1} (the {len(classes)} classes "
+                                 f"of {meta_file})")
     return np.ascontiguousarray(np.concatenate(images)), labels_all, classes
+
+
+def cifar_name_for(dataset: str, classes: Sequence[str]) -> str:
+    """Which CIFAR pickle layout (``cifar10`` / ``cifar100``) a checkpoint's test set is read from:
+    its ``data.dataset`` when that is a CIFAR name, else guessed from the class count (100: cifar100,
+    10: cifar10). Shared by evaluation and analysis so that both read the same test split."""
+    if dataset in CIFAR_FOLDERS:
+        return dataset
+    if len(classes) in (10, 100):
+        return f"cifar{len(classes)}"
+    raise DatasetLayoutError(f"cannot tell which CIFAR test set fits a checkpoint with data.dataset={dataset!r} "
+                             f"and {len(classes)} classes: train with data.dataset=cifar10 or cifar100")
 
 
 def load_cifar_c(root: str | Path, corruption: str, severity: int | None = None) -> tuple[np.ndarray, np.ndarray]:
