@@ -44,8 +44,6 @@ def test_length_arithmetic_by_hand():
         loader_length(23, 8, True, 0, 3)
 
 
-
-
 def test_a_new_backend_gets_the_contract_by_subclassing():
     from apr.data.base import SeededPosition
 

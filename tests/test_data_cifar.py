@@ -132,7 +132,7 @@ def test_eval_batches_plain_and_sharded(digits_images):
     full = TensorBatchLoader(images, labels, 5)
     x = torch.cat([b[0] for b in full])
     assert [len(b[1]) for b in full] == [5, 5, 5, 5, 3]
-    assert torch.equal(x, torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
+    torch.testing.assert_close(x, torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, rtol=0, atol=1e-7)
     got = []
     for rank in (0, 1):
         shard = TensorBatchLoader(images, np.arange(23), 5, rank=rank, world_size=2)
@@ -175,7 +175,8 @@ def test_build_loaders_from_config(cifar_root):
     assert len(train) == 7 and train.classes[0] == "c0"
     val = build_val_loader(cfg, classes=train.classes)
     assert val.num_samples == 7 and len(val) == 2
-    assert torch.equal(torch.cat([x for x, _ in val]), torch.from_numpy(test).permute(0, 3, 1, 2).float() / 255)
+    torch.testing.assert_close(torch.cat([x for x, _ in val]), torch.from_numpy(test).permute(0, 3, 1, 2).float() / 255,
+                               rtol=0, atol=1e-7)
     with pytest.raises(ValueError, match="images must be uint8 N x H x W x 3"):
         TensorBatchLoader(np.zeros((4, 32, 32), np.uint8), [0] * 4, 2)
 
