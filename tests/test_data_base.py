@@ -96,6 +96,6 @@ def test_changed_data_set_restarts_the_saved_epoch_with_a_warning():
     a.set_epoch(3)
     next(iter(a))
     b = TensorBatchLoader(images[:7], np.arange(7), 2, train=True, seed=0)
-    with pytest.warns(UserWarning, match=r"\(8 files then, 7 now: 1 file\(s\) removed\); .*epoch 3 restarts"):
+    with pytest.warns(UserWarning, match=r"\(8 files then, 7 now: 1 file\(s\) removed\); .*interrupted epoch restarts"):
         b.load_state_dict(a.state_dict())
     assert b.state_dict()["epoch"] == 3 and b.state_dict()["batch"] == 0

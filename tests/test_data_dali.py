@@ -258,3 +258,21 @@ def test_resume_in_a_later_epoch_is_exact(numbered_files):
     assert len(head) + len(rest) == len(loader) and len(again) == len(rest)
     for (xa, ya), (xb, yb) in zip(rest, again):  # the same path run twice: bit-exact
         assert torch.equal(ya, yb) and torch.equal(xa, xb)
+
+
+def test_resume_after_the_data_set_changed_restarts_the_epoch(numbered_files):
+    loader = _numbered_loader(numbered_files, seed=4)
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+    state = loader.state_dict()
+    smaller = _numbered_loader(numbered_files[:-16], seed=4)
+    with pytest.warns(UserWarning, match=r"\(2560 files then, 2544 now: 16 file\(s\) removed\).*interrupted epoch "
+                                         r"restarts from its first batch"):
+        smaller.load_state_dict(state)
+    assert smaller.state_dict()["batch"] == 0 and smaller.epoch == 0
+    ids = [int(v) for _, y in smaller for v in y]
+    assert len(ids) == len(smaller) * 16 == 2544 and sorted(ids) == list(range(2544))
+    with pytest.raises(ValueError, match="world_size=1 but this loader has world_size=2"):
+        build_image_loader(numbered_files, list(range(2560)), ["x"], backend="dali", batch_size=16, train=True,
+                           image_size=8, num_workers=1, seed=4, rank=1, world_size=2).load_state_dict(state)

@@ -188,7 +188,7 @@ def test_resume_after_the_data_set_changed_restarts_the_epoch(scrambled_tree):
     bad.unlink()
     resumed = build_train_loader(cfg)
     with pytest.warns(UserWarning, match=r"training set changed since the checkpoint \(65 files then, 64 now: "
-                                         r"1 file\(s\) removed\).*epoch 2 restarts from its first batch"):
+                                         r"1 file\(s\) removed\).*interrupted epoch restarts from its first batch"):
         resumed.load_state_dict(state)
     resumed.set_epoch(2)
     fresh = build_train_loader(cfg)

@@ -67,13 +67,13 @@ def check_loader_state(state: dict, backend: str, backend_words: str, identity: 
             raise LoaderStateError(f"loader state has {key}={state[key]} but this loader has {key}={mine}: {advice}")
 
 
-def data_changed_message(saved_files: int, files_now: int, epoch: int) -> str:
+def data_changed_message(saved_files: int, files_now: int) -> str:
     """What changed in the data set since a checkpoint, and what a resume does about it."""
     delta = files_now - saved_files
     what = f"{abs(delta)} file(s) {'added' if delta > 0 else 'removed'}" if delta else "the file list changed"
     return (f"the training set changed since the checkpoint ({saved_files} files then, {files_now} now: {what}); "
-            f"the saved position no longer points at the same samples, so epoch {epoch} restarts from its "
-            f"first batch with the current files")
+            "the saved position no longer points at the same samples, so the interrupted epoch restarts from "
+            "its first batch with the current files")
 
 
 def loader_length(num_items: int, batch_size: int, train: bool, eval_samples: int, world_size: int) -> tuple[int, int]:
@@ -166,5 +166,5 @@ class SeededPosition(LoaderBase):
                            "resume with the same seed and number of processes")
         self.epoch, self._pos, self._started = int(state["epoch"]), int(state["batch"]), True
         if state["num_files"] != self._num_items():
-            warnings.warn(data_changed_message(state["num_files"], self._num_items(), self.epoch), stacklevel=2)
+            warnings.warn(data_changed_message(state["num_files"], self._num_items()), stacklevel=2)
             self._pos = 0

@@ -29,11 +29,13 @@ command that finds the file (``python -m apr.data.layout ROOT --decode``).
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
 
-from .base import LoaderBase, check_loader_state, epoch_permutation, mix_seed, to_device_batch, train_shard_size
+from .base import (LoaderBase, check_loader_state, data_changed_message, epoch_permutation, mix_seed, to_device_batch,
+                   train_shard_size)
 from .layout import ImageDecodeError
 
 try:
@@ -180,11 +182,15 @@ class DaliImageLoader(LoaderBase):
                 "world_size": self.world_size, "rank": self.rank, "checkpoint": bytes(self._it.checkpoints()[0])}
 
     def load_state_dict(self, state: dict) -> None:
-        check_loader_state(state, "dali", "dali",
-                           {"num_files": len(self.files), "world_size": self.world_size, "rank": self.rank},
-                           "resume with the same data and the same number of processes")
-        self._it = self._build(bytes(state["checkpoint"]))
-        self.epoch, self._pos = int(state["epoch"]), int(state["batch"])
+        """Continue at the saved reader position; if the data set changed since (another file count),
+        the saved position means nothing: warn and restart the interrupted epoch with a fresh reader."""
+        check_loader_state(state, "dali", "dali", {"world_size": self.world_size, "rank": self.rank},
+                           "resume with the same number of processes")
+        changed = state["num_files"] != len(self.files)
+        if changed:
+            warnings.warn(data_changed_message(state["num_files"], len(self.files)), stacklevel=2)
+        self._it = self._build(None if changed else bytes(state["checkpoint"]))
+        self.epoch, self._pos = int(state["epoch"]), 0 if changed else int(state["batch"])
 
     def _decode_error(self, exc: RuntimeError) -> Exception:
         text = str(exc)
