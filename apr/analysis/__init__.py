@@ -21,7 +21,8 @@ Command line: ``python -m apr.analysis heatmap ...`` and ``python -m apr.analysi
 """
 
 from .cli import _stratified_subset, build_parser, main  # noqa: F401  (_stratified_subset: tested directly)
-from .heatmap import HEATMAP_SCHEMA, HeatmapResult, default_eps, fourier_heatmap, heatmap_frequencies, perturbation_signs
+from .heatmap import (HEATMAP_SCHEMA, HeatmapResult, default_eps, fourier_heatmap, heatmap_frequencies,
+                      perturbation_signs)
 from .plots import plot_heatmap, plot_heatmaps_side_by_side, swap_figure
 from .swap import SWAP_COLUMNS, amplitude_follow_fraction, class_derangement, swap_predictions
 

@@ -272,8 +272,8 @@ def fourier_heatmap(
 
     with eval_mode(classifier), torch.inference_mode():
         if clean_errors < 0:
-            clean_errors = sum(_wrong(classifier, images[s:s + image_batch], labels[s:s + image_batch]).sum().item()
-                               for s in range(0, n, image_batch))
+            clean_errors = sum(int(_wrong(classifier, images[k:k + image_batch], labels[k:k + image_batch]).sum())
+                               for k in range(0, n, image_batch))
         finished = len(frequencies) - len(pending)
         with tqdm(total=len(frequencies), initial=finished, disable=not progress, desc="Fourier heat map",
                   unit="freq", dynamic_ncols=True) as bar:
@@ -291,8 +291,8 @@ def fourier_heatmap(
                 if max_chunks is not None and chunks >= max_chunks:
                     break
     half = _half_map(counts, done, n, width)
-    return HeatmapResult(half_errors=half, done=np.isfinite(half), eps=eps, max_frequency=max_frequency, image_size=(height, width), num_images=n,
-                         clean_error=int(clean_errors) / n, params=params)
+    return HeatmapResult(half_errors=half, done=np.isfinite(half), eps=eps, max_frequency=max_frequency,
+                         image_size=(height, width), num_images=n, clean_error=int(clean_errors) / n, params=params)
 
 
 def _heatmap_params(model, images, labels, *, eps, max_frequency, seed, precision, mean, std) -> dict:
