@@ -276,3 +276,17 @@ def test_resume_after_the_data_set_changed_restarts_the_epoch(numbered_files):
     with pytest.raises(ValueError, match="world_size=1 but this loader has world_size=2"):
         build_image_loader(numbered_files, list(range(2560)), ["x"], backend="dali", batch_size=16, train=True,
                            image_size=8, num_workers=1, seed=4, rank=1, world_size=2).load_state_dict(state)
+
+
+def test_state_of_the_older_reader_or_another_seed(numbered_files):
+    loader = _numbered_loader(numbered_files, seed=4)
+    next(iter(loader))
+    state = loader.state_dict()
+    assert state["seed"] == 4 and state["batch"] == 1
+    with pytest.raises(ValueError, match="seed=4 but this loader has seed=5"):
+        _numbered_loader(numbered_files, seed=5).load_state_dict(state)
+    old = {k: v for k, v in state.items() if k != "seed"}  # written before the seeded per-epoch order
+    again = _numbered_loader(numbered_files, seed=4)
+    with pytest.warns(UserWarning, match="older DALI reader"):
+        again.load_state_dict(old)
+    assert again.state_dict()["batch"] == 0 and len(list(again)) == len(again)

@@ -179,18 +179,27 @@ class DaliImageLoader(LoaderBase):
         if self._pos >= self._len:  # epoch finished: checkpoint the start of the next one
             self._next_epoch()
         return {"backend": "dali", "epoch": self.epoch, "batch": self._pos, "num_files": len(self.files),
-                "world_size": self.world_size, "rank": self.rank, "checkpoint": bytes(self._it.checkpoints()[0])}
+                "world_size": self.world_size, "rank": self.rank, "seed": self.seed,
+                "checkpoint": bytes(self._it.checkpoints()[0])}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue at the saved reader position; if the data set changed since (another file count),
-        the saved position means nothing: warn and restart the interrupted epoch with a fresh reader."""
+        """Continue at the saved reader position. If the data set changed since (another file count) or
+        the state comes from the older reader without a seeded file order (no ``seed`` key), the saved
+        position means nothing: warn and restart the interrupted epoch with a fresh reader."""
         check_loader_state(state, "dali", "dali", {"world_size": self.world_size, "rank": self.rank},
                            "resume with the same number of processes")
-        changed = state["num_files"] != len(self.files)
-        if changed:
-            warnings.warn(data_changed_message(state["num_files"], len(self.files)), stacklevel=2)
-        self._it = self._build(None if changed else bytes(state["checkpoint"]))
-        self.epoch, self._pos = int(state["epoch"]), 0 if changed else int(state["batch"])
+        if "seed" in state:
+            check_loader_state(state, "dali", "dali", {"seed": self.seed}, "resume with the same seed")
+        reason = None
+        if state["num_files"] != len(self.files):
+            reason = data_changed_message(state["num_files"], len(self.files))
+        elif "seed" not in state:
+            reason = ("the loader state was written by an older DALI reader (one shuffle, then a rotating buffer); "
+                      "the interrupted epoch restarts from its first batch in the new per-epoch order")
+        if reason:
+            warnings.warn(reason, stacklevel=2)
+        self._it = self._build(None if reason else bytes(state["checkpoint"]))
+        self.epoch, self._pos = int(state["epoch"]), 0 if reason else int(state["batch"])
 
     def _decode_error(self, exc: RuntimeError) -> Exception:
         text = str(exc)
