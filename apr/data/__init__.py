@@ -4,7 +4,9 @@ Every loader yields the batch contract: ``(images, labels)`` with images float32
 [0, 1] (not normalised) and int64 labels, both on the training device; ``len(loader)`` batches per
 epoch for this rank, ``loader.classes``, ``loader.num_samples``; train loaders add ``set_epoch``,
 ``state_dict`` and ``load_state_dict`` for exact mid-epoch resume. The training loop therefore
-cannot tell the backends apart. DALI is imported only when a DALI loader is built.
+cannot tell the backends apart. The contract itself (validation, length arithmetic, ``set_epoch``,
+resume position) lives in :class:`apr.data.base.LoaderBase`: a new backend subclasses it and only
+decodes. DALI is imported only when a DALI loader is built.
 """
 
 from __future__ import annotations
