@@ -127,7 +127,9 @@ def test_basis_images_are_real_unit_norm_and_hit_only_plus_minus_ij(height, widt
             assert spectrum[expected].min() > 1e-3, (i, j)
             assert spectrum[~expected].max() < 1e-10, (i, j)
     batch = fourier_basis_batch(height, width, torch.tensor([[1, 1], [0, 0]]), dtype=torch.float64)
-    assert torch.equal(batch[0], fourier_basis(height, width, 1, 1, dtype=torch.float64))
+    # batched and single basis images come from different code paths: equal up to rounding
+    torch.testing.assert_close(batch[0], fourier_basis(height, width, 1, 1, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(batch[1], fourier_basis(height, width, 0, 0, dtype=torch.float64), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("height, width", [(8, 8), (7, 9), (6, 5), (9, 6)])
@@ -240,7 +242,7 @@ def test_bf16_autocast_gives_nearly_the_same_map(low_pass):
     tx, ty = _correct_subset(model, x, y, 12)
     tx, model = tx.float(), NearestMean(Pool(2), _normalise(x[:200]).float(), y[:200], 4)
     kwargs = dict(mean=MEAN, std=STD, max_frequency=2, batch_size=64, progress=False)
-    fp32 = fourier_heatmap(model, tx, ty, precision="no", **kwargs)
+    fp32 = fourier_heatmap(model, tx, ty, precision="fp32", **kwargs)
     bf16 = fourier_heatmap(model, tx, ty, precision="bf16", **kwargs)
     assert np.nanmax(np.abs(fp32.half_errors - bf16.half_errors)) <= 0.25
     assert np.nanmean(fp32.half_errors) > 0.1  # the region probed is one the model is sensitive to
@@ -319,6 +321,8 @@ def test_heatmap_rejects_bad_input(low_pass):
         (dict(eps=0.0), "eps must be positive"),
         (dict(max_frequency=-2), "max_frequency must be >= 0"),
         (dict(precision="fp8"), "precision must be one of"),
+        (dict(precision="no"), "precision must be one of bf16 | fp32"),  # one vocabulary: no "no"/"fp16"
+        (dict(precision="fp16"), "precision must be one of bf16 | fp32"),
         (dict(std=None), "give both mean and std"),
         (dict(mean=(0.5, 0.5)), "mean and std need 3 values"),
         (dict(batch_size=0), "batch_size must be >= 1"),

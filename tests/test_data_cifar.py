@@ -132,7 +132,7 @@ def test_eval_batches_plain_and_sharded(digits_images):
     full = TensorBatchLoader(images, labels, 5)
     x = torch.cat([b[0] for b in full])
     assert [len(b[1]) for b in full] == [5, 5, 5, 5, 3]
-    assert torch.equal(x, torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
+    torch.testing.assert_close(x, torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, rtol=0, atol=1e-7)
     got = []
     for rank in (0, 1):
         shard = TensorBatchLoader(images, np.arange(23), 5, rank=rank, world_size=2)
@@ -175,6 +175,30 @@ def test_build_loaders_from_config(cifar_root):
     assert len(train) == 7 and train.classes[0] == "c0"
     val = build_val_loader(cfg, classes=train.classes)
     assert val.num_samples == 7 and len(val) == 2
-    assert torch.equal(torch.cat([x for x, _ in val]), torch.from_numpy(test).permute(0, 3, 1, 2).float() / 255)
+    torch.testing.assert_close(torch.cat([x for x, _ in val]), torch.from_numpy(test).permute(0, 3, 1, 2).float() / 255,
+                               rtol=0, atol=1e-7)
     with pytest.raises(ValueError, match="images must be uint8 N x H x W x 3"):
         TensorBatchLoader(np.zeros((4, 32, 32), np.uint8), [0] * 4, 2)
+
+
+def test_cifar10_layout_with_another_class_count_is_accepted_with_a_warning(tmp_path):
+    """A CIFAR-format folder of 3 classes (data.dataset: cifar10) used to be refused."""
+    from apr.data import cifar_name_for
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for i in range(1, 6):
+        _write_pickle(folder / f"data_batch_{i}", {b"data": _as_rows(_images(4, i)), b"labels": [0, 1, 2, i % 3]})
+    _write_pickle(folder / "test_batch", {b"data": _as_rows(_images(3, 9)), b"labels": [2, 1, 0]})
+    _write_pickle(folder / "batches.meta", {b"label_names": [b"cat", b"dog", b"eel"]})
+    with pytest.warns(UserWarning, match=r"lists 3 classes, not cifar10's 10"):
+        images, labels, classes = load_cifar(tmp_path, "cifar10", train=True)
+    assert classes == ["cat", "dog", "eel"] and images.shape == (20, 32, 32, 3)
+    assert labels.tolist() == [0, 1, 2, 1, 0, 1, 2, 2, 0, 1, 2, 0, 0, 1, 2, 1, 0, 1, 2, 2]
+    _write_pickle(folder / "test_batch", {b"data": _as_rows(_images(3, 9)), b"labels": [2, 1, 3]})
+    with pytest.warns(UserWarning), pytest.raises(DatasetLayoutError, match=r"labels outside 0..2"):
+        load_cifar(tmp_path, "cifar10", train=False)
+    assert cifar_name_for("cifar10", classes) == "cifar10"
+    assert cifar_name_for("imagenet", ["x"] * 100) == "cifar100" and cifar_name_for("", ["x"] * 10) == "cifar10"
+    with pytest.raises(DatasetLayoutError, match="cannot tell which CIFAR test set"):
+        cifar_name_for("imagenet", ["x"] * 7)

@@ -197,3 +197,96 @@ def test_mixed_pipeline_decodes_on_the_training_device(imagenet_tree, monkeypatc
                                  rank=local_rank, world_size=4, local_rank=local_rank, device=device)
         assert asked["device_id"] == expected, (device, local_rank)
         assert asked["decoder_device"] == ("cpu" if device == "cpu" else "mixed")
+
+
+@pytest.fixture(scope="module")
+def numbered_files(tmp_path_factory):
+    """2,560 tiny JPEGs (more than DALI's 1,024 shuffle buffer); label = file number = reading order."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("numbered")
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(2560):
+        path = root / f"{i:04d}.JPEG"
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
+        files.append(str(path))
+    return files
+
+
+def _order(loader, epochs: int) -> list[list[int]]:
+    return [[int(y) for _, labels in loader for y in labels] for _ in range(epochs)]
+
+
+def _spearman(a: list[int], b: list[int]) -> float:
+    """Rank correlation of each file's position in two epochs (positions are already ranks)."""
+    import numpy as np
+
+    pa, pb = np.argsort(a), np.argsort(b)  # pa[f] = position of file f in epoch a
+    common = np.intersect1d(a, b)
+    x, y = pa[np.searchsorted(np.sort(a), common)], pb[np.searchsorted(np.sort(b), common)]
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def _numbered_loader(files, seed: int):
+    return build_image_loader(files, list(range(len(files))), ["x"], backend="dali", batch_size=16, train=True,
+                              image_size=8, num_workers=1, seed=seed)
+
+
+def test_every_epoch_is_a_new_global_shuffle_that_follows_the_seed(numbered_files):
+    """DALI's random_shuffle shuffled once and then rotated a buffer: consecutive epochs correlated."""
+    first, second, third = _order(_numbered_loader(numbered_files, seed=0), 3)
+    assert sorted(first) == sorted(second) == list(range(2560))
+    assert abs(_spearman(first, second)) < 0.1 and abs(_spearman(second, third)) < 0.1
+    assert first != second != third
+    other = _order(_numbered_loader(numbered_files, seed=1), 2)
+    assert other[0] != first and other[1] != second
+    assert abs(_spearman(other[1], second)) < 0.1
+
+
+def test_resume_in_a_later_epoch_is_exact(numbered_files):
+    loader = _numbered_loader(numbered_files, seed=4)
+    _order(loader, 1)
+    it = iter(loader)
+    head = [next(it) for _ in range(5)]
+    state = loader.state_dict()
+    rest = [(x.clone(), y.clone()) for x, y in it]
+    resumed = _numbered_loader(numbered_files, seed=4)
+    resumed.load_state_dict(state)
+    again = list(resumed)
+    assert len(head) + len(rest) == len(loader) and len(again) == len(rest)
+    for (xa, ya), (xb, yb) in zip(rest, again):  # the same path run twice: bit-exact
+        assert torch.equal(ya, yb) and torch.equal(xa, xb)
+
+
+def test_resume_after_the_data_set_changed_restarts_the_epoch(numbered_files):
+    loader = _numbered_loader(numbered_files, seed=4)
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+    state = loader.state_dict()
+    smaller = _numbered_loader(numbered_files[:-16], seed=4)
+    with pytest.warns(UserWarning, match=r"\(2560 files then, 2544 now: 16 file\(s\) removed\).*interrupted epoch "
+                                         r"restarts from its first batch"):
+        smaller.load_state_dict(state)
+    assert smaller.state_dict()["batch"] == 0 and smaller.epoch == 0
+    ids = [int(v) for _, y in smaller for v in y]
+    assert len(ids) == len(smaller) * 16 == 2544 and sorted(ids) == list(range(2544))
+    with pytest.raises(ValueError, match="world_size=1 but this loader has world_size=2"):
+        build_image_loader(numbered_files, list(range(2560)), ["x"], backend="dali", batch_size=16, train=True,
+                           image_size=8, num_workers=1, seed=4, rank=1, world_size=2).load_state_dict(state)
+
+
+def test_state_of_the_older_reader_or_another_seed(numbered_files):
+    loader = _numbered_loader(numbered_files, seed=4)
+    next(iter(loader))
+    state = loader.state_dict()
+    assert state["seed"] == 4 and state["batch"] == 1
+    with pytest.raises(ValueError, match="seed=4 but this loader has seed=5"):
+        _numbered_loader(numbered_files, seed=5).load_state_dict(state)
+    old = {k: v for k, v in state.items() if k != "seed"}  # written before the seeded per-epoch order
+    again = _numbered_loader(numbered_files, seed=4)
+    with pytest.warns(UserWarning, match="older DALI reader"):
+        again.load_state_dict(old)
+    assert again.state_dict()["batch"] == 0 and len(list(again)) == len(again)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -115,13 +116,113 @@ def test_workers_match_main_process(imagenet_tree):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
-def test_decode_error_names_file(tmp_path, imagenet_tree):
+def _scramble(path: Path, seed: int = 0) -> None:
+    """Keep the JPEG header (through the start-of-scan marker) and the end marker; random body."""
+    data = path.read_bytes()
+    body = data.index(b"\xff\xda") + 14
+    noise = np.random.default_rng(seed).integers(0, 256, len(data) - body - 2, dtype=np.uint8).tobytes()
+    path.write_bytes(data[:body] + noise + b"\xff\xd9")
+
+
+@pytest.fixture()
+def scrambled_tree(tmp_path, imagenet_tree) -> tuple[Path, Path]:
     import shutil
 
     root = tmp_path / "tree"
     shutil.copytree(imagenet_tree, root)
     bad = root / "train" / "n00000002" / "zz_bad.JPEG"
-    bad.write_text("not a jpeg")
-    with pytest.raises(ImageDecodeError, match=r"cannot decode image .*zz_bad\.JPEG"):
-        for _ in build_train_loader(_cfg(root, verify_images=False)):
-            pass
+    shutil.copy(next((root / "train" / "n00000002").iterdir()), bad)
+    _scramble(bad)
+    return root, bad
+
+
+def test_text_file_without_verification_is_skipped_by_name(tmp_path, imagenet_tree):
+    import shutil
+
+    root = tmp_path / "tree"
+    shutil.copytree(imagenet_tree, root)
+    (root / "train" / "n00000002" / "zz_bad.JPEG").write_text("not a jpeg")
+    loader = build_train_loader(_cfg(root, verify_images=False))
+    with pytest.warns(UserWarning, match=r"skipped undecodable image .*zz_bad\.JPEG"):
+        batches = list(loader)
+    assert len(batches) == len(loader) and all(x.shape == (8, 3, 24, 24) for x, _ in batches)
+    assert list(loader.skipped_files) == [str(root / "train" / "n00000002" / "zz_bad.JPEG")]
+
+
+def test_scrambled_jpeg_is_replaced_in_training_and_dropped_in_eval(scrambled_tree):
+    """A valid header on an undecodable body passes the header check; it used to stop training."""
+    root, bad = scrambled_tree
+    cfg = _cfg(root)
+    assert str(bad) in build_train_loader(cfg).files  # the header check lets it through
+    loader, again = build_train_loader(cfg), build_train_loader(cfg)
+    with pytest.warns(UserWarning, match=r"skipped undecodable image .*zz_bad\.JPEG.*replaced"):
+        batches = list(loader)
+    assert len(batches) == len(loader) == 8
+    assert all(x.shape == (8, 3, 24, 24) and y.dtype == torch.int64 for x, y in batches)
+    assert list(loader.skipped_files) == [str(bad)]
+    with pytest.warns(UserWarning):
+        repeat = list(again)
+    for (xa, ya), (xb, yb) in zip(batches, repeat):  # the stand-in is seeded: same path twice, bit-exact
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    files = [str(bad)] + [str(p) for p in sorted((root / "val" / "n00000000").iterdir())[:3]]
+    val = build_image_loader(files, [2, 0, 0, 0], ["a", "b", "c"], backend="torchvision", batch_size=2,
+                             train=False, image_size=24, num_workers=0)
+    with pytest.warns(UserWarning, match="left out of the evaluation"):
+        labels = [int(v) for _, y in val for v in y]
+    assert labels == [0, 0, 0]
+
+
+def test_resume_after_the_data_set_changed_restarts_the_epoch(scrambled_tree):
+    """Deleting the bad file used to make --resume refuse ("num_files=65 but ..."): a dead end."""
+    root, bad = scrambled_tree
+    cfg = _cfg(root)
+    loader = build_train_loader(cfg)
+    loader.set_epoch(2)
+    it = iter(loader)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the scrambled file may or may not fall in these batches
+        for _ in range(3):
+            next(it)
+    state = loader.state_dict()
+    assert (state["epoch"], state["batch"], state["num_files"]) == (2, 3, 65)
+    bad.unlink()
+    resumed = build_train_loader(cfg)
+    with pytest.warns(UserWarning, match=r"training set changed since the checkpoint \(65 files then, 64 now: "
+                                         r"1 file\(s\) removed\).*interrupted epoch restarts from its first batch"):
+        resumed.load_state_dict(state)
+    resumed.set_epoch(2)
+    fresh = build_train_loader(cfg)
+    fresh.set_epoch(2)
+    got, want = list(resumed), list(fresh)
+    assert len(got) == len(want) == 8 and resumed.epoch == 2
+    for (xa, ya), (xb, yb) in zip(got, want):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    other_seed = _cfg(root)
+    other_seed.train.seed = 4
+    with pytest.raises(ValueError, match="seed=3 but this loader has seed=4"):
+        build_train_loader(other_seed).load_state_dict(state)
+
+
+def test_misspelled_argument_is_refused(imagenet_tree):
+    from apr.data.torchvision_backend import TorchvisionImageLoader
+
+    index = scan_image_folder(imagenet_tree / "val")
+    with pytest.raises(TypeError, match="num_thread"):
+        TorchvisionImageLoader(index.files, index.labels, index.classes, batch_size=4, train=False, image_size=24,
+                               num_thread=2)
+
+
+def test_val_set_missing_training_classes_warns_with_the_list(tmp_path, imagenet_tree):
+    import shutil
+
+    root = tmp_path / "tree"
+    shutil.copytree(imagenet_tree, root)
+    shutil.rmtree(root / "val" / "n00000001")
+    shutil.rmtree(root / "val" / "n00000003")
+    classes = [f"n{k:08d}" for k in range(4)]
+    with pytest.warns(UserWarning, match=r"no images of 2 training class\(es\): n00000001, n00000003"):
+        loader = build_val_loader(_cfg(root), classes=classes)
+    assert sorted(set(int(v) for _, y in loader for v in y)) == [0, 2] and loader.classes == classes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a complete val set: no warning
+        build_val_loader(_cfg(imagenet_tree), classes=classes)

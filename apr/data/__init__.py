@@ -4,25 +4,28 @@ Every loader yields the batch contract: ``(images, labels)`` with images float32
 [0, 1] (not normalised) and int64 labels, both on the training device; ``len(loader)`` batches per
 epoch for this rank, ``loader.classes``, ``loader.num_samples``; train loaders add ``set_epoch``,
 ``state_dict`` and ``load_state_dict`` for exact mid-epoch resume. The training loop therefore
-cannot tell the backends apart. DALI is imported only when a DALI loader is built.
+cannot tell the backends apart. The contract itself (validation, length arithmetic, ``set_epoch``,
+resume position) lives in :class:`apr.data.base.LoaderBase`: a new backend subclasses it and only
+decodes. DALI is imported only when a DALI loader is built.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from .cifar import CIFAR_FOLDERS, TensorBatchLoader, load_cifar, load_cifar_c
+from .cifar import CIFAR_FOLDERS, TensorBatchLoader, cifar_name_for, load_cifar, load_cifar_c
 from .layout import (DatasetLayoutError, ImageDecodeError, ImageFolderIndex, scan_image_folder,
                      scan_train_roots)
 
 __all__ = [
     "DatasetLayoutError", "ImageDecodeError", "ImageFolderIndex", "scan_image_folder", "scan_train_roots",
     "build_train_loader", "build_val_loader", "build_folder_eval_loader", "build_image_loader",
-    "load_cifar", "load_cifar_c", "TensorBatchLoader", "CIFAR_FOLDERS",
+    "load_cifar", "load_cifar_c", "cifar_name_for", "TensorBatchLoader", "CIFAR_FOLDERS",
 ]
 
 
@@ -84,10 +87,20 @@ def build_val_loader(cfg, *, classes: Sequence[str] | None = None, rank: int = 0
                                  world_size=world_size, device=device, classes=list(classes or names))
     root = _split_root(cfg, d.val_dir)
     index = scan_image_folder(root, classes=classes, verify=d.verify_images, allow_missing_classes=True)
+    _warn_missing_val_classes(index, root)
     return build_image_loader(index.files, index.labels, index.classes, backend=d.backend,
                               batch_size=cfg.train.batch_size, train=False, image_size=d.image_size,
                               resize=d.val_resize, num_workers=d.num_workers, rank=rank, world_size=world_size,
                               local_rank=local_rank, device=device, seed=cfg.train.seed, roots=[str(root)])
+
+
+def _warn_missing_val_classes(index: ImageFolderIndex, root: Path) -> None:
+    """A val folder without some training classes measures an error over fewer classes: say which."""
+    missing = [name for name, count in zip(index.classes, index.class_counts()) if count == 0]
+    if missing:
+        shown = ", ".join(missing[:10]) + (f", ... ({len(missing)} in all)" if len(missing) > 10 else "")
+        warnings.warn(f"validation folder {root} has no images of {len(missing)} training class(es): {shown}; "
+                      f"val error is measured over the other classes only", stacklevel=3)
 
 
 def build_folder_eval_loader(folder: str | os.PathLike, classes: Sequence[str], *, batch_size: int, image_size: int,

@@ -14,16 +14,17 @@ files; pickle can run code, so only point this at files you downloaded from the 
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from .base import SeededPosition, epoch_permutation, eval_shard, mix_seed, train_shard_size
+from .base import SeededPosition, epoch_permutation, mix_seed, train_shard_size
 from .layout import DatasetLayoutError
 
-__all__ = ["load_cifar", "load_cifar_c", "TensorBatchLoader", "CIFAR_FOLDERS"]
+__all__ = ["load_cifar", "load_cifar_c", "cifar_name_for", "TensorBatchLoader", "CIFAR_FOLDERS"]
 
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 
@@ -79,13 +80,29 @@ def load_cifar(root: str | Path, name: str = "cifar10", train: bool = True) -> t
         labels.append(lab)
     meta = _unpickle(folder / meta_file)
     classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta.get(names_key, [])]
-    expected = 10 if name == "cifar10" else 100
-    if len(classes) != expected:
-        raise DatasetLayoutError(f"{folder / meta_file}: expected {expected} names in '{names_key}', got {len(classes)}")
+    if not classes:
+        raise DatasetLayoutError(f"{folder / meta_file}: no class names in '{names_key}'")
+    usual = 10 if name == "cifar10" else 100
+    if len(classes) != usual:
+        warnings.warn(f"{folder / meta_file} lists {len(classes)} classes, not {name}'s {usual}: training on "
+                      f"the {len(classes)} classes of this folder", stacklevel=2)
     labels_all = np.concatenate(labels)
-    if labels_all.size and (labels_all.min() < 0 or labels_all.max() >= expected):
-        raise DatasetLayoutError(f"{folder}: labels outside 0..{expected - 1}")
+    if labels_all.size and (labels_all.min() < 0 or labels_all.max() >= len(classes)):
+        raise DatasetLayoutError(f"{folder}: labels outside 0..{len(classes) - 1} (the {len(classes)} classes "
+                                 f"of {meta_file})")
     return np.ascontiguousarray(np.concatenate(images)), labels_all, classes
+
+
+def cifar_name_for(dataset: str, classes: Sequence[str]) -> str:
+    """Which CIFAR pickle layout (``cifar10`` / ``cifar100``) a checkpoint's test set is read from:
+    its ``data.dataset`` when that is a CIFAR name, else guessed from the class count (100: cifar100,
+    10: cifar10). Shared by evaluation and analysis so that both read the same test split."""
+    if dataset in CIFAR_FOLDERS:
+        return dataset
+    if len(classes) in (10, 100):
+        return f"cifar{len(classes)}"
+    raise DatasetLayoutError(f"cannot tell which CIFAR test set fits a checkpoint with data.dataset={dataset!r} "
+                             f"and {len(classes)} classes: train with data.dataset=cifar10 or cifar100")
 
 
 def load_cifar_c(root: str | Path, corruption: str, severity: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -147,36 +164,13 @@ class TensorBatchLoader(SeededPosition):
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != torch.uint8:
             raise ValueError(f"images must be uint8 N x H x W x 3, got {images.dtype} {tuple(images.shape)}")
         labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64).reshape(-1)
-        if len(labels) != len(images):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world of size {world_size}")
-        self.device = torch.device(device)
+        n_classes = int(labels.max()) + 1 if len(labels) else 0
+        self._init_contract(len(images), len(labels), classes or [str(i) for i in range(n_classes)],
+                            batch_size=batch_size, train=train, rank=rank, world_size=world_size, seed=seed,
+                            device=device)
         self.images = images.permute(0, 3, 1, 2).contiguous().to(self.device)  # N x 3 x H x W uint8
         self.label_tensor = labels.to(self.device)
-        n_classes = int(labels.max()) + 1 if len(labels) else 0
-        self.classes = list(classes) if classes is not None else [str(i) for i in range(n_classes)]
-        self.batch_size, self.train, self.seed = int(batch_size), bool(train), int(seed)
         self.crop_padding, self.flip = int(crop_padding), bool(flip)
-        self.rank, self.world_size = rank, world_size
-        n = len(images)
-        if self.train:
-            self._len = train_shard_size(n, world_size) // self.batch_size
-            self.num_samples = self._len * self.batch_size
-            if self._len == 0:
-                raise ValueError(f"{n} training images for {world_size} rank(s): fewer per rank than "
-                                 f"batch_size={batch_size}")
-        else:
-            self.num_samples = len(eval_shard(n, rank, world_size))
-            self._len = -(-self.num_samples // self.batch_size)
-        self.epoch, self._pos, self._started = 0, 0, False
-
-    def __len__(self) -> int:
-        return self._len
-
-    def set_epoch(self, epoch: int) -> None:
-        if int(epoch) != self.epoch:
-            self.epoch, self._pos = int(epoch), 0
 
     def _indices(self) -> torch.Tensor:
         n = len(self.images)
@@ -186,14 +180,7 @@ class TensorBatchLoader(SeededPosition):
         return order[self.rank::self.world_size][: self._len * self.batch_size]
 
     def __iter__(self):
-        if not self.train:  # evaluation passes always cover the whole shard
-            self._pos = 0
-        if self._pos >= self._len:
-            if self._started:
-                self.epoch += 1
-            self._pos = 0
-        self._started = True
-        epoch = self.epoch
+        epoch, _ = self._begin_pass()
         indices = self._indices()
         while self.epoch == epoch and self._pos < self._len:
             b = self._pos

@@ -7,10 +7,11 @@ tests check is what runs on a cluster.
 Sharding: ``shard_id`` = GLOBAL rank, ``num_shards`` = world size, ``device_id`` = local rank.
 Every shard is read with ``pad_last_batch=True`` so an epoch never reads into the next one:
 
-- train: the reader's global shuffle (fixed seed, same on all ranks) is split into equal shards
-  (``N % world_size`` files are left out, chosen once by the seed, so every rank runs the same
-  number of steps); shards rotate between epochs (``stick_to_shard=False``), the order inside a
-  shard comes from DALI's shuffle buffer; the last partial batch is dropped;
+- train: the file list is put in a ``seed``-dependent order (``N % world_size`` files left out, the
+  same on every rank, so every rank runs the same number of steps), then the reader reshuffles the
+  whole list every epoch (``shuffle_after_epoch=True``; DALI's ``random_shuffle`` would shuffle once
+  and then only rotate a 1,024-sample buffer, so consecutive epochs came in nearly the same order);
+  each rank reads its contiguous slice of that epoch's order; the last partial batch is dropped;
 - eval: contiguous shards, ``LastBatchPolicy.PARTIAL`` with ``reader_name`` drops the padding, so
   each image is seen exactly once over all ranks (a rank may have one batch more than another).
 
@@ -28,12 +29,13 @@ command that finds the file (``python -m apr.data.layout ROOT --decode``).
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
-import numpy as np
 import torch
 
-from .base import check_loader_state, mix_seed, to_device_batch, train_shard_size
+from .base import (LoaderBase, check_loader_state, data_changed_message, epoch_permutation, mix_seed, to_device_batch,
+                   train_shard_size)
 from .layout import ImageDecodeError
 
 try:
@@ -67,7 +69,7 @@ def image_pipeline(files: Sequence[str], labels: Sequence[int], *, train: bool, 
     Output: float32 CHW in [0, 1] (mean 0, std 255) and the label."""
     jpegs, labels = fn.readers.file(
         files=list(files), labels=list(labels), shard_id=shard_id, num_shards=num_shards,
-        random_shuffle=train, pad_last_batch=True, stick_to_shard=not train, name="Reader", seed=reader_seed)
+        shuffle_after_epoch=train, pad_last_batch=True, stick_to_shard=not train, name="Reader", seed=reader_seed)
     if train:
         images = fn.decoders.image_random_crop(
             jpegs, device=decoder_device, output_type=types.RGB, random_area=list(crop_scale),
@@ -88,7 +90,7 @@ def image_pipeline(files: Sequence[str], labels: Sequence[int], *, train: bool, 
     return images, labels
 
 
-class DaliImageLoader:
+class DaliImageLoader(LoaderBase):
     """Iterable over one epoch of ``(images, labels)`` batches from a DALI pipeline (batch contract)."""
 
     def __init__(self, files: Sequence[str], labels: Sequence[int], classes: Sequence[str], *, batch_size: int,
@@ -97,39 +99,31 @@ class DaliImageLoader:
                  device: torch.device | str = "cpu", seed: int = 0, roots: Sequence[str] = (),
                  prefetch: int = 2):
         require_dali()
-        if len(files) != len(labels):
-            raise ValueError(f"{len(files)} files but {len(labels)} labels")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world of size {world_size}")
-        files, labels = list(files), [int(x) for x in labels]
-        if train and world_size > 1 and len(files) % world_size:
-            # equal shards: leave out N % world_size files, the same ones on every rank
-            drop = set(np.random.default_rng(mix_seed(seed, 3)).choice(len(files), len(files) % world_size,
-                                                                        replace=False).tolist())
-            keep = [i for i in range(len(files)) if i not in drop]
-            files, labels = [files[i] for i in keep], [labels[i] for i in keep]
-        self.files, self.labels, self.classes = files, labels, list(classes)
-        self.batch_size, self.train = int(batch_size), bool(train)
-        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
-        self.device = torch.device(device)
-        self.roots = [str(r) for r in roots]
+        self._init_contract(len(files), len(labels), classes, batch_size=batch_size, train=train, rank=rank,
+                            world_size=world_size, seed=seed, device=device)
+        self.files, self.labels = self._reader_order(list(files), [int(x) for x in labels])
+        self.local_rank, self.roots = local_rank, [str(r) for r in roots]
         self._kwargs = dict(train=self.train, image_size=image_size, crop_scale=tuple(crop_scale), resize=resize,
                             shard_id=rank, num_shards=world_size, reader_seed=mix_seed(seed, 1) % (2 ** 31),
                             decoder_device="mixed" if self.device.type == "cuda" else "cpu")
         self._pipe_seed = mix_seed(seed, 2, rank) % (2 ** 31)
         self._num_threads, self._prefetch = max(1, int(num_threads)), prefetch
-        n = len(files)
-        if train:
-            self.num_samples = train_shard_size(n, world_size) // self.batch_size * self.batch_size
-            self._len = train_shard_size(n, world_size) // self.batch_size
-            if self._len == 0:
-                raise ValueError(f"training set has {n} images for {world_size} rank(s): fewer per rank than "
-                                 f"batch_size={batch_size}")
-        else:
-            self.num_samples = (rank + 1) * n // world_size - rank * n // world_size
-            self._len = -(-self.num_samples // self.batch_size)
-        self.epoch, self._pos = 0, 0
         self._it = self._build()
+
+    def _reader_order(self, files: list[str], labels: list[int]) -> tuple[list[str], list[int]]:
+        """Train: the file list in a ``seed``-dependent order, ``N % world_size`` files left out (the
+        same on every rank) so that the shards are equal. DALI's ``shuffle_after_epoch`` reshuffles the
+        whole list each epoch but from its own fixed seed; starting from a seeded order makes every
+        epoch's order depend on ``train.seed``. Eval: the list as given."""
+        if not self.train:
+            return files, labels
+        order = epoch_permutation(len(files), self.seed, -1).tolist()
+        order = order[: train_shard_size(len(files), self.world_size) * self.world_size]
+        return [files[i] for i in order], [labels[i] for i in order]
+
+    def _eval_samples(self, num_items: int) -> int:
+        """DALI reads contiguous eval shards: rank r gets files [r*N/W, (r+1)*N/W)."""
+        return (self.rank + 1) * num_items // self.world_size - self.rank * num_items // self.world_size
 
     def _build(self, checkpoint: bytes | None = None):
         pipe = image_pipeline(
@@ -150,9 +144,6 @@ class DaliImageLoader:
         if self.device.type != "cuda":
             return None
         return self.device.index if self.device.index is not None else self.local_rank
-
-    def __len__(self) -> int:
-        return self._len
 
     def set_epoch(self, epoch: int) -> None:
         """Bookkeeping only: DALI's reader moves to the next epoch by itself (its order is seeded)."""
@@ -188,14 +179,27 @@ class DaliImageLoader:
         if self._pos >= self._len:  # epoch finished: checkpoint the start of the next one
             self._next_epoch()
         return {"backend": "dali", "epoch": self.epoch, "batch": self._pos, "num_files": len(self.files),
-                "world_size": self.world_size, "rank": self.rank, "checkpoint": bytes(self._it.checkpoints()[0])}
+                "world_size": self.world_size, "rank": self.rank, "seed": self.seed,
+                "checkpoint": bytes(self._it.checkpoints()[0])}
 
     def load_state_dict(self, state: dict) -> None:
-        check_loader_state(state, "dali", "dali",
-                           {"num_files": len(self.files), "world_size": self.world_size, "rank": self.rank},
-                           "resume with the same data and the same number of processes")
-        self._it = self._build(bytes(state["checkpoint"]))
-        self.epoch, self._pos = int(state["epoch"]), int(state["batch"])
+        """Continue at the saved reader position. If the data set changed since (another file count) or
+        the state comes from the older reader without a seeded file order (no ``seed`` key), the saved
+        position means nothing: warn and restart the interrupted epoch with a fresh reader."""
+        check_loader_state(state, "dali", "dali", {"world_size": self.world_size, "rank": self.rank},
+                           "resume with the same number of processes")
+        if "seed" in state:
+            check_loader_state(state, "dali", "dali", {"seed": self.seed}, "resume with the same seed")
+        reason = None
+        if state["num_files"] != len(self.files):
+            reason = data_changed_message(state["num_files"], len(self.files))
+        elif "seed" not in state:
+            reason = ("the loader state was written by an older DALI reader (one shuffle, then a rotating buffer); "
+                      "the interrupted epoch restarts from its first batch in the new per-epoch order")
+        if reason:
+            warnings.warn(reason, stacklevel=2)
+        self._it = self._build(None if reason else bytes(state["checkpoint"]))
+        self.epoch, self._pos = int(state["epoch"]), 0 if reason else int(state["batch"])
 
     def _decode_error(self, exc: RuntimeError) -> Exception:
         text = str(exc)

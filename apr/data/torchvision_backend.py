@@ -8,10 +8,15 @@ Exact resume without saving worker state: the epoch order is a permutation seede
 ``(seed, epoch)`` (identical on every rank, then split ``rank::world_size`` like DistributedSampler
 with ``drop_last``), and each sample's augmentation is seeded by ``(seed, epoch, index)``. A resumed
 loader therefore only needs ``(epoch, batch)`` to regenerate exactly the batches that come next.
+
+Undecodable files that pass the header check (a valid JPEG header on a scrambled body) are skipped
+the way header-bad ones are: warned about, listed in ``loader.skipped_files``; a training batch gets
+a seeded stand-in sample (same size, same resume), an evaluation batch leaves the file out.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
@@ -38,8 +43,27 @@ def build_transform(train: bool, image_size: int, crop_scale: Sequence[float] = 
     return v2.Compose(ops + [v2.ToDtype(torch.float32, scale=True)])
 
 
+MAX_REPLACEMENTS = 16  # tries to find a decodable stand-in before the data set is declared broken
+
+
+def _decode(path: str):
+    """The file as an RGB PIL image, or the reason it cannot be decoded."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB"), None
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for bad data
+        return None, f"{type(exc).__name__}: {exc}"
+
+
 class _ImageFiles(Dataset):
-    """Decodes one file; item = (dataset index, epoch) so the augmentation can be seeded per sample."""
+    """Decodes one file; item = (dataset index, epoch) so the augmentation can be seeded per sample.
+
+    A file that passed the header check but does not decode (a scrambled body) is reported back with
+    the batch: in training it is replaced by another sample of the data set, drawn from
+    ``(seed, epoch, index)`` so that a resumed run draws the same stand-in; in evaluation it is left
+    out (a stand-in would count another image twice)."""
 
     def __init__(self, files, labels, transform, seed: int, train: bool):
         self.files, self.labels, self.transform, self.seed, self.train = files, labels, transform, seed, train
@@ -49,21 +73,36 @@ class _ImageFiles(Dataset):
 
     def __getitem__(self, item):
         index, epoch = item
-        from PIL import Image
-
-        path = self.files[index]
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-        except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for bad data
-            raise ImageDecodeError(f"cannot decode image {path}: {type(exc).__name__}: {exc}") from exc
+        bad = []
+        source = index
+        for attempt in range(MAX_REPLACEMENTS + 1):
+            img, reason = _decode(self.files[source])
+            if img is not None:
+                break
+            bad.append((self.files[source], reason))
+            if not self.train:
+                return None, self.labels[index], bad
+            source = mix_seed(self.seed, epoch, index, attempt) % len(self.files)
+        else:
+            raise ImageDecodeError(f"cannot decode image {bad[0][0]} ({bad[0][1]}) nor {MAX_REPLACEMENTS} "
+                                   f"stand-ins drawn from the data set: check it with "
+                                   f"`python -m apr.data.layout <root> --decode`")
         if self.train:
             with torch.random.fork_rng(devices=[]):  # never disturb the caller's global RNG
                 torch.manual_seed(mix_seed(self.seed, epoch, index))
                 x = self.transform(img)
         else:
             x = self.transform(img)
-        return x, self.labels[index]
+        return x, self.labels[source], bad
+
+
+def _collate(items):
+    """Stack the decoded samples; hand back the undecodable files met on the way."""
+    kept = [(x, y) for x, y, _ in items if x is not None]
+    bad = [entry for _, _, found in items for entry in found]
+    if not kept:
+        return None, None, bad
+    return torch.stack([x for x, _ in kept]), torch.tensor([y for _, y in kept], dtype=torch.int64), bad
 
 
 class TorchvisionImageLoader(SeededPosition):
@@ -74,37 +113,14 @@ class TorchvisionImageLoader(SeededPosition):
     def __init__(self, files: Sequence[str], labels: Sequence[int], classes: Sequence[str], *, batch_size: int,
                  train: bool, image_size: int, crop_scale: Sequence[float] = (0.08, 1.0), resize: int | None = None,
                  num_workers: int = 4, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
-                 seed: int = 0, **_ignored):
-        if len(files) != len(labels):
-            raise ValueError(f"{len(files)} files but {len(labels)} labels")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world of size {world_size}")
-        self.files, self.labels, self.classes = list(files), [int(x) for x in labels], list(classes)
-        self.batch_size, self.train, self.seed = int(batch_size), bool(train), int(seed)
-        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
+                 seed: int = 0):
+        self._init_contract(len(files), len(labels), classes, batch_size=batch_size, train=train, rank=rank,
+                            world_size=world_size, seed=seed, device=device)
+        self.files, self.labels = list(files), [int(x) for x in labels]
         self.num_workers = max(0, int(num_workers))
+        self.skipped_files: dict[str, str] = {}  # undecodable file -> reason, met while iterating
         self._dataset = _ImageFiles(self.files, self.labels, build_transform(train, image_size, crop_scale, resize),
                                     self.seed, self.train)
-        n = len(self.files)
-        if train:
-            self._len = train_shard_size(n, world_size) // self.batch_size
-            self.num_samples = self._len * self.batch_size
-            if self._len == 0:
-                raise ValueError(f"training set has {n} images for {world_size} rank(s): fewer per rank than "
-                                 f"batch_size={batch_size}")
-        else:
-            self.num_samples = len(eval_shard(n, rank, world_size))
-            self._len = -(-self.num_samples // self.batch_size)
-        self.epoch, self._pos = 0, 0
-        self._started = False
-
-    def __len__(self) -> int:
-        return self._len
-
-    def set_epoch(self, epoch: int) -> None:
-        """Start epoch ``epoch`` at its first batch (unless a loaded state already positioned us in it)."""
-        if int(epoch) != self.epoch:
-            self.epoch, self._pos = int(epoch), 0
 
     def _indices(self) -> list[int]:
         n = len(self.files)
@@ -115,25 +131,29 @@ class TorchvisionImageLoader(SeededPosition):
         return mine.tolist()
 
     def __iter__(self):
-        if not self.train:  # evaluation passes always cover the whole shard
-            self._pos = 0
-        if self._pos >= self._len:  # previous pass finished without set_epoch: next epoch
-            if self._started:
-                self.epoch += 1
-            self._pos = 0
-        self._started = True
-        epoch, start = self.epoch, self._pos
+        epoch, start = self._begin_pass()
         items = [(i, epoch) for i in self._indices()[start * self.batch_size:]]
         batches = [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
-        loader = DataLoader(self._dataset, batch_sampler=batches, num_workers=self.num_workers,
+        loader = DataLoader(self._dataset, batch_sampler=batches, num_workers=self.num_workers, collate_fn=_collate,
                             pin_memory=self.device.type == "cuda", persistent_workers=False,
                             prefetch_factor=4 if self.num_workers else None,
                             generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch)))  # not the global RNG
-        for images, labels in loader:
+        for images, labels, bad in loader:
             if self.epoch != epoch:
                 break
             self._pos += 1
-            yield to_device_batch(images, labels, self.device)
+            self._report_skipped(bad)
+            if images is not None:
+                yield to_device_batch(images, labels, self.device)
+
+    def _report_skipped(self, bad) -> None:
+        """Count and list each undecodable file once (the header check cannot see a scrambled body)."""
+        for path, reason in bad:
+            if path not in self.skipped_files:
+                self.skipped_files[path] = reason
+                what = "replaced by another sample" if self.train else "left out of the evaluation"
+                warnings.warn(f"skipped undecodable image {path} ({reason}): {what}; "
+                              f"{len(self.skipped_files)} skipped so far", stacklevel=3)
 
     def _num_items(self) -> int:
         return len(self.files)
