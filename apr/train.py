@@ -425,7 +425,8 @@ def run_epoch(run: Run, epoch: int, start: ResumePoint | None = None) -> tuple[s
     meter = LossMeter(run.device)
     if start is not None and start.loader_state is not None:
         run.train_loader.load_state_dict(start.loader_state)  # the exact next batch of the old run
-        step, meter = start.step, LossMeter(run.device, start.epoch_loss)
+        if run.train_loader.state_dict()["batch"] == start.step:  # else the data changed: the epoch restarts
+            step, meter = start.step, LossMeter(run.device, start.epoch_loss)
     run.train_loader.set_epoch(epoch)
     seen, t0, bar = 0, time.perf_counter(), _progress(run, step, epoch)
     backward = run.accelerator.backward
