@@ -704,6 +704,11 @@ class APRPolicy:
     * ``apr_sp`` -> ``(s, apr_p(s))`` with ``s = apr_s(x)`` (the clean image is never seen, as
       in the reference where APR-S replaced it in the loader); with ``sp_clean_first=True``
       ``(x, apr_p(s))`` instead: the first half stays clean (not the reference; an option).
+      Computed by the fused :func:`apply_apr_sp`.
+
+    Reference-reproduction switches (defaults are ours): ``p_space="normalized"`` with the
+    data's ``mean``/``std`` (the reference's ImageNet APR-P), ``s_overflow="wrap"`` (its uint8
+    cast of APR-S), ``p_clamp=False`` (its unclipped APR-P).
     """
 
     name: str = "none"
@@ -712,6 +717,12 @@ class APRPolicy:
     s_severity: float = 3.0
     dims: str = "chw"
     sp_clean_first: bool = False
+    p_space: str = "unit"  # unit: APR-P on [0, 1] images | normalized: on (x - mean) / std (reference ImageNet)
+    mean: Optional[tuple[float, ...]] = None  # the data's normalisation, needed by p_space="normalized"
+    std: Optional[tuple[float, ...]] = None
+    s_overflow: str = "clamp"  # clamp | wrap (the reference's uint8 cast) | none
+    p_clamp: bool = True  # False: APR-P's result unclipped (the reference)
+    compile: bool = False  # torch.compile the Fourier elementwise kernel (falls back to eager)
 
     def __post_init__(self):
         if self.name not in POLICY_NAMES:
@@ -722,10 +733,17 @@ class APRPolicy:
             raise ValueError(f"APRPolicy p_prob must lie in [0, 1], got {self.p_prob}")
         if self.s_severity < 0.1:
             raise ValueError(f"APRPolicy s_severity must be >= 0.1, got {self.s_severity}")
+        if self.p_space not in P_SPACES:
+            raise ValueError(f"APRPolicy p_space must be one of {', '.join(P_SPACES)}; got {self.p_space!r}")
+        if self.p_space == "normalized" and (self.mean is None or self.std is None or len(self.mean) != 3
+                                             or len(self.std) != 3 or min(self.std) <= 0):
+            raise ValueError("APRPolicy p_space='normalized' needs mean and std (3 values each, std > 0): "
+                             "pass the data's, e.g. APRPolicy.from_config(cfg.aug, cfg.data.mean, cfg.data.std)")
+        _check_overflow(self.s_overflow, "APRPolicy s_overflow")
 
     @classmethod
-    def from_config(cls, aug) -> "APRPolicy":
-        """From ``apr.config.AugConfig`` (fields name, p_prob, p_per_sample, s_severity, fourier_dims)."""
+    def from_config(cls, aug, mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> "APRPolicy":
+        """From ``apr.config.AugConfig``; ``mean``/``std`` (``cfg.data``'s) are needed by ``p_space: normalized``."""
         return cls(
             name=aug.name,
             p_prob=float(aug.p_prob),
@@ -733,6 +751,12 @@ class APRPolicy:
             s_severity=float(aug.s_severity),
             dims=aug.fourier_dims,
             sp_clean_first=bool(getattr(aug, "sp_clean_first", False)),
+            p_space=getattr(aug, "p_space", "unit"),
+            mean=None if mean is None else tuple(float(v) for v in mean),
+            std=None if std is None else tuple(float(v) for v in std),
+            s_overflow=getattr(aug, "s_overflow", "clamp"),
+            p_clamp=bool(getattr(aug, "p_clamp", True)),
+            compile=bool(getattr(aug, "compile", False)),
         )
 
     @property
@@ -744,12 +768,23 @@ class APRPolicy:
         """Whether the loop forwards 2N images per batch."""
         return self.name != "none"
 
+    @property
+    def p_stats(self) -> tuple[Optional[tuple[float, ...]], Optional[tuple[float, ...]]]:
+        """(mean, std) for APR-P in normalized space, (None, None) in [0, 1] space."""
+        return (self.mean, self.std) if self.p_space == "normalized" else (None, None)
+
     def __call__(self, images: torch.Tensor, generator: Optional[torch.Generator] = None):
         if self.name == "none":
             return images, None
+        mean, std = self.p_stats
+        n = images.shape[0]
         if self.name == "apr_p":
-            return images, apr_p(images, self.p_prob, generator, self.p_per_sample, self.dim)
+            params = sample_apr_p_params(n, self.p_prob, generator, self.p_per_sample)
+            return images, apply_apr_p(images, params, self.dim, self.p_clamp, mean, std, compile=self.compile)
         if self.name == "apr_s":
-            return images, apr_s(images, generator, self.s_severity, self.dim)
-        s = apr_s(images, generator, self.s_severity, self.dim)
-        return (images if self.sp_clean_first else s), apr_p(s, self.p_prob, generator, self.p_per_sample, self.dim)
+            return images, apr_s(images, generator, self.s_severity, self.dim, self.s_overflow)
+        s_params = sample_apr_s_params(n, generator, self.s_severity)
+        p_params = sample_apr_p_params(n, self.p_prob, generator, self.p_per_sample)
+        s, sp = apply_apr_sp(images, s_params, p_params, self.dim, self.s_overflow, self.p_clamp, mean, std,
+                             compile=self.compile)
+        return (images if self.sp_clean_first else s), sp
