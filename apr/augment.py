@@ -567,7 +567,7 @@ def sample_apr_p_params(
 def _space_stats(mean, std, device) -> tuple[torch.Tensor, torch.Tensor]:
     if mean is None or std is None:
         raise ValueError("APR-P in normalized space needs the data's mean and std (3 values each)")
-    to = lambda v: _to_device(torch.as_tensor(v, dtype=torch.float32).reshape(1, -1, 1, 1), device)  # noqa: E731
+    to = lambda v: _to_device(torch.as_tensor(v, dtype=torch.float64).reshape(1, -1, 1, 1), device)  # noqa: E731
     return to(mean), to(std)
 
 
