@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,7 +19,16 @@ def load_gpu_check():
     return module
 
 
-def test_gpu_check_quick_on_cpu_writes_table_and_json(tmp_path, capsys):
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: two threads on a shared, oversubscribed CPU made the tiny ResNet-50 steps 25x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_gpu_check_quick_on_cpu_writes_table_and_json(tmp_path, capsys, one_thread):
     gpu_check = load_gpu_check()
     out = tmp_path / "check"
     assert gpu_check.main(["--device", "cpu", "--quick", "--out", str(out), "--pytest-target", "tests/test_fourier.py"]) == 0
