@@ -655,3 +655,33 @@ def test_fused_apr_sp_cuda_matches_cpu_without_host_syncs(digits, photos, compil
         for c, d in zip(cpu, gpu):
             diff = (d.cpu() - c).abs()
             assert diff.mean() < 1e-3 and diff.max() <= 1.0, mode  # the 0..255 grid / wrap may flip a level
+
+
+def test_reference_switches_from_config_and_validation():
+    from apr.config import ConfigError, load_config
+
+    cfg = load_config(None, ["aug.name=apr_sp", "aug.p_space=normalized", "aug.s_overflow=wrap", "aug.p_clamp=false"])
+    pol = APRPolicy.from_config(cfg.aug, cfg.data.mean, cfg.data.std)
+    assert (pol.p_space, pol.s_overflow, pol.p_clamp) == ("normalized", "wrap", False)
+    assert pol.p_stats == (tuple(cfg.data.mean), tuple(cfg.data.std))
+    assert APRPolicy.from_config(AugConfig()).p_stats == (None, None)  # defaults unchanged: [0, 1] space, clamp
+    with pytest.raises(ValueError, match=r"from_config\(cfg.aug, cfg.data.mean, cfg.data.std\)"):
+        APRPolicy.from_config(cfg.aug)
+    for override, key in (("aug.p_space=lab", "aug.p_space"), ("aug.s_overflow=saturate", "aug.s_overflow")):
+        with pytest.raises(ConfigError, match=key):
+            load_config(None, [override])
+    with pytest.raises(ValueError, match="s_overflow"):
+        APRPolicy("apr_s", s_overflow="saturate")
+
+
+def test_policy_reference_mode_runs_each_switch(digits):
+    x = digits[:8]
+    ours = APRPolicy("apr_sp", p_prob=1.0)(x, torch.Generator().manual_seed(0))
+    ref = APRPolicy("apr_sp", p_prob=1.0, p_space="normalized", mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                    s_overflow="wrap", p_clamp=False)(x, torch.Generator().manual_seed(0))
+    assert ref[1].min() < 0 or ref[1].max() > 1  # unclipped APR-P
+    assert (ref[1] - ours[1]).abs().mean() > 1e-3
+    recombined = sample_apr_s_params(len(x), torch.Generator().manual_seed(0)).recombined
+    assert recombined.any()
+    grid = ref[0][recombined] * 255  # wrap puts recombined APR-S images on the uint8 grid
+    torch.testing.assert_close(grid, grid.round(), atol=1e-3, rtol=0)
