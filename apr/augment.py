@@ -587,7 +587,7 @@ def apply_apr_p(
     reference's ImageNet script) and map the result back with ``y * std + mean`` (no clamp
     before, so the model's own normalisation sees exactly the reference's tensor).
     ``clamp=False`` leaves the result unclipped (the reference). ``spectrum``: the images'
-    half spectrum when the caller has it (fused APR-SP, [0, 1] space only).
+    half spectrum when the caller has it (fused APR-SP, [0, 1] space only); it is overwritten.
     """
     _check_images(images, "apr_p")
     dim = _check_dim(dim, "apr_p")
@@ -607,7 +607,8 @@ def apply_apr_p(
     perm_d = _to_device(params.perm if everyone else params.perm[rows], device)
     rows_d = None if everyone else _to_device(rows, device)
     phase = spectrum if everyone else spectrum[rows_d]
-    mixed = swap_amplitude(phase, magnitude[perm_d], inplace=not everyone, compile=compile)
+    # the spectrum is ours (or handed over by apply_apr_sp) and the amplitudes are gathered: overwrite it
+    mixed = swap_amplitude(phase, magnitude[perm_d], inplace=True, compile=compile)
     out = image_from_spectrum(mixed, [x.shape[d] for d in dim], dim)
     if normalized:
         out = out.mul_(std_d).add_(mean_d)

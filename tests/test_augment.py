@@ -375,7 +375,7 @@ def test_apr_sp_is_apr_p_after_apr_s(digits):
     out = apr_sp(digits, prob=1.0, generator=torch.Generator().manual_seed(9), severity=2.0)
     g = torch.Generator().manual_seed(9)
     expected = apr_p(apr_s(digits, g, severity=2.0), prob=1.0, generator=g)
-    assert torch.equal(out, expected)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=0)  # fused vs two passes: different FFT batches
     assert out.shape == digits.shape and out.dtype == digits.dtype
 
 
@@ -412,12 +412,14 @@ def test_policy_outputs_mirror_the_reference(digits):
     first, second = APRPolicy("apr_sp", p_prob=1.0)(x, gen())
     g = gen()
     s = apr_s(x, g)
-    assert torch.equal(first, s) and torch.equal(second, apr_p(s, 1.0, g))
+    torch.testing.assert_close(first, s, atol=2e-5, rtol=0)  # fused APR-SP vs the two functions: another path
+    torch.testing.assert_close(second, apr_p(s, 1.0, g), atol=2e-5, rtol=0)
     assert not torch.equal(first, x) and not torch.equal(second, first)
     # the option that keeps the first half clean: same APR-SP second half, clean first half
     first, second = APRPolicy("apr_sp", p_prob=1.0, sp_clean_first=True)(x, gen())
     g = gen()
-    assert first is x and torch.equal(second, apr_p(apr_s(x, g), 1.0, g))
+    assert first is x
+    torch.testing.assert_close(second, apr_p(apr_s(x, g), 1.0, g), atol=2e-5, rtol=0)
     assert APRPolicy.from_config(AugConfig(name="apr_sp", sp_clean_first=True)).sp_clean_first
 
 
