@@ -17,10 +17,19 @@ until the GPU has finished all queued work (a full stream synchronisation per co
 
 Deliberate differences from the reference, all documented where they happen:
 
-* results are float and clamped to [0, 1] (the reference casts to uint8 without clipping,
-  so out-of-range values wrap around); geometric ops are not re-quantised to uint8;
+* results are float and clamped to [0, 1] (the reference casts APR-S to uint8 without
+  clipping, so out-of-range values wrap around, and leaves APR-P unclipped; switches
+  ``s_overflow="wrap"`` and ``p_clamp=False`` reproduce it); geometric ops are not
+  re-quantised to uint8;
+* APR-P mixes [0, 1] images (the reference's CIFAR code); its ImageNet script mixes
+  normalised tensors: ``p_space="normalized"`` with the data's mean/std;
 * the recombination uses the float op outputs (the reference first truncates them to uint8);
 * translations use the image width as PIL's ``IMAGE_SIZE`` and all ops keep the input size.
+
+APR-SP is fused (:func:`apply_apr_sp`): the spectrum of each op output is computed once and
+serves APR-S's recombination and APR-P (whose amplitude and phase come from ONE forward
+transform per image); only images that APR-S recombined and clamped/wrapped are transformed
+again, because the clamp sits between the two recombinations.
 """
 
 from __future__ import annotations
