@@ -17,10 +17,19 @@ until the GPU has finished all queued work (a full stream synchronisation per co
 
 Deliberate differences from the reference, all documented where they happen:
 
-* results are float and clamped to [0, 1] (the reference casts to uint8 without clipping,
-  so out-of-range values wrap around); geometric ops are not re-quantised to uint8;
+* results are float and clamped to [0, 1] (the reference casts APR-S to uint8 without
+  clipping, so out-of-range values wrap around, and leaves APR-P unclipped; switches
+  ``s_overflow="wrap"`` and ``p_clamp=False`` reproduce it); geometric ops are not
+  re-quantised to uint8;
+* APR-P mixes [0, 1] images (the reference's CIFAR code); its ImageNet script mixes
+  normalised tensors: ``p_space="normalized"`` with the data's mean/std;
 * the recombination uses the float op outputs (the reference first truncates them to uint8);
 * translations use the image width as PIL's ``IMAGE_SIZE`` and all ops keep the input size.
+
+APR-SP is fused (:func:`apply_apr_sp`): the spectrum of each op output is computed once and
+serves APR-S's recombination and APR-P (whose amplitude and phase come from ONE forward
+transform per image); only images that APR-S recombined and clamped/wrapped are transformed
+again, because the clamp sits between the two recombinations.
 """
 
 from __future__ import annotations
@@ -31,7 +40,15 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from apr.fourier import CHANNEL_SPATIAL, SPATIAL, recombine
+from apr.fourier import (
+    CHANNEL_SPATIAL,
+    OVERFLOW_MODES,
+    SPATIAL,
+    fit_range,
+    image_from_spectrum,
+    real_spectrum,
+    swap_amplitude,
+)
 
 __all__ = [
     "OP_NAMES",
@@ -52,12 +69,17 @@ __all__ = [
     "APRSParams",
     "sample_apr_s_params",
     "apply_apr_s",
+    "APRPParams",
+    "sample_apr_p_params",
+    "apply_apr_p",
+    "apply_apr_sp",
     "apr_p",
     "apr_s",
     "apr_sp",
     "APRPolicy",
     "POLICY_NAMES",
     "DIMS",
+    "P_SPACES",
 ]
 
 # AugMix's op list without the ops that overlap ImageNet-C (colour, contrast, brightness,
@@ -76,6 +98,7 @@ OP_NAMES: tuple[str, ...] = (
 GEOMETRIC_OPS: tuple[str, ...] = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
 POLICY_NAMES: tuple[str, ...] = ("none", "apr_p", "apr_s", "apr_sp")
 DIMS: dict[str, tuple[int, ...]] = {"chw": CHANNEL_SPATIAL, "hw": SPATIAL}
+P_SPACES: tuple[str, ...] = ("unit", "normalized")
 
 
 # ---------------------------------------------------------------------------------------
@@ -456,24 +479,56 @@ def sample_apr_s_params(batch: int, generator: Optional[torch.Generator] = None,
     )
 
 
-def apply_apr_s(images: torch.Tensor, params: APRSParams, dim: Sequence[int] = CHANNEL_SPATIAL) -> torch.Tensor:
-    """Apply APR-S with the given choices (see :class:`APRSParams`); same dtype/device/shape out."""
+def _check_overflow(overflow: str, fn: str) -> None:
+    if overflow not in OVERFLOW_MODES:
+        raise ValueError(f"{fn}: overflow must be one of {', '.join(OVERFLOW_MODES)}; got {overflow!r}")
+
+
+def _apr_s_float(
+    x: torch.Tensor, params: APRSParams, dim: tuple[int, ...], overflow: str, want_spectrum: bool, compile: bool
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """APR-S on float images ``x``; also the half spectrum of the result when ``want_spectrum``.
+
+    The spectrum of every ``x1 = op1(x)`` is computed once and serves both as APR-S's
+    amplitude/phase source and, for the images APR-S leaves as ``x1``, as APR-P's input
+    spectrum. A recombined image is transformed once more only when ``overflow`` changes it
+    (clamp, wrap); with ``none`` its spectrum is the closed form ``|A| * P / |P|`` itself.
+    """
+    sizes = [x.shape[d] for d in dim]
+    x1 = _apply_ops(x, params.op1, params.level1, params.sign1)
+    spectrum = real_spectrum(x1, dim) if want_spectrum else None
+    rows = params.recombined.nonzero().reshape(-1)
+    if rows.numel() == 0:
+        return x1, spectrum
+    rows_d = _to_device(rows, x.device)
+    first = x1[rows_d]
+    first_spec = spectrum[rows_d] if spectrum is not None else real_spectrum(first, dim)
+    second_spec = real_spectrum(_apply_ops(first, params.op2[rows], params.level2[rows], params.sign2[rows]), dim)
+    keep_first = _to_device(params.amplitude_from_first[rows], x.device)[:, None, None, None]
+    amplitude = torch.where(keep_first, first_spec, second_spec).abs()
+    mixed = swap_amplitude(torch.where(keep_first, second_spec, first_spec), amplitude, inplace=True, compile=compile)
+    recombined = fit_range(image_from_spectrum(mixed, sizes, dim), overflow)
+    x1[rows_d] = recombined.to(x1.dtype)
+    if spectrum is not None:
+        spectrum[rows_d] = mixed if overflow == "none" else real_spectrum(recombined, dim)
+    return x1, spectrum
+
+
+def apply_apr_s(
+    images: torch.Tensor, params: APRSParams, dim: Sequence[int] = CHANNEL_SPATIAL, overflow: str = "clamp"
+) -> torch.Tensor:
+    """Apply APR-S with the given choices (see :class:`APRSParams`); same dtype/device/shape out.
+
+    ``overflow`` (``apr.fourier.fit_range``): ``clamp`` (default), ``wrap`` (the reference's
+    uint8 cast), ``none`` (unclipped).
+    """
     _check_images(images, "apr_s")
     dim = _check_dim(dim, "apr_s")
+    _check_overflow(overflow, "apr_s")
     if params.op1.numel() != images.shape[0]:
         raise ValueError(f"APR-S params are for {params.op1.numel()} images, the batch has {images.shape[0]}")
-    x = images.float()
-    x1 = _apply_ops(x, params.op1, params.level1, params.sign1)
-    rows = params.recombined.nonzero().reshape(-1)
-    if rows.numel():
-        rows_d = _to_device(rows, x.device)
-        first = x1[rows_d]
-        second = _apply_ops(first, params.op2[rows], params.level2[rows], params.sign2[rows])
-        keep_first = _to_device(params.amplitude_from_first[rows], x.device)[:, None, None, None]
-        amplitude_source = torch.where(keep_first, first, second)
-        phase_source = torch.where(keep_first, second, first)
-        x1[rows_d] = recombine(amplitude_source, phase_source, dim=dim)
-    return x1.to(images.dtype)
+    out, _ = _apr_s_float(images.float(), params, dim, overflow, want_spectrum=False, compile=False)
+    return out.to(images.dtype)
 
 
 def apr_s(
@@ -481,20 +536,98 @@ def apr_s(
     generator: Optional[torch.Generator] = None,
     severity: float = 3.0,
     dim: Sequence[int] = CHANNEL_SPATIAL,
+    overflow: str = "clamp",
 ) -> torch.Tensor:
     """APR-S (the reference's ``APRecombination``) on a batch, every image with its own random ops.
 
     x1 = op1(x); half the images keep x1; the others get x2 = op2(x1) and, with equal
     chance, amplitude(x1)+phase(x2) or amplitude(x2)+phase(x1). Ops and levels as AugMix
     (levels U(0.1, severity)). Float images in [0, 1] (float32/bfloat16/float16, any
-    device) in; same dtype, device and shape out, clamped to [0, 1].
+    device) in; same dtype, device and shape out, clamped to [0, 1] (see ``overflow``).
     """
     _check_images(images, "apr_s")
-    return apply_apr_s(images, sample_apr_s_params(images.shape[0], generator, severity), dim=dim)
+    return apply_apr_s(images, sample_apr_s_params(images.shape[0], generator, severity), dim=dim, overflow=overflow)
 
 
 # ---------------------------------------------------------------------------------------
 # APR-P
+
+
+@dataclass
+class APRPParams:
+    """APR-P's random choices (CPU tensors): ``rows`` recombined, image k takes the amplitude of ``perm[k]``."""
+
+    rows: torch.Tensor
+    perm: torch.Tensor
+
+
+def sample_apr_p_params(
+    batch: int, prob: float = 0.6, generator: Optional[torch.Generator] = None, per_sample: bool = False
+) -> APRPParams:
+    """Draw APR-P's coin(s) then its permutation (always both, so the generator advances the same)."""
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"apr_p prob must lie in [0, 1], got {prob}")
+    coins = _rand(batch if per_sample else 1, generator)
+    perm = _randperm(batch, generator)
+    apply = coins < prob if per_sample else (coins < prob).expand(batch)
+    return APRPParams(rows=apply.nonzero().reshape(-1), perm=perm)
+
+
+def _space_stats(mean, std, device) -> tuple[torch.Tensor, torch.Tensor]:
+    if mean is None or std is None:
+        raise ValueError("APR-P in normalized space needs the data's mean and std (3 values each)")
+    to = lambda v: _to_device(torch.as_tensor(v, dtype=torch.float64).reshape(1, -1, 1, 1), device)  # noqa: E731
+    return to(mean), to(std)
+
+
+def apply_apr_p(
+    images: torch.Tensor,
+    params: APRPParams,
+    dim: Sequence[int] = CHANNEL_SPATIAL,
+    clamp: bool = True,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    spectrum: Optional[torch.Tensor] = None,
+    compile: bool = False,
+) -> torch.Tensor:
+    """Apply APR-P with the given choices; ONE forward transform per image serves amplitude and phase.
+
+    ``mean``/``std`` given: recombine the normalised images ``(x - mean) / std`` (the
+    reference's ImageNet script) and map the result back with ``y * std + mean`` (no clamp
+    before, so the model's own normalisation sees exactly the reference's tensor).
+    ``clamp=False`` leaves the result unclipped (the reference). ``spectrum``: the images'
+    half spectrum when the caller has it (fused APR-SP, [0, 1] space only); it is overwritten.
+    """
+    _check_images(images, "apr_p")
+    dim = _check_dim(dim, "apr_p")
+    rows = params.rows
+    if rows.numel() == 0:
+        return images
+    device = images.device
+    x = images.to(torch.float64 if images.dtype == torch.float64 else torch.float32)
+    normalized = mean is not None or std is not None
+    if normalized:
+        mean_d, std_d = (t.to(x.dtype) for t in _space_stats(mean, std, device))
+        x = (x - mean_d) / std_d
+    if spectrum is None or normalized:
+        spectrum = real_spectrum(x, dim)
+    magnitude = spectrum.abs()
+    everyone = rows.numel() == images.shape[0]
+    perm_d = _to_device(params.perm if everyone else params.perm[rows], device)
+    rows_d = None if everyone else _to_device(rows, device)
+    phase = spectrum if everyone else spectrum[rows_d]
+    # the spectrum is ours (or handed over by apply_apr_sp) and the amplitudes are gathered: overwrite it
+    mixed = swap_amplitude(phase, magnitude[perm_d], inplace=True, compile=compile)
+    out = image_from_spectrum(mixed, [x.shape[d] for d in dim], dim)
+    if normalized:
+        out = out.mul_(std_d).add_(mean_d)
+    if clamp:
+        out = out.clamp_(0.0, 1.0)
+    if everyone:  # the usual case (batch coin): no copy of the untouched images needed
+        return out.to(images.dtype)
+    result = images.clone()
+    result[rows_d] = out.to(images.dtype)
+    return result
 
 
 def apr_p(
@@ -503,6 +636,9 @@ def apr_p(
     generator: Optional[torch.Generator] = None,
     per_sample: bool = False,
     dim: Sequence[int] = CHANNEL_SPATIAL,
+    clamp: bool = True,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
 ) -> torch.Tensor:
     """APR-P (the reference's ``mix_data``): each image keeps its phase and takes the amplitude of ``images[perm]``.
 
@@ -511,24 +647,38 @@ def apr_p(
     Both the coin(s) and the permutation are always drawn, so ``generator`` advances by the
     same amount every call. When nothing is recombined the input tensor itself is returned.
     Labels are untouched: the training loop pairs the result with the original labels.
+    ``clamp``/``mean``/``std``: see :func:`apply_apr_p`.
     """
     _check_images(images, "apr_p")
-    dim = _check_dim(dim, "apr_p")
-    if not 0.0 <= prob <= 1.0:
-        raise ValueError(f"apr_p prob must lie in [0, 1], got {prob}")
-    n = images.shape[0]
-    coins = _rand(n if per_sample else 1, generator)
-    perm = _randperm(n, generator)
-    apply = (coins < prob).expand(n) if not per_sample else coins < prob
-    rows = apply.nonzero().reshape(-1)
-    if rows.numel() == 0:
-        return images
-    if rows.numel() == n:  # the usual case (batch coin): no copy of the untouched images needed
-        return recombine(images[_to_device(perm, images.device)], images, dim=dim)
-    out = images.clone()
-    rows_d = _to_device(rows, images.device)
-    out[rows_d] = recombine(images[_to_device(perm[rows], images.device)], images[rows_d], dim=dim)
-    return out
+    params = sample_apr_p_params(images.shape[0], prob, generator, per_sample)
+    return apply_apr_p(images, params, dim, clamp=clamp, mean=mean, std=std)
+
+
+def apply_apr_sp(
+    images: torch.Tensor,
+    s_params: APRSParams,
+    p_params: APRPParams,
+    dim: Sequence[int] = CHANNEL_SPATIAL,
+    s_overflow: str = "clamp",
+    p_clamp: bool = True,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    compile: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused APR-SP: ``(s, apr_p(s))`` with ``s = apr_s(images)``, sharing the forward transforms.
+
+    Equal (to float rounding) to :func:`apply_apr_s` then :func:`apply_apr_p`, at 2 forward
+    transforms per N images instead of 3 (1.5 with ``s_overflow="none"``, where no clamp sits
+    between the two recombinations; in normalized space APR-P transforms its input anew).
+    ``s`` stays float32 between the two steps (the unfused chain rounds it to the input dtype).
+    """
+    _check_images(images, "apr_sp")
+    dim = _check_dim(dim, "apr_sp")
+    _check_overflow(s_overflow, "apr_sp")
+    normalized = mean is not None or std is not None
+    s, spectrum = _apr_s_float(images.float(), s_params, dim, s_overflow, not normalized, compile)
+    sp = apply_apr_p(s, p_params, dim, clamp=p_clamp, mean=mean, std=std, spectrum=spectrum, compile=compile)
+    return s.to(images.dtype), sp.to(images.dtype)
 
 
 def apr_sp(
@@ -539,8 +689,11 @@ def apr_sp(
     per_sample: bool = False,
     dim: Sequence[int] = CHANNEL_SPATIAL,
 ) -> torch.Tensor:
-    """APR-SP: ``apr_p(apr_s(images))`` (both drawing from the same generator, S first)."""
-    return apr_p(apr_s(images, generator, severity, dim), prob, generator, per_sample, dim)
+    """APR-SP: ``apr_p(apr_s(images))`` (both drawing from the same generator, S first), fused."""
+    _check_images(images, "apr_sp")
+    s_params = sample_apr_s_params(images.shape[0], generator, severity)
+    p_params = sample_apr_p_params(images.shape[0], prob, generator, per_sample)
+    return apply_apr_sp(images, s_params, p_params, dim)[1]
 
 
 # ---------------------------------------------------------------------------------------
@@ -561,6 +714,11 @@ class APRPolicy:
     * ``apr_sp`` -> ``(s, apr_p(s))`` with ``s = apr_s(x)`` (the clean image is never seen, as
       in the reference where APR-S replaced it in the loader); with ``sp_clean_first=True``
       ``(x, apr_p(s))`` instead: the first half stays clean (not the reference; an option).
+      Computed by the fused :func:`apply_apr_sp`.
+
+    Reference-reproduction switches (defaults are ours): ``p_space="normalized"`` with the
+    data's ``mean``/``std`` (the reference's ImageNet APR-P), ``s_overflow="wrap"`` (its uint8
+    cast of APR-S), ``p_clamp=False`` (its unclipped APR-P).
     """
 
     name: str = "none"
@@ -569,6 +727,12 @@ class APRPolicy:
     s_severity: float = 3.0
     dims: str = "chw"
     sp_clean_first: bool = False
+    p_space: str = "unit"  # unit: APR-P on [0, 1] images | normalized: on (x - mean) / std (reference ImageNet)
+    mean: Optional[tuple[float, ...]] = None  # the data's normalisation, needed by p_space="normalized"
+    std: Optional[tuple[float, ...]] = None
+    s_overflow: str = "clamp"  # clamp | wrap (the reference's uint8 cast) | none
+    p_clamp: bool = True  # False: APR-P's result unclipped (the reference)
+    compile: bool = False  # torch.compile the Fourier elementwise kernel (falls back to eager)
 
     def __post_init__(self):
         if self.name not in POLICY_NAMES:
@@ -579,10 +743,17 @@ class APRPolicy:
             raise ValueError(f"APRPolicy p_prob must lie in [0, 1], got {self.p_prob}")
         if self.s_severity < 0.1:
             raise ValueError(f"APRPolicy s_severity must be >= 0.1, got {self.s_severity}")
+        if self.p_space not in P_SPACES:
+            raise ValueError(f"APRPolicy p_space must be one of {', '.join(P_SPACES)}; got {self.p_space!r}")
+        if self.p_space == "normalized" and (self.mean is None or self.std is None or len(self.mean) != 3
+                                             or len(self.std) != 3 or min(self.std) <= 0):
+            raise ValueError("APRPolicy p_space='normalized' needs mean and std (3 values each, std > 0): "
+                             "pass the data's, e.g. APRPolicy.from_config(cfg.aug, cfg.data.mean, cfg.data.std)")
+        _check_overflow(self.s_overflow, "APRPolicy s_overflow")
 
     @classmethod
-    def from_config(cls, aug) -> "APRPolicy":
-        """From ``apr.config.AugConfig`` (fields name, p_prob, p_per_sample, s_severity, fourier_dims)."""
+    def from_config(cls, aug, mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> "APRPolicy":
+        """From ``apr.config.AugConfig``; ``mean``/``std`` (``cfg.data``'s) are needed by ``p_space: normalized``."""
         return cls(
             name=aug.name,
             p_prob=float(aug.p_prob),
@@ -590,6 +761,12 @@ class APRPolicy:
             s_severity=float(aug.s_severity),
             dims=aug.fourier_dims,
             sp_clean_first=bool(getattr(aug, "sp_clean_first", False)),
+            p_space=getattr(aug, "p_space", "unit"),
+            mean=None if mean is None else tuple(float(v) for v in mean),
+            std=None if std is None else tuple(float(v) for v in std),
+            s_overflow=getattr(aug, "s_overflow", "clamp"),
+            p_clamp=bool(getattr(aug, "p_clamp", True)),
+            compile=bool(getattr(aug, "compile", False)),
         )
 
     @property
@@ -601,12 +778,23 @@ class APRPolicy:
         """Whether the loop forwards 2N images per batch."""
         return self.name != "none"
 
+    @property
+    def p_stats(self) -> tuple[Optional[tuple[float, ...]], Optional[tuple[float, ...]]]:
+        """(mean, std) for APR-P in normalized space, (None, None) in [0, 1] space."""
+        return (self.mean, self.std) if self.p_space == "normalized" else (None, None)
+
     def __call__(self, images: torch.Tensor, generator: Optional[torch.Generator] = None):
         if self.name == "none":
             return images, None
+        mean, std = self.p_stats
+        n = images.shape[0]
         if self.name == "apr_p":
-            return images, apr_p(images, self.p_prob, generator, self.p_per_sample, self.dim)
+            params = sample_apr_p_params(n, self.p_prob, generator, self.p_per_sample)
+            return images, apply_apr_p(images, params, self.dim, self.p_clamp, mean, std, compile=self.compile)
         if self.name == "apr_s":
-            return images, apr_s(images, generator, self.s_severity, self.dim)
-        s = apr_s(images, generator, self.s_severity, self.dim)
-        return (images if self.sp_clean_first else s), apr_p(s, self.p_prob, generator, self.p_per_sample, self.dim)
+            return images, apr_s(images, generator, self.s_severity, self.dim, self.s_overflow)
+        s_params = sample_apr_s_params(n, generator, self.s_severity)
+        p_params = sample_apr_p_params(n, self.p_prob, generator, self.p_per_sample)
+        s, sp = apply_apr_sp(images, s_params, p_params, self.dim, self.s_overflow, self.p_clamp, mean, std,
+                             compile=self.compile)
+        return (images if self.sp_clean_first else s), sp

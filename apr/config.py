@@ -69,6 +69,10 @@ class AugConfig:
     s_severity: float = 3.0  # APR-S: op levels drawn uniformly in [0.1, severity]
     fourier_dims: str = "chw"  # chw: one FFT over channels+space (reference) | hw: per channel
     sp_clean_first: bool = False  # apr_sp: first loss half the clean batch instead of APR-S of it (not the reference)
+    p_space: str = "unit"  # APR-P on [0,1] images (ours, reference CIFAR) | normalized: on (x-mean)/std (reference ImageNet)
+    s_overflow: str = "clamp"  # APR-S result: clamp to [0,1] | wrap (reference: uint8 cast, x mod 256) | none (unclipped)
+    p_clamp: bool = True  # APR-P result clamped to [0,1]; false: unclipped floats (the reference)
+    compile: bool = False  # torch.compile the Fourier elementwise kernel (falls back to eager where it fails)
 
 
 @dataclass
@@ -131,6 +135,8 @@ class Config:
         _choice("data.backend", self.data.backend, ("dali", "torchvision"))
         _choice("aug.name", self.aug.name, ("none", "apr_p", "apr_s", "apr_sp"))
         _choice("aug.fourier_dims", self.aug.fourier_dims, ("chw", "hw"))
+        _choice("aug.p_space", self.aug.p_space, ("unit", "normalized"))
+        _choice("aug.s_overflow", self.aug.s_overflow, ("clamp", "wrap", "none"))
         _choice("optim.schedule", self.optim.schedule, ("step", "multistep", "cosine", "constant"))
         _choice("train.precision", self.train.precision, ("bf16", "fp32"))
         if not 0.0 <= self.aug.p_prob <= 1.0:

@@ -14,7 +14,12 @@ We compute the same numbers faster (FIELD-NOTES, "Measured here"):
   phasor is 1 there, exactly as in the reference.
 
 Deliberate difference: the reference casts the result to uint8 without clipping, so values
-outside [0, 255] wrap around (a bright 256 becomes a black 0). We clamp to [0, 1] instead.
+outside [0, 255] wrap around (a bright 256 becomes a black 0). We clamp to [0, 1] by default;
+:func:`fit_range` also offers the reference's ``wrap`` and an unclipped ``none``.
+
+The pieces (:func:`real_spectrum`, :func:`swap_amplitude`, :func:`image_from_spectrum`) are
+public so that fused APR-SP (``apr.augment.apply_apr_sp``) can reuse one forward transform
+per image for both of its recombinations.
 """
 
 from __future__ import annotations
@@ -26,6 +31,11 @@ import torch
 __all__ = [
     "amplitude_phase",
     "recombine",
+    "real_spectrum",
+    "image_from_spectrum",
+    "swap_amplitude",
+    "fit_range",
+    "OVERFLOW_MODES",
     "fourier_basis",
     "fourier_basis_batch",
     "mirror_half_spectrum_map",
@@ -48,11 +58,96 @@ def amplitude_phase(x: torch.Tensor, dim: Dims = CHANNEL_SPATIAL) -> tuple[torch
     return spectrum.abs(), spectrum.angle()
 
 
+OVERFLOW_MODES: tuple[str, ...] = ("clamp", "wrap", "none")
+
+
+def real_spectrum(x: torch.Tensor, dim: Dims = CHANNEL_SPATIAL) -> torch.Tensor:
+    """Half spectrum ``rfftn(x)`` over ``dim`` in float32 (float64 stays float64): inputs are real."""
+    return torch.fft.rfftn(x.to(_compute_dtype(x)), dim=tuple(dim))
+
+
+def image_from_spectrum(spectrum: torch.Tensor, sizes: Sequence[int], dim: Dims = CHANNEL_SPATIAL) -> torch.Tensor:
+    """Inverse of :func:`real_spectrum`: the real image of a half spectrum (``sizes`` = lengths along ``dim``)."""
+    return torch.fft.irfftn(spectrum, s=list(sizes), dim=tuple(dim))
+
+
+def swap_amplitude(
+    phase_spectrum: torch.Tensor, amplitude: torch.Tensor, inplace: bool = False, compile: bool = False
+) -> torch.Tensor:
+    """Spectrum with ``phase_spectrum``'s phase and the magnitude ``amplitude``: ``P / |P| * A``.
+
+    ``P / |P|`` is ``exp(1j * angle(P))`` without transcendental functions; where ``|P| == 0``
+    the phasor is 1 (``angle(0) == 0``), as in the reference. ``inplace=True`` overwrites
+    ``phase_spectrum`` (callers that own it save one spectrum-sized buffer).
+    ``compile=True`` runs the elementwise work as one ``torch.compile``d kernel on the real
+    view and falls back to the eager expression (with a warning, once) where compiling fails.
+    """
+    if compile:
+        fused = _compiled_swap()
+        if fused is not None:
+            try:
+                return torch.view_as_complex(fused(torch.view_as_real(phase_spectrum), amplitude))
+            except Exception as exc:  # noqa: BLE001 - any compiler failure: keep training, eagerly
+                _disable_compile(exc)
+    spectrum = phase_spectrum if inplace else phase_spectrum.clone()
+    magnitude = spectrum.abs()
+    zero = magnitude == 0
+    spectrum.masked_fill_(zero, 1.0)
+    magnitude.masked_fill_(zero, 1.0)
+    return spectrum.mul_(torch.div(amplitude, magnitude, out=magnitude))
+
+
+def _swap_real(spectrum_ri: torch.Tensor, amplitude: torch.Tensor) -> torch.Tensor:
+    """:func:`swap_amplitude` on ``view_as_real`` tensors, written for one fused compiled kernel."""
+    re, im = spectrum_ri.unbind(-1)
+    magnitude = torch.sqrt(re * re + im * im)
+    nonzero = magnitude > 0
+    scale = torch.where(nonzero, amplitude / torch.where(nonzero, magnitude, 1.0), 0.0)
+    return torch.stack((torch.where(nonzero, re * scale, amplitude), im * scale), dim=-1)
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _compiled_swap():
+    if "fn" not in _COMPILED:
+        try:
+            _COMPILED["fn"] = torch.compile(_swap_real, dynamic=True)
+        except Exception as exc:  # noqa: BLE001
+            _disable_compile(exc)
+    return _COMPILED["fn"]
+
+
+def _disable_compile(exc: Exception) -> None:
+    import warnings
+
+    warnings.warn(f"torch.compile of the Fourier elementwise kernel failed ({type(exc).__name__}: {exc}); "
+                  "using the eager expression", RuntimeWarning, stacklevel=3)
+    _COMPILED["fn"] = None
+
+
+def fit_range(x: torch.Tensor, overflow: str = "clamp") -> torch.Tensor:
+    """Bring a recombined image (float, [0, 1] units) back to an image, in place where it can.
+
+    ``clamp``: clip to [0, 1] (ours). ``wrap``: the reference's ``ndarray.astype(np.uint8)`` of
+    the 0..255 values: truncation toward zero, then modulo 256 (a 256.3 becomes 0, a -2.5
+    becomes 254), so values come back on the 1/255 grid. ``none``: unclipped floats.
+    """
+    if overflow == "clamp":
+        return x.clamp_(0.0, 1.0)
+    if overflow == "wrap":
+        return torch.remainder(torch.trunc(x * 255.0), 256.0).div_(255.0)
+    if overflow == "none":
+        return x
+    raise ValueError(f"overflow must be one of {', '.join(OVERFLOW_MODES)}; got {overflow!r}")
+
+
 def recombine(
     amplitude_source: torch.Tensor,
     phase_source: torch.Tensor,
     dim: Dims = CHANNEL_SPATIAL,
     clamp: bool = True,
+    overflow: str | None = None,
 ) -> torch.Tensor:
     """Image whose Fourier amplitude is ``amplitude_source``'s and whose phase is ``phase_source``'s.
 
@@ -60,7 +155,7 @@ def recombine(
     reference does; ``dim=(-2, -1)`` recombines each channel on its own. Inputs of any
     leading shape, dtype float32/float64/bfloat16/float16, any device; the output has the
     phase source's dtype, device and shape. ``clamp=False`` returns the unclipped result
-    (used to check the spectra exactly).
+    (used to check the spectra exactly); ``overflow`` (see :func:`fit_range`) overrides it.
     """
     if amplitude_source.shape != phase_source.shape:
         raise ValueError(
@@ -70,22 +165,11 @@ def recombine(
     if not phase_source.is_floating_point():
         raise TypeError(f"recombine expects float images in [0, 1], got dtype {phase_source.dtype}")
     dim = tuple(dim)
-    out_dtype = phase_source.dtype
-    work = _compute_dtype(phase_source)
     sizes = [phase_source.shape[d] for d in dim]
-
-    amplitude = torch.fft.rfftn(amplitude_source.to(work), dim=dim).abs()
-    phase_spectrum = torch.fft.rfftn(phase_source.to(work), dim=dim)
-    phase_magnitude = phase_spectrum.abs()
-    nonzero = phase_magnitude > 0
-    # unit phasor P/|P| (1 where P == 0, matching angle(0) == 0), scaled by the new amplitude
-    scale = torch.where(nonzero, amplitude / torch.where(nonzero, phase_magnitude, 1.0), 0.0)
-    spectrum = phase_spectrum * scale
-    spectrum = torch.where(nonzero, spectrum, amplitude.to(spectrum.dtype))
-    out = torch.fft.irfftn(spectrum, s=sizes, dim=dim)
-    if clamp:
-        out = out.clamp_(0.0, 1.0)
-    return out.to(out_dtype)
+    amplitude = real_spectrum(amplitude_source.to(phase_source.dtype), dim).abs()
+    spectrum = swap_amplitude(real_spectrum(phase_source, dim), amplitude, inplace=True)
+    out = fit_range(image_from_spectrum(spectrum, sizes, dim), overflow or ("clamp" if clamp else "none"))
+    return out.to(phase_source.dtype)
 
 
 def fourier_basis(height: int, width: int, i: int, j: int, device=None, dtype=torch.float32) -> torch.Tensor:

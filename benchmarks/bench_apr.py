@@ -8,7 +8,9 @@ Reference paths, re-implemented here from the APR paper's code description:
   exp(1j*angle), ifftn, real part);
 * APR-SP: the reference APR-S per image, then the reference APR-P on the stacked batch.
 
-Prints images/s for both and the speed-up, compares ``recombine`` with the naive
+Prints images/s for both and the speed-up, times fused APR-SP (``apply_apr_sp``: one forward
+FFT of each op output serves APR-S and APR-P) against today's separate passes (APR-S, then
+``recombine(s[perm], s)`` with its two forward FFTs) on the same random draws, compares ``recombine`` with the naive
 formulation (speed and max abs difference) and, on a GPU, reports ms per batch and the
 fraction of one ResNet-50 bf16 forward+backward+SGD step at the same batch size.
 Usage: ``python benchmarks/bench_apr.py [--batch 64] [--size 224] [--device cpu|cuda]``.
@@ -29,7 +31,16 @@ from PIL import Image, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from apr.augment import apr_p, apr_s, apr_sp  # noqa: E402
+from apr.augment import (  # noqa: E402
+    apply_apr_p,
+    apply_apr_s,
+    apply_apr_sp,
+    apr_p,
+    apr_s,
+    apr_sp,
+    sample_apr_p_params,
+    sample_apr_s_params,
+)
 from apr.fourier import recombine  # noqa: E402
 
 # ---------------------------------------------------------------------------------------
@@ -197,6 +208,55 @@ def resnet50_step_seconds(batch: int, size: int, device: torch.device, repeats: 
     return statistics.median(time_fn(step, device, repeats, warmup=3))
 
 
+def fused_vs_separate(x: torch.Tensor, device: torch.device, args, say) -> None:
+    """Fused APR-SP / one-FFT APR-P against today's separate passes, same draws, side by side."""
+    n = x.shape[0]
+    s_params = sample_apr_s_params(n, torch.Generator().manual_seed(2))
+    p_params = sample_apr_p_params(n, 1.0, torch.Generator().manual_seed(3))
+    perm = p_params.perm.to(device)
+
+    def sp_separate():
+        s = apply_apr_s(x, s_params)
+        return recombine(s[perm], s)
+
+    pairs = {
+        "apr_p": (lambda: apply_apr_p(x, p_params), lambda: recombine(x[perm], x)),
+        "apr_sp": (lambda: apply_apr_sp(x, s_params, p_params)[1], sp_separate),
+    }
+    say(f"{'op':<8}{'fused ms':>10}{'separate ms':>13}{'ratio':>8}{'max |diff|':>12}  (same draws; separate = today's passes)")
+    for name, (fused, separate) in pairs.items():
+        t_fused = statistics.median(time_fn(fused, device, args.repeats, args.warmup))
+        t_sep = statistics.median(time_fn(separate, device, args.repeats, args.warmup))
+        diff = (fused() - separate()).abs().max().item()
+        say(f"{name:<8}{t_fused * 1e3:>10.1f}{t_sep * 1e3:>13.1f}{t_sep / t_fused:>7.2f}x{diff:>12.1e}")
+
+
+def reference_differences(size: int, n: int, say) -> None:
+    """Measured size of each reference-reproduction switch on real photo crops (mean |diff| per pixel, [0, 1] units)."""
+    x = pil_to_tensor(make_images(n, size, seed=1))
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    p_params = sample_apr_p_params(n, 1.0, torch.Generator().manual_seed(0))
+    unit = apply_apr_p(x, p_params, clamp=False)
+    normalized = apply_apr_p(x, p_params, clamp=False, mean=mean, std=std)
+    say(f"reference switches on {n} photo crops at {size} px (mean |diff| per pixel, [0, 1] units):")
+    say(f"  aug.p_space normalized vs unit (APR-P, both unclipped): {(normalized - unit).abs().mean():.4f} "
+        f"(mean signed {(normalized - unit).mean():+.4f}; per image {(normalized - unit).mean(dim=(1, 2, 3)).abs().mean():.4f})")
+    for name, y in (("unit", unit), ("normalized", normalized)):
+        outside = (y < 0) | (y > 1)
+        say(f"  aug.p_clamp false vs true (APR-P {name}): {outside.float().mean():.2%} of pixels outside [0, 1], "
+            f"mean |diff| {(y - y.clamp(0, 1)).abs().mean():.4f}")
+    s_params = sample_apr_s_params(n, torch.Generator().manual_seed(0))
+    s_params.recombined[:] = True  # measure on recombined images (the other half is identical in both modes)
+    clamp = apply_apr_s(x, s_params, overflow="clamp")
+    wrap = apply_apr_s(x, s_params, overflow="wrap")
+    raw = apply_apr_s(x, s_params, overflow="none")
+    outside = (raw < 0) | (raw >= 256 / 255)
+    say(f"  aug.s_overflow wrap vs clamp (APR-S, recombined images): {outside.float().mean():.2%} of pixels wrap, "
+        f"mean |diff| {(wrap - clamp).abs().mean():.4f} ({(wrap - clamp).abs().mean() * 255:.1f}/255), "
+        f"on wrapped pixels {(wrap - clamp).abs()[outside].mean():.3f}; over an APR-S batch (half recombined) "
+        f"about {outside.float().mean() / 2:.2%} and {(wrap - clamp).abs().mean() * 255 / 2:.1f}/255")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -208,6 +268,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--machine", default=None, help="machine description printed with the figures")
     parser.add_argument("--out", type=Path, default=None, help="also append the printed figures to this file")
+    parser.add_argument("--reference-diffs", action="store_true",
+                        help="only measure the reference-reproduction switches on photo crops (aug.p_space, p_clamp, s_overflow)")
     parser.add_argument("--no-resnet", action="store_true", help="skip the ResNet-50 step timing on a GPU")
     args = parser.parse_args(argv)
 
@@ -225,6 +287,9 @@ def main(argv=None) -> int:
     say(f"# bench_apr: batch {batch} x 3 x {args.size} x {args.size}, device {device}, machine: {machine}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, median of {args.repeats}")
 
+    if args.reference_diffs:
+        reference_differences(args.size, min(batch, 32), say)
+        return 0
     pil_images = make_images(batch, args.size)
     x = pil_to_tensor(pil_images).to(device)
     ops = _ref_ops(args.size)
@@ -253,6 +318,8 @@ def main(argv=None) -> int:
         results[name] = t_ours
         say(f"{name:<8}{t_ours * 1e3:>15.1f}{batch / t_ours:>12.0f}{t_ref * 1e3:>14.1f}{batch / t_ref:>11.0f}"
             f"{t_ref / t_ours:>9.1f}x  {ref_label[name]}")
+
+    fused_vs_separate(x, device, args, say)
 
     # recombine vs the naive formulation on the same pairs
     perm = torch.randperm(batch, generator=torch.Generator().manual_seed(1)).to(device)

@@ -375,7 +375,7 @@ def test_apr_sp_is_apr_p_after_apr_s(digits):
     out = apr_sp(digits, prob=1.0, generator=torch.Generator().manual_seed(9), severity=2.0)
     g = torch.Generator().manual_seed(9)
     expected = apr_p(apr_s(digits, g, severity=2.0), prob=1.0, generator=g)
-    assert torch.equal(out, expected)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=0)  # fused vs two passes: different FFT batches
     assert out.shape == digits.shape and out.dtype == digits.dtype
 
 
@@ -412,12 +412,14 @@ def test_policy_outputs_mirror_the_reference(digits):
     first, second = APRPolicy("apr_sp", p_prob=1.0)(x, gen())
     g = gen()
     s = apr_s(x, g)
-    assert torch.equal(first, s) and torch.equal(second, apr_p(s, 1.0, g))
+    torch.testing.assert_close(first, s, atol=2e-5, rtol=0)  # fused APR-SP vs the two functions: another path
+    torch.testing.assert_close(second, apr_p(s, 1.0, g), atol=2e-5, rtol=0)
     assert not torch.equal(first, x) and not torch.equal(second, first)
     # the option that keeps the first half clean: same APR-SP second half, clean first half
     first, second = APRPolicy("apr_sp", p_prob=1.0, sp_clean_first=True)(x, gen())
     g = gen()
-    assert first is x and torch.equal(second, apr_p(apr_s(x, g), 1.0, g))
+    assert first is x
+    torch.testing.assert_close(second, apr_p(apr_s(x, g), 1.0, g), atol=2e-5, rtol=0)
     assert APRPolicy.from_config(AugConfig(name="apr_sp", sp_clean_first=True)).sp_clean_first
 
 
@@ -497,3 +499,191 @@ def test_apr_sp_on_cuda_never_synchronises(digits, photos):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert first.device.type == "cuda" and second.device.type == "cuda"
+
+
+# ---------------------------------------------------------------------------------------
+# fused APR-SP against today's two separate passes, and the reference-reproduction switches
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def unfused_apr_sp(x, s_params, p_params, dim, overflow="clamp", p_clamp=True):
+    """Today's APR-SP: APR-S, then APR-P with two forward transforms (``recombine(s[perm], s)``)."""
+    s = apply_apr_s(x, s_params, dim, overflow=overflow)
+    rows = p_params.rows
+    out = s.clone()
+    out[rows] = recombine(s[p_params.perm[rows]], s[rows], dim=dim, clamp=p_clamp)
+    return s, out
+
+
+@pytest.mark.parametrize("dim", [(-3, -2, -1), (-2, -1)])
+@pytest.mark.parametrize("overflow", ["clamp", "none"])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_fused_apr_sp_equals_separate_passes(photos, digits, dim, overflow, per_sample):
+    x = torch.cat([digits[:6], photos[:, :, :32, :32]])
+    g = torch.Generator().manual_seed(3)
+    s_params = sample_apr_s_params(len(x), g)
+    p_params = A.sample_apr_p_params(len(x), 0.7, g, per_sample)
+    assert 0 < int(s_params.recombined.sum()) < len(x)
+    s, sp = A.apply_apr_sp(x, s_params, p_params, dim, s_overflow=overflow, p_clamp=overflow == "clamp")
+    ref_s, ref_sp = unfused_apr_sp(x, s_params, p_params, dim, overflow, p_clamp=overflow == "clamp")
+    torch.testing.assert_close(s, ref_s, atol=2e-5, rtol=0)
+    torch.testing.assert_close(sp, ref_sp, atol=2e-5, rtol=0)
+    if overflow == "none":  # the closed-form spectrum really was used: APR-S left values outside [0, 1]
+        assert s.min() < 0 or s.max() > 1
+
+
+def test_fused_apr_sp_wrap_equals_separate_passes(photos, digits):
+    """wrap quantises to the 1/255 grid: two float paths may truncate a value on either side of a level."""
+    x = torch.cat([digits[:6], photos[:, :, :32, :32]]).double()
+    g = torch.Generator().manual_seed(4)
+    s_params, p_params = sample_apr_s_params(len(x), g), A.sample_apr_p_params(len(x), 1.0, g)
+    s, sp = A.apply_apr_sp(x, s_params, p_params, s_overflow="wrap", p_clamp=False)
+    ref_s, ref_sp = unfused_apr_sp(x, s_params, p_params, (-3, -2, -1), "wrap", p_clamp=False)
+    off = (s - ref_s).abs() > 1e-6
+    assert off.float().mean() < 1e-3, off.float().mean()
+    if not off.any():
+        torch.testing.assert_close(sp, ref_sp, atol=1e-5, rtol=0)
+
+
+def test_policy_apr_sp_is_apr_p_of_apr_s_with_the_same_draws(photos, digits):
+    x = torch.cat([digits[:6], photos[:, :, :32, :32]])
+    first, second = APRPolicy("apr_sp", p_prob=1.0)(x, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    s = apr_s(x, g)
+    torch.testing.assert_close(first, s, atol=2e-5, rtol=0)
+    torch.testing.assert_close(second, apr_p(s, 1.0, g), atol=2e-5, rtol=0)
+    torch.testing.assert_close(apr_sp(x, 1.0, torch.Generator().manual_seed(5)), second, atol=0, rtol=0)
+
+
+def test_swap_amplitude_compiled_expression_and_fallback(monkeypatch):
+    from apr import fourier
+
+    g = torch.Generator().manual_seed(0)
+    spec = torch.fft.rfftn(torch.rand(3, 3, 8, 8, generator=g), dim=(-3, -2, -1))
+    spec[0, 0, 1, 1] = 0  # a zero bin: phasor 1 there
+    amp = torch.rand(spec.shape, generator=g)
+    eager = fourier.swap_amplitude(spec, amp)
+    assert eager[0, 0, 1, 1] == amp[0, 0, 1, 1]
+    # the expression torch.compile fuses, run eagerly
+    torch.testing.assert_close(torch.view_as_complex(fourier._swap_real(torch.view_as_real(spec), amp)), eager)
+    # a compiler that fails: one warning, then the eager result
+    monkeypatch.setattr(fourier, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no compiler")))
+    with pytest.warns(RuntimeWarning, match="no compiler"):
+        out = fourier.swap_amplitude(spec, amp, compile=True)
+    torch.testing.assert_close(out, eager)
+
+
+def np_mix_data(x: np.ndarray, perm: np.ndarray) -> np.ndarray:
+    """The reference's ``mix_data`` body: fftn over (C, H, W), abs, angle, exp(1j*angle), real part."""
+    f1, f2 = np.fft.fftn(x, axes=(1, 2, 3)), np.fft.fftn(x[perm], axes=(1, 2, 3))
+    return np.real(np.fft.ifftn(np.abs(f2) * np.exp(1j * np.angle(f1)), axes=(1, 2, 3)))
+
+
+def test_apr_p_normalized_space_is_the_references_mix_of_normalised_tensors(photos, digits):
+    x = torch.cat([digits[:4], photos[:, :, :32, :32]]).double()
+    params = A.sample_apr_p_params(len(x), 1.0, torch.Generator().manual_seed(6))
+    out = A.apply_apr_p(x, params, clamp=False, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    mean, std = np.array(IMAGENET_MEAN)[:, None, None], np.array(IMAGENET_STD)[:, None, None]
+    ref = np_mix_data((x.numpy() - mean) / std, params.perm.numpy())  # what the reference's model sees
+    np.testing.assert_allclose((out.numpy() - mean) / std, ref, atol=1e-9)
+    unit = A.apply_apr_p(x, params, clamp=False)
+    assert (out - unit).abs().mean() > 1e-3  # the switch changes the images
+
+
+def test_apr_p_unclipped_is_the_references_mix(photos, digits):
+    x = torch.cat([digits[:4], photos[:, :, :32, :32]])
+    params = A.sample_apr_p_params(len(x), 1.0, torch.Generator().manual_seed(7))
+    out = A.apply_apr_p(x, params, clamp=False)
+    ref = np_mix_data(x.double().numpy(), params.perm.numpy())
+    assert ref.min() < 0 or ref.max() > 1
+    np.testing.assert_allclose(out.numpy(), ref, atol=2e-5)
+    np.testing.assert_allclose(A.apply_apr_p(x, params).numpy(), ref.clip(0, 1), atol=2e-5)
+
+
+def test_wrap_is_numpys_uint8_cast():
+    from apr.fourier import fit_range
+
+    values = np.array([-256.5, -3.7, -0.5, 0.2, 127.0, 254.9, 255.99, 256.0, 300.5, 511.7, 600.2])
+    expected = np.array([0, 253, 0, 0, 127, 254, 255, 0, 44, 255, 88])  # trunc toward 0, then mod 256
+    np.testing.assert_array_equal(np.trunc(values).astype(np.int64) % 256, expected)
+    got = fit_range(torch.tensor(values / 255.0, dtype=torch.float64), "wrap") * 255.0
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-9)
+
+
+def test_apr_s_wrap_is_the_references_recombination(photos):
+    """APRecombination's tail on uint8 op outputs: fftn over (H, W, C), abs, exp(1j*angle), .astype(uint8)."""
+    x = photos.double()
+    n = len(x)
+    params = A.APRSParams(
+        op1=torch.zeros(n, dtype=torch.long), level1=torch.ones(n, dtype=torch.float64), sign1=torch.ones(n, dtype=torch.float64),
+        recombined=torch.ones(n, dtype=torch.bool), op2=torch.full((n,), 2), level2=torch.full((n,), 2.5, dtype=torch.float64),
+        sign2=torch.ones(n, dtype=torch.float64), amplitude_from_first=torch.tensor([True, False]),
+    )  # autocontrast then posterize: outputs on the uint8 grid, as the reference's PIL images
+    out = apply_apr_s(x, params, overflow="wrap")
+    x1 = OPS["autocontrast"](x)
+    x2 = OPS["posterize"](x1, params.level2)
+    wrapped = 0
+    for k in range(n):
+        a, b = (x1[k], x2[k]) if params.amplitude_from_first[k] else (x2[k], x1[k])
+        a8, b8 = (np.rint(t.permute(1, 2, 0).numpy() * 255).astype(np.uint8) for t in (a, b))
+        raw = np.fft.ifftn(np.abs(np.fft.fftn(a8)) * np.exp(1j * np.angle(np.fft.fftn(b8)))).real
+        ref = raw.astype(np.uint8)
+        ours = np.rint(out[k].permute(1, 2, 0).numpy() * 255).astype(np.int64)
+        near_level = np.abs(raw - np.rint(raw)) < 2e-3  # float32 noise may truncate either side there
+        assert np.array_equal(ours[~near_level], ref[~near_level].astype(np.int64))
+        wrapped += int(((raw < 0) | (raw >= 256)).sum())
+    assert wrapped > 0  # the test images really overflow
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("compile", [False, True])
+def test_fused_apr_sp_cuda_matches_cpu_without_host_syncs(digits, photos, compile):
+    """Fused APR-SP in every reference mode: CUDA equals CPU, and no call synchronises the host."""
+    x = torch.cat([digits, photos[:, :, :32, :32]])
+    modes = [dict(), dict(p_space="normalized", mean=IMAGENET_MEAN, std=IMAGENET_STD, s_overflow="wrap", p_clamp=False),
+             dict(s_overflow="none")]
+    for mode in modes:
+        policy = APRPolicy("apr_sp", p_prob=1.0, compile=compile, **mode)
+        cpu = policy(x, torch.Generator().manual_seed(0))
+        policy(x.cuda(), torch.Generator().manual_seed(0))  # warm-up: cuFFT plans, compilation, pinned pool
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            gpu = policy(x.cuda(), torch.Generator().manual_seed(0))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        for c, d in zip(cpu, gpu):
+            diff = (d.cpu() - c).abs()
+            assert diff.mean() < 1e-3 and diff.max() <= 1.0, mode  # the 0..255 grid / wrap may flip a level
+
+
+def test_reference_switches_from_config_and_validation():
+    from apr.config import ConfigError, load_config
+
+    cfg = load_config(None, ["aug.name=apr_sp", "aug.p_space=normalized", "aug.s_overflow=wrap", "aug.p_clamp=false"])
+    pol = APRPolicy.from_config(cfg.aug, cfg.data.mean, cfg.data.std)
+    assert (pol.p_space, pol.s_overflow, pol.p_clamp) == ("normalized", "wrap", False)
+    assert pol.p_stats == (tuple(cfg.data.mean), tuple(cfg.data.std))
+    assert APRPolicy.from_config(AugConfig()).p_stats == (None, None)  # defaults unchanged: [0, 1] space, clamp
+    with pytest.raises(ValueError, match=r"from_config\(cfg.aug, cfg.data.mean, cfg.data.std\)"):
+        APRPolicy.from_config(cfg.aug)
+    for override, key in (("aug.p_space=lab", "aug.p_space"), ("aug.s_overflow=saturate", "aug.s_overflow")):
+        with pytest.raises(ConfigError, match=key):
+            load_config(None, [override])
+    with pytest.raises(ValueError, match="s_overflow"):
+        APRPolicy("apr_s", s_overflow="saturate")
+
+
+def test_policy_reference_mode_runs_each_switch(digits):
+    x = digits[:8]
+    ours = APRPolicy("apr_sp", p_prob=1.0)(x, torch.Generator().manual_seed(0))
+    ref = APRPolicy("apr_sp", p_prob=1.0, p_space="normalized", mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                    s_overflow="wrap", p_clamp=False)(x, torch.Generator().manual_seed(0))
+    assert ref[1].min() < 0 or ref[1].max() > 1  # unclipped APR-P
+    assert (ref[1] - ours[1]).abs().mean() > 1e-3
+    recombined = sample_apr_s_params(len(x), torch.Generator().manual_seed(0)).recombined
+    assert recombined.any()
+    grid = ref[0][recombined] * 255  # wrap puts recombined APR-S images on the uint8 grid
+    torch.testing.assert_close(grid, grid.round(), atol=1e-3, rtol=0)

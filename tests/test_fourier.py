@@ -213,3 +213,35 @@ def test_recombine_cuda_matches_cpu(photos, dim):
     assert torch.allclose(gpu.cpu(), cpu, atol=1e-5)
     bf = recombine(a.cuda().bfloat16(), p.cuda().bfloat16(), dim=dim)
     assert bf.dtype == torch.bfloat16 and (bf.float().cpu() - cpu).abs().max() < 2e-2
+
+
+def test_recombine_overflow_modes_against_numpy():
+    """wrap = the reference's ``ifftn(...).real.astype(np.uint8)`` of the 0..255 values; none = unclipped; clamp."""
+    from apr.fourier import fit_range
+
+    rng = np.random.default_rng(0)
+    a8 = rng.integers(0, 256, (3, 12, 10)).astype(np.uint8)
+    p8 = (np.linspace(0, 255, 120).reshape(1, 12, 10).repeat(3, 0)).astype(np.uint8)  # smooth: overflows after the swap
+    raw = np.real(np.fft.ifftn(np.abs(np.fft.fftn(a8)) * np.exp(1j * np.angle(np.fft.fftn(p8)))))
+    a, p = (torch.from_numpy(v.astype(np.float64) / 255) for v in (a8, p8))
+    assert (raw < 0).any() or (raw >= 256).any()
+    np.testing.assert_allclose(recombine(a, p, overflow="none").numpy() * 255, raw, atol=1e-9)
+    np.testing.assert_allclose(recombine(a, p).numpy() * 255, raw.clip(0, 255), atol=1e-9)
+    wrapped = recombine(a, p, overflow="wrap").numpy() * 255
+    exact = np.abs(raw - np.rint(raw)) > 1e-6  # away from integer levels, where float noise could truncate either way
+    np.testing.assert_allclose(wrapped[exact], raw[exact].astype(np.uint8), atol=1e-9)
+    with pytest.raises(ValueError, match="overflow"):
+        fit_range(torch.zeros(2), "saturate")
+
+
+def test_swap_amplitude_in_place_and_zero_bins():
+    from apr.fourier import swap_amplitude
+
+    spectrum = torch.tensor([3 + 4j, 0j, -2j], dtype=torch.complex64)
+    amplitude = torch.tensor([10.0, 7.0, 0.5])
+    expected = torch.tensor([6 + 8j, 7 + 0j, -0.5j], dtype=torch.complex64)  # phasor 1 where |P| == 0
+    torch.testing.assert_close(swap_amplitude(spectrum, amplitude), expected)
+    assert spectrum[0] == 3 + 4j  # not in place by default
+    out = swap_amplitude(spectrum, amplitude, inplace=True)
+    assert out.data_ptr() == spectrum.data_ptr()
+    torch.testing.assert_close(out, expected)
