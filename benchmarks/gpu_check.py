@@ -198,38 +198,13 @@ def section_apr_ops(table: Table, args, device: torch.device) -> None:
             table.add("APR ops", f"{name} ms/batch", "error", f"{type(exc).__name__}: {str(exc)[:150]}")
 
 
-def _train_step():
-    try:
-        from apr.train import train_step  # the agreed signature (see the module docstring of apr.train)
-
-        return train_step, "apr.train.train_step"
-    except ImportError:
-        return _local_train_step, "local step (apr.train.train_step not found)"
-
-
-# TODO(lead): switch to apr.train.train_step (remove this fallback once it is on main)
-def _local_train_step(model, optimizer, images, labels, *, policy, generator, backward=None):
-    """Equivalent of the agreed ``apr.train.train_step``: APR, one forward of (first || second), two CEs."""
-    first, second = policy(images, generator)
-    batch = first if second is None else torch.cat([first, second])
-    targets = labels if second is None else torch.cat([labels, labels])
-    logits = model(batch)
-    n = first.shape[0]
-    loss = torch.nn.functional.cross_entropy(logits[:n], targets[:n])
-    if second is not None:
-        loss = loss + torch.nn.functional.cross_entropy(logits[n:], targets[n:])
-    (backward or (lambda t: t.backward()))(loss)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
-
-
 def section_train_step(table: Table, args, device: torch.device) -> None:
     import torchvision
 
+    from apr.train import train_step as step_fn
+
     n, size = (2, 32) if args.quick else (args.batch, 224)
-    step_fn, which = _train_step()
-    table.add("train step", "step function", which,
+    table.add("train step", "step function", "apr.train.train_step",
               f"ResNet-50, {precision_for(device)}, channels_last, batch {n}, {size} px")
     x = torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
     y = torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(0)).to(device)
