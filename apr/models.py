@@ -141,8 +141,8 @@ class PreActResNet(nn.Module):
     64-128-256-512 channels, a final BN + ReLU, global average pooling, a linear head.
 
     ``[2, 2, 2, 2]`` is PreActResNet-18: 11,172,170 parameters for 10 classes (the often quoted
-    11,171,146 is the variant without the final BatchNorm). PyTorch's default init, as the reference. Global average pooling equals the reference's 4x4 pooling at 32x32 and
-    also accepts other sizes.
+    11,171,146 is the variant without the final BatchNorm). PyTorch's default init, as the reference.
+    Global average pooling equals the reference's 4x4 pooling at 32x32 and also accepts other sizes.
     """
 
     def __init__(self, num_blocks: tuple[int, ...] = (2, 2, 2, 2), num_classes: int = 10,
@@ -286,13 +286,13 @@ def _read_torch_file(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))  # torch names the refused class or function
         if found:
             raise WeightsError(
                 f"{path} holds a Python object ({found.group(1)}) that safe loading refuses (torch.load with "
                 "weights_only=True: unpickling it could run code); re-save just the state_dict, or use .safetensors"
             ) from None
-        raise WeightsError(f"cannot read {path} as a PyTorch weights file (not a valid pickle/zip checkpoint)") from None
+        raise WeightsError(f"cannot read {path} as a PyTorch weights file (not a valid checkpoint)") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise WeightsError(f"cannot read {path} as a PyTorch weights file ({str(exc).splitlines()[0]})") from None
 
