@@ -379,11 +379,11 @@ def create_model_from_weights(name: str, path: str | Path, num_classes: int | No
                               mean=None, std=None) -> WeightsModel:
     """Build ``name`` (any timm name or a local model) and load ``path`` into it, in eval mode.
 
-    ``num_classes``: ``None`` reads it from the file's classifier head (e.g. ``fc.weight``).
+    ``num_classes``: ``None`` (or 0) reads it from the file's classifier head (e.g. ``fc.weight``).
     """
     state = read_state_dict(path)
     model = create_model(name, num_classes or 1000)
-    if num_classes is None:  # from the head; without one, the fit check below names what is missing
+    if not num_classes:  # None or 0: from the head; without one, the fit check below names what is missing
         num_classes = _head_classes(model, state) or 1000
         if num_classes != 1000:
             model = create_model(name, num_classes)
