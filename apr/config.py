@@ -82,6 +82,10 @@ class ModelConfig:
     channels_last: bool = True
     compile: bool = False  # torch.compile the model
     drop_rate: float = 0.0
+    # each residual branch starts at zero: timm ResNets zero their last BatchNorm (timm's default, true), the
+    # pre-activation CIFAR WRN / PreActResNet their last conv (default false); null = the model's default.
+    # The APR reference used torchvision's init: false
+    zero_init_last: bool | None = None
 
 
 @dataclass

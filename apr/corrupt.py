@@ -10,6 +10,8 @@ scikit-image). Why the extra machinery:
   per source image (decoded and resized once, then every corruption and severity of it);
 - *resumable*: outputs that exist are skipped, and files are written to a temporary name and
   renamed, so a killed run never leaves a half-written JPEG that would count as done;
+- *interruptible*: SIGTERM to the main process (or its death, even by SIGKILL, on Linux) stops
+  every worker within about a second, each finishing at most the JPEG it is writing; rerun to resume;
 - *deterministic*: each (corruption, severity, image) gets its own seed from a SHA-256 of those
   names, so a rerun or another worker count produces the same bytes. imagecorruptions draws
   from ``np.random`` except impulse_noise (scikit-image ``rng``) and glass_blur (numba RNG),
@@ -21,23 +23,27 @@ long-lived so that happens once per worker, and only if that worker has glass_bl
 
 from __future__ import annotations
 
-from apr.errors import UserError
 import argparse
+import contextlib
 import hashlib
 import json
 import multiprocessing as mp
 import os
+import signal
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from apr.cli import run_main
 from apr.data.layout import IMG_EXTENSIONS as IMAGE_EXTENSIONS, scan_image_folder
+from apr.errors import UserError
 from apr.io import atomic_open, atomic_write_text
 from apr.metrics import ALL_CORRUPTIONS, CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITIES
 
@@ -206,12 +212,15 @@ def _save_jpeg_atomic(array: np.ndarray, path: Path, quality: int) -> None:
 # --------------------------------------------------------------------------- workers
 
 _SETTINGS: _Settings | None = None
+_PARENT_PID: int | None = None  # set in worker processes only
+_SAVING = False  # a worker is between creating and renaming a temporary JPEG
+_STOP_REQUESTED = False
 
 
-def _init_worker(settings: _Settings) -> None:
-    """One thread per worker process: the parallelism is across processes."""
-    global _SETTINGS
-    _SETTINGS = settings
+def _init_worker(settings: _Settings, parent_pid: int) -> None:
+    """One thread per worker process (the parallelism is across processes); stop with the parent."""
+    global _SETTINGS, _PARENT_PID
+    _SETTINGS, _PARENT_PID = settings, parent_pid
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ[var] = "1"
     try:
@@ -220,12 +229,41 @@ def _init_worker(settings: _Settings) -> None:
         cv2.setNumThreads(1)
     except Exception:  # pragma: no cover - cv2 is a dependency of imagecorruptions
         pass
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """A worker gets SIGTERM when the parent dies, even by SIGKILL (Linux ``PR_SET_PDEATHSIG``;
+    elsewhere ``_process_image`` checks the parent's pid between images), and answers SIGTERM by
+    exiting at once, or right after the JPEG it is writing: no orphan keeps writing, no
+    temporary file is left behind."""
+    signal.signal(signal.SIGTERM, _worker_sigterm)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+    _exit_if_orphaned()  # the parent may have died before prctl
+
+
+def _worker_sigterm(signum: int, frame) -> None:
+    global _STOP_REQUESTED
+    _STOP_REQUESTED = True
+    if not _SAVING:
+        os._exit(128 + signum)
+
+
+def _exit_if_orphaned() -> None:
+    if _STOP_REQUESTED or (_PARENT_PID is not None and os.getppid() != _PARENT_PID):
+        os._exit(128 + signal.SIGTERM)
 
 
 def _process_image(item: tuple[str, str]) -> tuple[int, int]:
     """All (corruption, severity) outputs of one source image; returns (written, skipped)."""
+    global _SAVING
     s = _SETTINGS
     assert s is not None, "worker not initialised"
+    _exit_if_orphaned()
     cls, name = item
     todo = [(c, sev, output_path(s.dst, c, sev, cls, name)) for c in s.corruptions for sev in s.severities]
     todo_left = [t for t in todo if not t[2].exists()]
@@ -246,7 +284,12 @@ def _process_image(item: tuple[str, str]) -> tuple[int, int]:
     rel = f"{cls}/{name}"
     for corruption, severity, out in todo_left:
         result = corrupt_image(image, corruption, severity, corruption_seed(corruption, severity, rel))
-        _save_jpeg_atomic(result, out, s.quality)
+        _SAVING = True
+        try:
+            _save_jpeg_atomic(result, out, s.quality)
+        finally:
+            _SAVING = False
+        _exit_if_orphaned()  # a SIGTERM that arrived during the save
     return len(todo_left), skipped
 
 
@@ -332,45 +375,92 @@ def make_corrupted_tree(src: str | os.PathLike, dst: str | os.PathLike, corrupti
 
     bar = tqdm(total=len(items), unit="img", desc=f"corrupting ({len(corruptions)}x{len(severities)} per image)",
                disable=not progress, dynamic_ncols=True)
-    written = skipped = 0
+    counts = {"written": 0, "skipped": 0}
+
+    def tally(written: int, skipped: int) -> None:
+        counts["written"] += written
+        counts["skipped"] += skipped
+        bar.update(1)
+        bar.set_postfix(counts, refresh=False)
+
     start = time.perf_counter()
-    try:
-        if workers <= 1:
-            global _SETTINGS
-            saved_settings, saved_rng = _SETTINGS, np.random.get_state()  # leave the caller's RNG alone
-            _SETTINGS = settings
-            try:
-                for item in items:
-                    w, s = _process_image(item)
-                    written, skipped = written + w, skipped + s
-                    bar.update(1)
-                    bar.set_postfix(written=written, skipped=skipped, refresh=False)
-            finally:
-                _SETTINGS = saved_settings
-                np.random.set_state(saved_rng)
-        else:
-            # ProcessPoolExecutor, not multiprocessing.Pool: a worker that dies (OOM killer, a
-            # script without a __main__ guard under spawn) raises BrokenProcessPool instead of hanging.
-            size = max(1, min(16, len(items) // (workers * 8)))
-            chunks = [items[i:i + size] for i in range(0, len(items), size)]
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context(start_method), initializer=_init_worker,
-                                     initargs=(settings,)) as pool:
-                futures = [pool.submit(_process_chunk, chunk) for chunk in chunks]
-                try:
-                    for future in as_completed(futures):
-                        results = future.result()
-                        for w, s in results:
-                            written, skipped = written + w, skipped + s
-                        bar.update(len(results))
-                        bar.set_postfix(written=written, skipped=skipped, refresh=False)
-                except BaseException:
-                    for f in futures:
-                        f.cancel()
-                    raise
-    finally:
-        bar.close()
+    with _exit_cleanly_on_sigterm():
+        try:
+            if workers <= 1:
+                _run_here(items, settings, tally)
+            else:
+                _run_in_workers(items, settings, workers, start_method, tally)
+        finally:
+            bar.close()
     return CorruptionSummary(str(dst_path), len(items), len(items) * len(corruptions) * len(severities),
-                             written, skipped, round(time.perf_counter() - start, 3))
+                             counts["written"], counts["skipped"], round(time.perf_counter() - start, 3))
+
+
+def _run_here(items: list[tuple[str, str]], settings: _Settings, tally: Callable[[int, int], None]) -> None:
+    global _SETTINGS
+    saved_settings, saved_rng = _SETTINGS, np.random.get_state()  # leave the caller's RNG alone
+    _SETTINGS = settings
+    try:
+        for item in items:
+            tally(*_process_image(item))
+    finally:
+        _SETTINGS = saved_settings
+        np.random.set_state(saved_rng)
+
+
+def _run_in_workers(items: list[tuple[str, str]], settings: _Settings, workers: int, start_method: str,
+                    tally: Callable[[int, int], None]) -> None:
+    """ProcessPoolExecutor, not multiprocessing.Pool: a worker that dies (OOM killer, a script
+    without a ``__main__`` guard under spawn) raises BrokenProcessPool instead of hanging. On any
+    error or interruption the workers are stopped, not left to finish their chunks."""
+    size = max(1, min(16, len(items) // (workers * 8)))
+    chunks = [items[i:i + size] for i in range(0, len(items), size)]
+    known = {p.pid for p in mp.active_children()}  # children that are not this pool's
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context(start_method), initializer=_init_worker,
+                             initargs=(settings, os.getpid())) as pool:
+        futures = [pool.submit(_process_chunk, chunk) for chunk in chunks]
+        try:
+            for future in as_completed(futures):
+                for result in future.result():
+                    tally(*result)
+        except BaseException:
+            _stop_workers(known)  # (no future.cancel(): Python 3.11's pool then fails on the cancelled ones)
+            raise
+
+
+def _stop_workers(known: set[int], grace: float = 10.0) -> None:
+    """SIGTERM this process's new children (the pool's workers), each finishing the JPEG it is
+    writing; SIGKILL what is still alive after ``grace`` seconds."""
+    workers = [p for p in mp.active_children() if p.pid not in known]
+    for p in workers:
+        p.terminate()
+    deadline = time.monotonic() + grace
+    for p in workers:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join(1.0)
+
+
+@contextlib.contextmanager
+def _exit_cleanly_on_sigterm():
+    """Within the block SIGTERM raises ``SystemExit(143)`` instead of ending the process on the spot,
+    so the workers are stopped, no temporary file is left and the interpreter shuts down normally.
+    Only in the main thread and where SIGTERM has its default action: a caller's own handler stays
+    in charge."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def exit_on_signal(signum: int, frame) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, exit_on_signal)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -411,16 +501,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         corruptions += [c for c in EXTRA_CORRUPTIONS if c not in corruptions]
     resize = None if args.no_resize or args.resize == 0 else args.resize
     crop = None if args.no_resize or args.size == 0 else args.size
-    try:
-        summary = make_corrupted_tree(args.src, args.dst, corruptions=corruptions, severities=args.severities,
-                                      resize=resize, crop=crop, quality=args.quality, workers=args.workers,
-                                      progress=not args.no_progress, limit_per_class=args.limit_per_class)
-    except CorruptionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    summary = make_corrupted_tree(args.src, args.dst, corruptions=corruptions, severities=args.severities,
+                                  resize=resize, crop=crop, quality=args.quality, workers=args.workers,
+                                  progress=not args.no_progress, limit_per_class=args.limit_per_class)
     print(json.dumps(asdict(summary)))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

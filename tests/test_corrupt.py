@@ -3,6 +3,7 @@ itself, severity ordering, resume, determinism, the spatter fix, errors and the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -225,3 +226,66 @@ def test_unreadable_source_files_are_skipped_not_fatal(tmp_path, digits_images):
                                       resize=None, crop=None, workers=1, progress=False)
     assert summary.source_images == 2
     assert sorted(p.name for p in (tmp_path / "dst").rglob("*.JPEG")) == sorted(p.name for p in good)
+
+
+def _live_processes_in_group(pgid: int) -> list[str]:
+    """Pids of the live (not zombie) processes of a process group, from /proc."""
+    live = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        state, _ppid, group = stat[stat.rindex(")") + 2:].split()[:3]
+        if int(group) == pgid and state != "Z":
+            live.append(entry)
+    return live
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; PR_SET_PDEATHSIG is Linux-only")
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_workers_stop_with_the_parent_and_a_rerun_completes_the_tree(sig, src_tree, generated, tmp_path):
+    """#9.7: SIGTERM (handled: workers stopped, exit 143) or SIGKILL (workers get SIGTERM from the
+    kernel) to the main process mid-run leaves no worker running and no temporary file; a rerun
+    writes exactly the missing outputs, byte-identical to an uninterrupted run."""
+    import signal
+    import time
+
+    reference, _ = generated
+    names = ["gaussian_noise", "glass_blur"]  # glass_blur's numba compile (seconds) keeps the run going
+    dst = tmp_path / "interrupted"
+    log = tmp_path / "stderr.txt"  # a file, not a pipe: orphans holding a pipe open would hang the test
+    with log.open("w") as stderr_file:
+        proc = subprocess.Popen([sys.executable, "-m", "apr.corrupt", str(src_tree), str(dst), "--corruptions",
+                                 *names, "--no-resize", "--workers", "2", "--no-progress"], cwd=REPO,
+                                start_new_session=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+                                stdout=subprocess.DEVNULL, stderr=stderr_file)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(dst.rglob("*.JPEG")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        os.kill(proc.pid, getattr(signal, sig))
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 5
+        while _live_processes_in_group(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _live_processes_in_group(proc.pid) == [], "worker processes outlived the parent"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    if sig == "SIGTERM":
+        stderr = log.read_text()
+        assert proc.returncode == 143 and "Traceback" not in stderr and "leaked" not in stderr, stderr
+    done = sorted(dst.rglob("*.JPEG"))
+    assert 0 < len(done) < 4 * 2 * 5  # stopped mid-run
+    assert not [p for p in dst.rglob("*") if p.is_file() and p.suffix != ".JPEG" and p.name != "apr_corrupt.json"]
+    for path in done:  # nothing half-written: each file is the uninterrupted run's
+        assert path.read_bytes() == (reference / path.relative_to(dst)).read_bytes(), path
+    summary = make_corrupted_tree(src_tree, dst, corruptions=names, resize=None, crop=None, workers=1,
+                                  progress=False)
+    assert summary.skipped == len(done) and summary.written == 4 * 2 * 5 - len(done)
+    for path in dst.rglob("*.JPEG"):
+        assert path.read_bytes() == (reference / path.relative_to(dst)).read_bytes(), path
