@@ -286,7 +286,8 @@ def build_run(cfg: Config, accelerator, run_dir: Path, progress: bool, on_step_e
         raise ValueError(
             f"the training set gives no full batch per process: {train_loader.num_samples} samples on this rank, "
             f"batch size {cfg.train.batch_size}; lower train.batch_size")
-    model = create_model(cfg.model.name, num_classes, drop_rate=cfg.model.drop_rate)
+    model = create_model(cfg.model.name, num_classes, drop_rate=cfg.model.drop_rate,
+                         zero_init_last=cfg.model.zero_init_last)
     classifier = ImageClassifier(model, cfg.data.mean, cfg.data.std, precision=cfg.train.precision,
                                  channels_last=cfg.model.channels_last)
     base_lr = scaled_lr(cfg, world)
