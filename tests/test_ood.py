@@ -360,3 +360,44 @@ def test_command_line(detector, ood_folder, imagenet_tree, tmp_path, capsys):
     assert "must be NAME=PATH" in capsys.readouterr().err
     assert run_main(main, argv + ["--ood", f"a={ood_folder}", f"a={ood_folder}"]) == 2
     assert "given twice" in capsys.readouterr().err
+
+
+def _distributed_worker(rank, world_size, port, args, queue):
+    os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        result = evaluate_ood(**args)
+        queue.put((rank, stable(result)))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_numbers_of_one(detector, ood_folder, imagenet_tree, tmp_path):
+    """gloo on CPU: each rank scores half of every set; the gathered scores give one process's JSON."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = dict(checkpoint_path=str(detector), in_folder=str(imagenet_tree / "val"), ood={"bright": str(ood_folder)},
+                **{**FAST, "batch_size": 5})
+    one = stable(evaluate_ood(out_dir=str(tmp_path / "one"), **args))
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    mp.start_processes(_distributed_worker, args=(2, port, {**args, "out_dir": str(tmp_path / "two")}, queue),
+                       nprocs=2, join=True, start_method="spawn")
+    got = dict(queue.get(timeout=60) for _ in range(2))
+    written = stable(load_ood_result(tmp_path / "two" / "detector.ood.json"))
+    for result in (got[0], got[1], written):
+        assert result["in_distribution"]["count"] == 24 and result["ood_sets"]["bright"]["count"] == 20
+        for score in SCORE_NAMES:
+            for key, value in one["ood_sets"]["bright"]["metrics"][score].items():
+                assert result["ood_sets"]["bright"]["metrics"][score][key] == pytest.approx(value, abs=1e-9)
+            got_hist = np.asarray(result["ood_sets"]["bright"]["histograms"][score]["in"])
+            assert np.abs(got_hist - one["ood_sets"]["bright"]["histograms"][score]["in"]).sum() <= 2  # edge rounding
+        for key in ("top1_error", "ece", "rms_calibration_error"):
+            assert result["in_distribution"][key] == pytest.approx(one["in_distribution"][key], abs=1e-9)
