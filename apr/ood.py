@@ -323,9 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _print_summary(result: dict) -> None:
-    print(f"{result['run_name']}: in-distribution top-1 error {100 * result['in_distribution']['top1_error']:.2f} %, "
-          f"ECE {100 * result['in_distribution']['ece']:.2f} %, "
-          f"RMS calibration error {100 * result['in_distribution']['rms_calibration_error']:.2f} %")
+    ind = result["in_distribution"]
+    print(f"{result['run_name']}: in-distribution {ind['count']} images ({ind['skipped_count']} skipped), "
+          f"top-1 error {100 * ind['top1_error']:.2f} %, "
+          f"ECE {100 * ind['ece']:.2f} %, RMS calibration error {100 * ind['rms_calibration_error']:.2f} %")
     for name, record in result["ood_sets"].items():
         cells = ", ".join(f"{s} AUROC {100 * record['metrics'][s]['auroc']:.1f} FPR95 "
                           f"{100 * record['metrics'][s]['fpr95']:.1f}" for s in SCORE_NAMES)

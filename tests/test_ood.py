@@ -401,3 +401,21 @@ def test_two_ranks_give_the_numbers_of_one(detector, ood_folder, imagenet_tree, 
             assert np.abs(got_hist - one["ood_sets"]["bright"]["histograms"][score]["in"]).sum() <= 2  # edge rounding
         for key in ("top1_error", "ece", "rms_calibration_error"):
             assert result["in_distribution"][key] == pytest.approx(one["in_distribution"][key], abs=1e-9)
+
+
+def test_bf16_autocast_runs_on_cpu(detector, ood_folder, imagenet_tree, tmp_path):
+    result = evaluate_ood(detector, in_folder=imagenet_tree / "val", ood={"bright": str(ood_folder)},
+                          out_dir=tmp_path, **{**FAST, "precision": "bf16"})
+    assert result["settings"]["precision"] == "bf16"
+    assert result["ood_sets"]["bright"]["metrics"]["max_logit"]["auroc"] == pytest.approx(1.0)
+
+
+@pytest.mark.cuda
+def test_cuda_bf16_agrees_with_cpu(detector, ood_folder, imagenet_tree, tmp_path):
+    args = dict(in_folder=imagenet_tree / "val", ood={"bright": str(ood_folder)}, **FAST)
+    cpu = evaluate_ood(detector, out_dir=tmp_path / "cpu", **args)
+    gpu = evaluate_ood(detector, out_dir=tmp_path / "gpu", **{**args, "device": "cuda", "precision": "bf16"})
+    assert gpu["in_distribution"]["top1_error"] == pytest.approx(cpu["in_distribution"]["top1_error"])
+    for score in SCORE_NAMES:
+        for key, value in cpu["ood_sets"]["bright"]["metrics"][score].items():
+            assert gpu["ood_sets"]["bright"]["metrics"][score][key] == pytest.approx(value, abs=0.05), (score, key)
