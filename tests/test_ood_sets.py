@@ -112,6 +112,10 @@ def test_cifar_folders_are_recognised(digits_images, tmp_path):
     with open(c100 / "meta", "wb") as f:
         pickle.dump({b"fine_label_names": [b"n"] * 100}, f)
     assert open_ood_set("c100", tmp_path / "x").kind == "cifar100"
+    (tmp_path / "x" / "cifar-10-batches-py").mkdir()
+    with pytest.raises(OODSetError, match="holds both"):
+        detect_kind(tmp_path / "x")
+    assert detect_kind(c100) == "cifar100"
 
 
 def test_in_distribution_folder_uses_the_checkpoint_classes(imagenet_tree):

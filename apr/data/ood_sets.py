@@ -161,9 +161,13 @@ def detect_kind(path: str | os.PathLike) -> str:
         raise OODSetError(f"{path} is a file but not a .mat: give a folder of images, a CIFAR python-pickle "
                           "folder or SVHN's test_32x32.mat")
     for name, folder in CIFAR_FOLDERS.items():
-        if path.name == folder or (path / folder).is_dir():
+        if path.name == folder:
             return name
-    return "folder"
+    inside = [name for name, folder in CIFAR_FOLDERS.items() if (path / folder).is_dir()]
+    if len(inside) > 1:
+        raise OODSetError(f"{path} holds both {' and '.join(CIFAR_FOLDERS.values())}: give the one you mean "
+                          f"(e.g. {path / CIFAR_FOLDERS['cifar100']})")
+    return inside[0] if inside else "folder"
 
 
 # ----------------------------------------------------------------------------- readers
