@@ -475,3 +475,75 @@ def compute_metrics(result: Mapping[str, Any], baseline_result: Mapping[str, Any
         "missing": missing,
         "warnings": warnings,
     }
+
+
+# --------------------------------------------------------------------------- OOD detection and RMS calibration
+
+__all__ += ["ood_metrics", "OOD_METRICS", "rms_calibration_error"]
+
+#: The keys of :func:`ood_metrics`, every one a fraction in [0, 1].
+OOD_METRICS: tuple[str, ...] = ("auroc", "fpr95", "aupr_in", "aupr_out", "detection_accuracy")
+
+
+def _finite_scores(values: Any, what: str) -> np.ndarray:
+    arr = _as_numpy(values).astype(np.float64)
+    if arr.size == 0:
+        raise MetricsError(f"ood_metrics: {what} scores are empty; score at least one image of each set")
+    if not np.all(np.isfinite(arr)):
+        bad = int(np.count_nonzero(~np.isfinite(arr)))
+        raise MetricsError(f"ood_metrics: {bad} of {arr.size} {what} scores are NaN or infinite "
+                           "(check the model's logits, e.g. run in fp32)")
+    return arr
+
+
+def ood_metrics(in_scores: Any, out_scores: Any) -> dict[str, float]:
+    """OOD detection metrics; in-distribution is the positive class and a higher score means more ID.
+
+    Curves come from scikit-learn (``roc_curve`` without dropping points, ``roc_auc_score``,
+    ``average_precision_score``), so tied scores are handled as the library does: one threshold
+    per distinct score value. ``fpr95`` is the smallest false-positive rate (OOD accepted as ID)
+    among the thresholds whose true-positive rate is >= 0.95; its complement is the reference's
+    "TNR at 95 % TPR". ``detection_accuracy`` is ``max_t ½(TPR(t) + TNR(t))``. ``aupr_in`` is the
+    average precision with ID positive, ``aupr_out`` with OOD positive and the score negated.
+    """
+    from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+    ins, outs = _finite_scores(in_scores, "in-distribution"), _finite_scores(out_scores, "out-of-distribution")
+    y_true = np.concatenate([np.ones(ins.size, dtype=np.int64), np.zeros(outs.size, dtype=np.int64)])
+    score = np.concatenate([ins, outs])
+    fpr, tpr, _ = roc_curve(y_true, score, drop_intermediate=False)
+    return {
+        "auroc": float(roc_auc_score(y_true, score)),
+        "fpr95": float(fpr[tpr >= 0.95].min()),
+        "aupr_in": float(average_precision_score(y_true, score)),
+        "aupr_out": float(average_precision_score(1 - y_true, -score)),
+        "detection_accuracy": float(np.max(0.5 * (tpr + 1.0 - fpr))),
+    }
+
+
+def rms_calibration_error(confidences: Any, correct: Any, bin_size: int = 100) -> float:
+    """RMS calibration error (fraction) with adaptive bins, AugMix's ``calib_err(p='2', beta=100)``.
+
+    Samples sorted by confidence are cut into consecutive bins of ``bin_size`` (the last bin takes
+    the remainder; fewer than ``bin_size`` samples make one bin), then
+    ``sqrt(sum_b n_b / N * (mean conf_b - accuracy_b) ** 2)``. AugMix's published code leaves its
+    last bin out of the sum; here every sample counts. Unlike ECE (equal-width bins, absolute
+    gaps) it weighs large gaps more and never has empty bins.
+    """
+    conf = _as_numpy(confidences).astype(np.float64)
+    corr = _as_numpy(correct).astype(np.float64)
+    if conf.shape != corr.shape:
+        raise MetricsError(f"confidences and correct must have the same length, got {conf.size} and {corr.size}")
+    if conf.size == 0:
+        raise MetricsError("RMS calibration error of an empty set: give at least one prediction")
+    if int(bin_size) != bin_size or bin_size < 1:
+        raise MetricsError(f"bin_size must be a positive integer, got {bin_size!r}")
+    if not np.all(np.isfinite(conf)) or conf.min() < 0.0 or conf.max() > 1.0:
+        raise MetricsError("confidences must be probabilities in [0, 1] (softmax outputs)")
+    order = np.argsort(conf, kind="stable")
+    conf, corr = conf[order], corr[order]
+    n_bins = max(1, conf.size // int(bin_size))
+    starts = np.arange(n_bins) * int(bin_size)
+    counts = np.diff(np.append(starts, conf.size))
+    gaps = np.add.reduceat(conf, starts) / counts - np.add.reduceat(corr, starts) / counts
+    return float(np.sqrt(np.sum(counts / conf.size * gaps ** 2)))
