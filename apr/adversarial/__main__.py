@@ -23,7 +23,9 @@ from apr.inference import ImageClassifier
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m apr.adversarial", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m apr.adversarial",
+                                description="FGSM / PGD / AutoAttack robust accuracy of checkpoints, one "
+                                            "resumable JSON each (<out>/<run_name>.adv.json).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", nargs="+", required=True, help="checkpoints (.pt) written by the training loop")
     data = p.add_mutually_exclusive_group(required=True)
@@ -68,6 +70,7 @@ def sweep_attacks(eps: float, steps: int) -> list:
 def evaluate_checkpoint(path: str, run_name: str, args, attacks, world, device) -> dict:
     """One checkpoint: model behind its normalisation, the subset, the attacks -> the JSON."""
     from apr.checkpoint import load_model_for_eval
+    from apr.config import config_to_dict
     from apr.evaluate import collect_versions, file_sha256
 
     model, cfg, classes, info = load_model_for_eval(path, map_location="cpu")
@@ -78,18 +81,12 @@ def evaluate_checkpoint(path: str, run_name: str, args, attacks, world, device) 
         raise AdversarialError("--sweep-n must be at least 1")
     identity = {"run_name": run_name, "checkpoint_sha256": file_sha256(path), "dataset": subset.info,
                 "precision": args.precision}
-    extra = {"checkpoint": str(path), "model_name": info.get("model_name"), "config": cfg_to_dict(cfg),
+    extra = {"checkpoint": str(path), "model_name": info.get("model_name"), "config": config_to_dict(cfg),
              "versions": collect_versions()}
     sweep = sweep_attacks(attacks[0].settings["eps"], args.sweep_steps) if args.eps_sweep else None
     return evaluate_attacks(classifier, subset.batches, attacks=attacks, out_path=Path(args.out) / f"{run_name}.adv.json",
                             identity=identity, extra=extra, n=subset.n, seed=args.seed, device=device, world=world,
                             sweep=sweep, make_sweep_batches=subset.sweep_batches, progress_factory=subset.progress)
-
-
-def cfg_to_dict(cfg) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
 
 
 def main(argv=None) -> int:
