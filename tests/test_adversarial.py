@@ -4,7 +4,6 @@ robustness curve, AutoAttack end to end, and the resumable CLI."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -368,3 +367,70 @@ def test_cli_unknown_attack_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         adv_main(["--checkpoint", "x.pt", "--cifar", "c", "--attack", "cw", "--out", str(tmp_path)])
     assert exc.value.code == 2 and "invalid choice: 'cw'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- two ranks (gloo, CPU)
+
+
+def _two_rank_worker(rank: int, port: int, args: list, out):
+    """One torchrun-like rank: the CLI on half of the images, then the FGSM hook inside DDP training."""
+    import os
+    import warnings
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    warnings.simplefilter("ignore")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    code = adv_main(args)
+    torch.manual_seed(0)
+    model = DDP(linear_classifier(torch.randn(2, 12) * 0.1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    images, labels = torch.rand(4, 3, 2, 2), torch.tensor([0, 1, 0, 1])
+    hook_left_grads = []
+    for step in range(2):  # DDP must accept the attack pass between two training steps
+        optimizer.zero_grad(set_to_none=True)
+        adv = FGSMPerturbation()(model, images, labels, torch.Generator().manual_seed(rank * 10 + step))
+        hook_left_grads.append(any(p.grad is not None for p in model.parameters()))
+        nn.functional.cross_entropy(model(adv), labels).backward()
+        optimizer.step()
+    weights = model.module.model[1].weight.detach().tolist()  # plain floats: no shared memory across exit
+    out.put((rank, code, hook_left_grads, weights))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.filterwarnings("ignore:.*possible gradient masking")
+def test_two_ranks_split_the_images_and_sum_the_counts(tiny_checkpoint, cifar10_folder, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    path, _ = tiny_checkpoint
+    base = ["--checkpoint", str(path), "--cifar", str(cifar10_folder), "--attack", "fgsm", "--n", "30",
+            "--batch-size", "8", "--device", "cpu"]
+    assert adv_main(base + ["--out", str(tmp_path / "one")]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_two_rank_worker, args=(r, port, base + ["--out", str(tmp_path / "two")], out))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted((out.get(timeout=240) for _ in procs), key=lambda r: r[0])
+    for p in procs:
+        p.join(timeout=30)
+    assert [r[1] for r in results] == [0, 0]
+    one = json.loads((tmp_path / "one" / "adv_tiny.adv.json").read_text())
+    two = json.loads((tmp_path / "two" / "adv_tiny.adv.json").read_text())
+    assert two["clean"]["n"] == 30 and two["attacks"]["fgsm"]["n"] == 30
+    # other batch compositions may round a near-tie differently: counts agree to one image
+    assert abs(two["clean"]["correct"] - one["clean"]["correct"]) <= 1
+    assert abs(two["attacks"]["fgsm"]["correct"] - one["attacks"]["fgsm"]["correct"]) <= 1
+    assert all(left == [False, False] for _, _, left, _ in results)  # the attack wrote no parameter gradient
+    assert_close(torch.tensor(results[0][3]), torch.tensor(results[1][3]))  # DDP kept the replicas in step

@@ -12,8 +12,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import torch
-
 from apr.adversarial.attacks import BF16_ATTACK_WARNING, AdversarialError, NORMS, parse_eps
 from apr.adversarial.run import ATTACKS, EPS_SWEEP_FACTORS, build_attacks, evaluate_attacks, pgd_spec
 from apr.adversarial.data import load_eval_subset

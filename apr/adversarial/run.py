@@ -16,8 +16,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from apr.adversarial.attacks import (BF16_ATTACK_WARNING, AdversarialError, autoattack, autoattack_settings,
-                                     check_eps, pgd_attack)
+from apr.adversarial.attacks import AdversarialError, autoattack, autoattack_settings, check_eps, pgd_attack
 from apr.distributed import World, all_reduce_sum
 from apr.io import atomic_write_json
 
@@ -68,7 +67,7 @@ def build_attacks(names: Iterable[str], *, eps: float, norm: str = "Linf", pgd_s
     if unknown or not names:
         raise AdversarialError(f"unknown attack(s) {unknown or names}; choose from {' '.join(ATTACKS)}")
     if norm != "Linf" and set(names) - {"autoattack"}:
-        raise AdversarialError(f"fgsm and pgd are Linf attacks here; use --norm Linf or only --attack autoattack")
+        raise AdversarialError("fgsm and pgd are Linf attacks here; use --norm Linf or only --attack autoattack")
     specs = []
     for name in dict.fromkeys(names):
         if name == "fgsm":
