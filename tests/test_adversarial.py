@@ -214,6 +214,26 @@ def test_autoattack_apgd_ce_runs_end_to_end_on_cpu(digits_model):
     assert robust <= clean and robust < 0.75 * clean
 
 
+@pytest.mark.slow
+def test_autoattack_standard_runs_all_four_attacks_on_cpu(digits_model, caplog):
+    import logging
+
+    model, images, labels = digits_model
+    x, y = images[:8], labels[:8]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # thousands of tiny ops (5000 Square queries): threads only add waiting
+    try:
+        with caplog.at_level(logging.DEBUG, logger="auto-attack"):
+            adv = autoattack(model, x, y, eps=0.06, version="standard", seed=0)
+    finally:
+        torch.set_num_threads(threads)
+    ran = [r.getMessage().split()[-1] for r in caplog.records if r.getMessage().startswith("running ")]
+    clean, robust = accuracy(model, x, y), accuracy(model, adv, y)
+    assert 0 < robust <= clean  # some images survive APGD-CE, so every later attack runs too
+    assert ran == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert (adv - x).abs().max() <= 0.06 + 1e-5 and adv.min() >= 0 and adv.max() <= 1
+
+
 def test_autoattack_standard_settings_are_the_published_ones():
     import pyautoattack
 
@@ -328,6 +348,12 @@ def test_cli_writes_json_and_resumes_without_recomputing(tiny_checkpoint, cifar1
     assert json.loads(out.read_text())["attacks"] == result["attacks"]
     assert adv_main([a if a != "3" else "4" for a in args]) == 0  # other PGD settings: only pgd reruns
     assert set(calls) == {4}
+    calls.clear()
+    assert adv_main(args[:5] + ["fgsm"] + args[7:]) == 0  # fewer attacks asked: the others are kept
+    assert calls == []
+    kept = json.loads(out.read_text())
+    assert set(kept["attacks"]) == {"fgsm", "pgd"} and kept["attacks"]["fgsm"] == result["attacks"]["fgsm"]
+    assert kept["attacks"]["pgd"]["settings"]["steps"] == 4 and kept["eps_sweep"] == result["eps_sweep"]
 
 
 def test_cli_on_an_imagefolder(tiny_config_tree, tmp_path):

@@ -194,9 +194,10 @@ def evaluate_attacks(classifier, make_batches: Callable[[], Iterable], *, attack
     """
     out_path = Path(out_path)
     previous = _previous(out_path, identity) or {}
-    result = {"schema": SCHEMA, **identity, **extra, "n": n, "seed": seed, "clean": previous.get("clean"),
-              "attacks": {}, "eps_sweep": None, "flags": [], "finished": False}
     old_attacks = previous.get("attacks", {})
+    # earlier attacks not asked for this time stay: they are measurements of the same model and images
+    result = {"schema": SCHEMA, **identity, **extra, "n": n, "seed": seed, "clean": previous.get("clean"),
+              "attacks": dict(old_attacks), "eps_sweep": previous.get("eps_sweep"), "flags": [], "finished": False}
 
     def save():
         result["flags"] = masking_flags(result)
