@@ -358,10 +358,13 @@ def test_cli_writes_json_and_resumes_without_recomputing(tiny_checkpoint, cifar1
 
 def test_cli_on_an_imagefolder(tiny_config_tree, tmp_path):
     path, tree = tiny_config_tree
-    assert adv_main(["--checkpoint", str(path), "--val", str(tree), "--attack", "fgsm", "--n", "12",
-                     "--backend", "torchvision", "--workers", "0", "--out", str(tmp_path), "--device", "cpu"]) == 0
+    with pytest.warns(UserWarning, match="bf16"):
+        assert adv_main(["--checkpoint", str(path), "--val", str(tree), "--attack", "fgsm", "--n", "12",
+                         "--backend", "torchvision", "--workers", "0", "--out", str(tmp_path), "--device", "cpu",
+                         "--precision", "bf16"]) == 0
     result = json.loads(next(tmp_path.glob("*.adv.json")).read_text())
     assert result["dataset"]["kind"] == "imagefolder" and result["attacks"]["fgsm"]["n"] == 12
+    assert result["precision"] == "bf16" and result["clean"]["n"] == 12
 
 
 @pytest.fixture
@@ -379,7 +382,8 @@ def tiny_config_tree(imagenet_tree, tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [(["--eps", "0"], "eps"), (["--n", "41"], "--n 41"),
-                                             (["--eps=-8/255"], "eps")])
+                                             (["--eps=-8/255"], "eps"), (["--eps", "2"], "(0, 1]"),
+                                             (["--norm", "L2"], "Linf")])
 def test_cli_bad_input_is_one_error_line(tiny_checkpoint, cifar10_folder, tmp_path, capsys, change, message):
     path, _ = tiny_checkpoint
     args = ["--checkpoint", str(path), "--cifar", str(cifar10_folder), "--attack", "fgsm", "--out", str(tmp_path),

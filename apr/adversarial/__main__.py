@@ -75,13 +75,11 @@ def evaluate_checkpoint(path: str, run_name: str, args, attacks, world, device) 
     classifier = ImageClassifier(model, cfg.data.mean, cfg.data.std, precision=args.precision,
                                  channels_last=bool(cfg.model.channels_last)).to(device).eval()
     subset = load_eval_subset(args, cfg, classes, world, device)
-    if args.eps_sweep and args.sweep_n < 1:
-        raise AdversarialError("--sweep-n must be at least 1")
     identity = {"run_name": run_name, "checkpoint_sha256": file_sha256(path), "dataset": subset.info,
                 "precision": args.precision}
     extra = {"checkpoint": str(path), "model_name": info.get("model_name"), "config": config_to_dict(cfg),
              "versions": collect_versions()}
-    sweep = sweep_attacks(attacks[0].settings["eps"], args.sweep_steps) if args.eps_sweep else None
+    sweep = sweep_attacks(parse_eps(args.eps), args.sweep_steps) if args.eps_sweep else None
     return evaluate_attacks(classifier, subset.batches, attacks=attacks, out_path=Path(args.out) / f"{run_name}.adv.json",
                             identity=identity, extra=extra, n=subset.n, seed=args.seed, device=device, world=world,
                             sweep=sweep, make_sweep_batches=subset.sweep_batches, progress_factory=subset.progress)
@@ -93,6 +91,8 @@ def main(argv=None) -> int:
     pgd_alpha = parse_eps(args.pgd_alpha) if args.pgd_alpha is not None else None
     if args.batch_size < 1:
         raise AdversarialError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.eps_sweep and (args.norm != "Linf" or args.sweep_n < 1 or args.sweep_steps < 1):
+        raise AdversarialError("--eps-sweep is a Linf PGD check: use --norm Linf, --sweep-n >= 1, --sweep-steps >= 1")
     attacks = build_attacks(args.attack, eps=eps, norm=args.norm, pgd_steps=args.pgd_steps, pgd_alpha=pgd_alpha,
                             pgd_restarts=args.pgd_restarts, seed=args.seed)
     missing = [c for c in args.checkpoint if not Path(c).is_file()]

@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 import torch
 
 from apr.adversarial.attacks import AdversarialError, autoattack, autoattack_settings, check_eps, pgd_attack
+from apr.data.base import mix_seed
 from apr.distributed import World, all_reduce_sum
 from apr.io import atomic_write_json
 
@@ -120,7 +121,7 @@ def _count_correct(classifier, batches, device, attack: AttackSpec | None, seed:
     for batch_index, (images, labels) in enumerate(batches):
         images, labels = images.to(device), labels.to(device)
         if attack is not None:
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + batch_index * 7919 + world.rank)
+            generator = torch.Generator().manual_seed(mix_seed(seed, batch_index, world.rank))
             images = attack.run(classifier, images, labels, generator)
         with torch.no_grad():
             correct[0] += (classifier(images).argmax(1) == labels).sum()
