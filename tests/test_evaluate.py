@@ -549,3 +549,80 @@ def test_script_end_to_end(full_eval, tiny_checkpoint, c_tree, imagenet_tree, tm
     rc = main(["--checkpoint", str(tiny_checkpoint[0]), "--out", str(tmp_path / "o2"), *common[:2],
                "--val", str(tmp_path / "nowhere"), *common[4:]])
     assert rc == 2 and "clean val folder not found" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- what a result was computed from
+
+
+SMALL = dict(corruptions=["fog"], severities=(1, 2), **FAST)
+
+
+def test_another_tree_reevaluates_the_changed_cells(tiny_checkpoint, c_tree, imagenet_tree, tmp_path, capsys):
+    out = tmp_path / "out"
+    first = run_eval(tiny_checkpoint[0], imagenet_c_root=c_tree, val_root=imagenet_tree / "val", out_dir=out, **SMALL)
+    # another tree: a copy in which one image of fog/2 was replaced by a different one
+    other = tmp_path / "c2"
+    shutil.copytree(c_tree, other)
+    victim = sorted((other / "fog" / "2" / CLASSES[0]).iterdir())[0]
+    shutil.copy(other / "fog" / "5" / CLASSES[1] / sorted(os.listdir(other / "fog" / "5" / CLASSES[1]))[0], victim)
+    capsys.readouterr()
+    cells = []
+    second = run_eval(tiny_checkpoint[0], imagenet_c_root=other, val_root=imagenet_tree / "val", out_dir=out,
+                      on_cell_done=lambda c, s, cell: cells.append(f"{c}/{s}"), **SMALL)
+    log = capsys.readouterr().out
+    assert cells == ["fog/2"]  # fog/1 and the clean set are the same files: kept
+    assert "re-evaluating 1 cell(s)" in log and "fog/2" in log and "data source changed" in log
+    assert "nothing evaluated" not in log
+    assert second["source"]["corrupted"] == str(other.resolve())
+    assert second["corruptions"]["fog"]["1"] == first["corruptions"]["fog"]["1"]
+    assert second["corruptions"]["fog"]["2"]["fingerprint"] != first["corruptions"]["fog"]["2"]["fingerprint"]
+    assert load_result(out / "tiny.json")["corruptions"]["fog"]["2"] == second["corruptions"]["fog"]["2"]
+
+
+def _break(path: Path) -> None:
+    path.write_bytes(b"<html>not found</html>")
+
+
+def test_empty_or_unreadable_cells_are_caught_before_any_work(tiny_checkpoint, c_tree, imagenet_tree, tmp_path):
+    tree = tmp_path / "c"
+    shutil.copytree(c_tree, tree)
+    for class_dir in (tree / "fog" / "1").iterdir():  # class folders with no files
+        for f in class_dir.iterdir():
+            f.unlink()
+    for f in (tree / "fog" / "2").rglob("*.*"):  # every file unreadable
+        _break(f)
+    done = []
+    with pytest.raises(EvalError, match=r"2 of 2 corruption cells have no readable image: fog/1 \(its class folders "
+                                        r"hold no image files\); fog/2 \(all 24 image files are unreadable\)"):
+        run_eval(tiny_checkpoint[0], imagenet_c_root=tree, val_root=imagenet_tree / "val", out_dir=tmp_path / "out",
+                 on_cell_done=lambda *a: done.append(a), **SMALL)
+    assert done == [] and not (tmp_path / "out" / "tiny.json").exists()
+    kwargs = {**SMALL, "corruptions": ["fog", "snow"], "severities": (1, 2)}
+    result = run_eval(tiny_checkpoint[0], imagenet_c_root=tree, val_root=imagenet_tree / "val",
+                      out_dir=tmp_path / "out", allow_partial=True, on_cell_done=lambda *a: done.append(a[:2]), **kwargs)
+    assert done == [("clean", 0), ("snow", 1), ("snow", 2)]
+    assert set(result["skipped"]) == {"fog/1", "fog/2"} and "fog" not in result["corruptions"]
+    assert {"fog/1", "fog/2"} <= set(metrics_for(result)["missing"])
+
+
+def test_partly_unreadable_cell_is_scored_on_the_rest(full_eval, tiny_checkpoint, tiny_config, c_tree, imagenet_tree,
+                                                     tmp_path):
+    tree = tmp_path / "c"
+    shutil.copytree(c_tree, tree)
+    bad = sorted((tree / "fog" / "1" / CLASSES[2]).iterdir())[0]
+    _break(bad)
+    with pytest.warns(UserWarning, match="fog/1: 1 unreadable file"):
+        result = run_eval(tiny_checkpoint[0], imagenet_c_root=tree, val_root=imagenet_tree / "val",
+                          out_dir=tmp_path / "out", **SMALL)
+    cell = result["corruptions"]["fog"]["1"]
+    assert cell["count"] == 23 and cell["unreadable"] == 1
+    # the independent reference on the 23 readable images
+    images, labels = load_folder(c_tree / "fog" / "1", CLASSES)
+    keep = np.ones(len(labels), bool)
+    keep[int(np.sum(labels < 2))] = False  # load_folder is sorted by class, then file: the first file of class 2
+    ref = reference_cell(tiny_checkpoint[1], images[keep], labels[keep], tiny_config)
+    assert cell["error"] == pytest.approx(ref["error"], abs=1e-9)
+    from apr.report import write_report
+
+    md = write_report([tmp_path / "out" / "tiny.json"], tmp_path / "report", plots=False).read_text()
+    assert "**Unreadable files** (DeepAugment + APR-P, skipped; each cell scored on the rest): fog/1: 1." in md
