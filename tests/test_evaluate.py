@@ -545,10 +545,18 @@ def test_script_end_to_end(full_eval, tiny_checkpoint, c_tree, imagenet_tree, tm
     assert a["corruptions"]["snow"] == full_eval[0]["corruptions"]["snow"]
     assert b["metrics"]["normalisation"] == "baseline:tiny-tiny" and b["metrics"]["ce"]["snow"] == pytest.approx(100)
     assert (tmp_path / "out" / "report.md").is_file()
+    log = capsys.readouterr().out
+    assert "tiny-tiny: this is the baseline run, evaluated once; its CE is 100 by definition" in log
+    assert "tiny-other: CE/mCE normalised by the baseline run 'tiny-tiny'" in log
+    assert log.count("tiny-tiny: evaluated") == 1  # the baseline is evaluated once, not again against itself
     # missing cells: exit status 2 and the list, no traceback
     rc = main(["--checkpoint", str(tiny_checkpoint[0]), "--out", str(tmp_path / "o2"), *common[:2],
                "--val", str(tmp_path / "nowhere"), *common[4:]])
-    assert rc == 2 and "clean val folder not found" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: clean val folder not found" in err and "Traceback" not in err
+    with pytest.raises(EvalError, match="clean val folder not found"):  # --debug keeps the exception
+        main(["--checkpoint", str(tiny_checkpoint[0]), "--out", str(tmp_path / "o2"), *common[:2],
+              "--val", str(tmp_path / "nowhere"), *common[4:], "--debug"])
 
 
 # ----------------------------------------------------------------------------- what a result was computed from
