@@ -236,7 +236,8 @@ def _preflight(suite, corruptions: list[str], options: EvalOptions) -> tuple[lis
     empty = {cell.name: cell.empty_reason for cell in cells if cell.empty_reason}
     total = len(cells) + len(missing)
     if (missing or empty) and not options.allow_partial:
-        parts = [f"{len(missing)} of {total} corruption cells are missing under {suite.c_root}: {', '.join(missing)}."
+        parts = [f"{len(missing)} of {total} corruption cells are missing under {suite.source()['corrupted']}: "
+                 f"{', '.join(missing)}."
                  ] if missing else []
         parts += [f"{len(empty)} of {total} corruption cells have no readable image: "
                   + "; ".join(f"{name} ({why})" for name, why in empty.items()) + "."] if empty else []

@@ -355,8 +355,8 @@ def _intro(summary: dict[str, Any]) -> list[str]:
            "All numbers are percentages; error = top-1 error. Relative mCE compares the error *increase* over "
            "clean with the reference's increase. Mean corr. err. is the unnormalised mean top-1 error over the "
            "15 corruptions and 5 severities. ECE: 15 equal-width confidence bins, clean test set. RMS calib. "
-           "err.: sqrt(sum_b (n_b/N)(acc_b - conf_b)^2) over the same 15 equal-width bins (AugMix reports it "
-           "with adaptive bins of 100 samples, so the values are close but not identical).", ""]
+           "err.: sqrt(sum_b (n_b/N)(acc_b - conf_b)^2) over the same 15 equal-width bins (AugMix's calib_err(p='2') "
+           "uses adaptive bins of 100 confidence-sorted samples instead, so its values are not the same).", ""]
     if norm == "alexnet":
         out += [f"AlexNet references: its ImageNet-C errors from hendrycks/robustness; for relative mCE the "
                 f"{ALEXNET_CLEAN_ERROR_SOURCE}.", ""]

@@ -63,40 +63,47 @@ class Cell:
 
 # ------------------------------------------------------------------------------------ folder trees
 
-def _scan_cell(folder: Path, classes: list[str]) -> tuple[list[str], list[int], list[str]]:
-    """Files, labels and unreadable files (header check) of ``<folder>/<class>/*``."""
-    from concurrent.futures import ThreadPoolExecutor
-
+def _list_cell(folder: Path, classes: list[str], skip: frozenset = frozenset()) -> tuple[list[str], list[int]]:
+    """Files and labels of ``<folder>/<class>/*`` in class order, without the files in ``skip``."""
     index = {name: i for i, name in enumerate(classes)}
     files, labels = [], []
     for name in _class_dirs(folder):
-        entries = _list_class_dir(folder / name)
+        entries = [f for f in _list_class_dir(folder / name) if f not in skip]
         files += entries
         labels += [index[name]] * len(entries)
+    return files, labels
+
+
+def _unreadable(files: list[str]) -> list[tuple[str, str]]:
+    """(file, reason) of the files that fail the cheap header check, checked in parallel threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
     with ThreadPoolExecutor(16) as pool:
         reasons = list(pool.map(check_image_file, files, chunksize=256))
-    bad = [f"{f} ({r})" for f, r in zip(files, reasons) if r is not None]
-    keep = [r is None for r in reasons]
-    return [f for f, k in zip(files, keep) if k], [lab for lab, k in zip(labels, keep) if k], bad
+    return [(f, r) for f, r in zip(files, reasons) if r is not None]
 
 
 def _folder_cell(corruption: str, severity: int, folder: Path, classes: list[str], resize_clean: bool) -> Cell:
-    """Scan ``folder`` once (pre-flight): fingerprint, unreadable files, emptiness; the loader reuses it."""
-    files, labels, bad = _scan_cell(folder, classes)
+    """Pre-flight of one folder cell: fingerprint, unreadable files, emptiness. The file list is listed
+    again when the cell's loader is built (holding 75 lists of 50,000 paths per rank would cost GBs)."""
+    files, _ = _list_cell(folder, classes)
+    bad = _unreadable(files)
+    skip = frozenset(f for f, _ in bad)
     reason = None
-    if not files:
+    if len(bad) == len(files):
         reason = f"all {len(bad)} image files are unreadable" if bad else "its class folders hold no image files"
 
     def make_loader(opts: LoaderOptions):
         from apr.data import build_image_loader
 
+        files, labels = _list_cell(folder, classes, skip)
         return build_image_loader(
             files, labels, classes, backend=opts.backend, batch_size=opts.batch_size, train=False,
             image_size=opts.image_size, resize=opts.val_resize if resize_clean else None,
             num_workers=opts.num_workers, rank=opts.rank, world_size=opts.world_size,
             local_rank=opts.local_rank, device=opts.device, roots=[str(folder)])
 
-    return Cell(corruption, severity, folder_fingerprint(folder), make_loader, bad, reason)
+    return Cell(corruption, severity, folder_fingerprint(folder), make_loader, [f"{f} ({r})" for f, r in bad], reason)
 
 
 class FolderCSuite:
