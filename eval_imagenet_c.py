@@ -84,18 +84,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _baseline_source(args, names: list[str]):
-    """(index of the baseline among the checkpoints, or None; its results dict when it is a file, or None)."""
-    from apr.evaluate import EvalError, load_result
+    """(index of the baseline among the checkpoints, or None; its results dict otherwise, or None)."""
+    from apr.report import ReportError, resolve_baseline
 
     if not args.baseline:
         return None, None
     if args.baseline in names:
         return names.index(args.baseline), None
-    for path in (Path(args.baseline), Path(args.out) / f"{args.baseline}.json"):
-        if path.is_file():
-            return None, load_result(path)
-    raise EvalError(f"--baseline {args.baseline!r} is neither a results JSON, nor {Path(args.out)}/"
-                    f"{args.baseline}.json, nor one of the run names given here ({', '.join(names)})")
+    if Path(args.baseline).is_file() or (Path(args.out) / f"{args.baseline}.json").is_file():
+        return None, resolve_baseline(args.baseline, results_dir=args.out)
+    raise ReportError(f"--baseline {args.baseline!r} is neither a results JSON, nor {Path(args.out)}/"
+                      f"{args.baseline}.json, nor one of the run names given here ({', '.join(names)})")
 
 
 def _add_metrics(results: list[dict], baseline: dict | None, out: Path) -> None:

@@ -188,9 +188,10 @@ def run_label(result: Mapping[str, Any]) -> str:
 
 # --------------------------------------------------------------------------- numbers
 
-def resolve_baseline(baseline: Any, runs: list[tuple[dict, str]] = ()) -> dict | None:
-    """The baseline results dict: None (AlexNet), a results dict or path, or the run name / method
-    label of one of ``runs`` (the one baseline lookup of the project)."""
+def resolve_baseline(baseline: Any, runs: list[tuple[dict, str]] = (), results_dir: str | Path | None = None
+                     ) -> dict | None:
+    """The baseline results dict: None (AlexNet), a results dict or path, ``<results_dir>/<name>.json``,
+    or the run name / method label of one of ``runs`` (the one baseline lookup of the project)."""
     if baseline is None:
         return None
     if isinstance(baseline, Mapping):
@@ -198,6 +199,8 @@ def resolve_baseline(baseline: Any, runs: list[tuple[dict, str]] = ()) -> dict |
     if Path(baseline).is_file():
         return _load_one(baseline)[0]
     name = str(baseline)
+    if results_dir is not None and (Path(results_dir) / f"{name}.json").is_file():
+        return load_result(Path(results_dir) / f"{name}.json")
     by_name = [r for r, _ in runs if r.get("run_name") == name]
     if len(by_name) == 1:
         return by_name[0]

@@ -272,3 +272,12 @@ def test_undefined_relative_mce_shows_its_reason_next_to_the_dash(tmp_path):
                       plots=False).read_text()
     rows = {r["Run"]: r for r in parse_table(md, "## Results")}
     assert rows["s"]["Rel. mCE"].startswith("— (undefined for gaussian_noise")
+
+
+def test_resolve_baseline_in_a_results_folder(five_files, tmp_path):
+    from apr.report import resolve_baseline
+
+    found = resolve_baseline("r50-base", results_dir=five_files[0].parent)
+    assert found["run_name"] == "r50-base" and found == json.loads(five_files[0].read_text())
+    with pytest.raises(ReportError, match="is neither a file nor a run"):
+        resolve_baseline("r50-nothing", results_dir=five_files[0].parent)
