@@ -22,7 +22,8 @@ from apr.metrics import ALL_CORRUPTIONS  # numbers only: cheap to import before 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__,
-        epilog="Errors in the results JSON are fractions; CE and mCE are percent (AlexNet = 100 on ImageNet-C).",
+        epilog="Errors in the results JSON are fractions; CE and mCE are percent (AlexNet = 100 on ImageNet-C). "
+               "Add --debug (or set APR_DEBUG=1) to see the traceback of an error.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--checkpoint", nargs="+", required=True, metavar="CKPT",
@@ -82,61 +83,76 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> int:
+def _baseline_source(args, names: list[str]):
+    """(index of the baseline among the checkpoints, or None; its results dict otherwise, or None)."""
+    from apr.report import ReportError, resolve_baseline
+
+    if not args.baseline:
+        return None, None
+    if args.baseline in names:
+        return names.index(args.baseline), None
+    if Path(args.baseline).is_file() or (Path(args.out) / f"{args.baseline}.json").is_file():
+        return None, resolve_baseline(args.baseline, results_dir=args.out)
+    raise ReportError(f"--baseline {args.baseline!r} is neither a results JSON, nor {Path(args.out)}/"
+                      f"{args.baseline}.json, nor one of the run names given here ({', '.join(names)})")
+
+
+def _add_metrics(results: list[dict], baseline: dict | None, out: Path) -> None:
+    """Store the normalised metrics (computed by apr.report, the one place) next to the raw cells."""
+    from apr.io import atomic_write_json
+    from apr.report import metrics_for
+
+    base_name = baseline.get("run_name") if baseline else None
+    for result in results:
+        result["metrics"] = metrics_for(result, baseline)
+        if baseline is None:
+            print(f"{result['run_name']}: CE/mCE normalised by AlexNet's ImageNet-C errors")
+        elif result["run_name"] == base_name:
+            print(f"{result['run_name']}: this is the baseline run, evaluated once; its CE is 100 by definition")
+        else:
+            print(f"{result['run_name']}: CE/mCE normalised by the baseline run {base_name!r}")
+        atomic_write_json(out / f"{result['run_name']}.json", result, indent=1)
+
+
+def _evaluate_all(argv) -> int:
     args = parse_args(argv)
+    from apr.data.suites import make_suite
+    from apr.distributed import join_world
+    from apr.evaluate import EvalOptions, evaluate_checkpoint, plan_run_names
+    from apr.report import write_report
+
+    names = plan_run_names(args.checkpoint)
+    baseline_index, baseline = _baseline_source(args, names)
+    options = EvalOptions(corruptions=args.corruptions, extra=args.extra, severities=args.severities,
+                          allow_partial=args.allow_partial, batch_size=args.batch_size, backend=args.backend,
+                          num_workers=args.workers, precision=args.precision, device=args.device,
+                          progress=not args.quiet)
+    order = sorted(range(len(names)), key=lambda i: i != baseline_index)  # the baseline first
+    results = [None] * len(names)
+    for i in order:
+        suite = make_suite(imagenet_c=args.imagenet_c, val=args.val, cifar_c=args.cifar_c, cifar=args.cifar,
+                           dataset=None if args.dataset == "auto" else args.dataset)
+        results[i] = evaluate_checkpoint(args.checkpoint[i], suite, args.out, options, run_name=names[i])
+    if baseline_index is not None:
+        baseline = results[baseline_index]
+    if join_world(args.device).is_main:
+        _add_metrics(results, baseline, Path(args.out))
+        if not args.no_report:
+            print(f"report: {write_report(results, args.out, baseline=baseline)}")
+    return 0
+
+
+def main(argv=None) -> int:
+    """User errors print one ``error: ...`` line and return 2 (``--debug`` or APR_DEBUG=1 keeps the traceback)."""
     import torch.distributed as dist
 
-    from apr.checkpoint import CheckpointError
-    from apr.evaluate import EvalError, evaluate_checkpoint, load_result, plan_run_names
-    from apr.data import DatasetLayoutError
-    from apr.metrics import MetricsError
-    from apr.report import ReportError, write_report
+    from apr.cli import run_main
+
     try:
-        names = plan_run_names(args.checkpoint)
-        order = list(range(len(args.checkpoint)))
-        baseline_result, baseline_index = None, None
-        if args.baseline:
-            if args.baseline in names:  # evaluate the baseline first, then normalise the others by it
-                baseline_index = names.index(args.baseline)
-                order.remove(baseline_index)
-                order.insert(0, baseline_index)
-            elif Path(args.baseline).is_file():
-                baseline_result = load_result(args.baseline)
-            elif (Path(args.out) / f"{args.baseline}.json").is_file():
-                baseline_result = load_result(Path(args.out) / f"{args.baseline}.json")
-            else:
-                raise EvalError(f"--baseline {args.baseline!r} is neither a results JSON, nor {Path(args.out)}/"
-                                f"{args.baseline}.json, nor one of the run names given here ({', '.join(names)})")
-        results = [None] * len(order)
-
-        def run(i: int, baseline: dict | None) -> dict:
-            return evaluate_checkpoint(
-                args.checkpoint[i], imagenet_c_root=args.imagenet_c, val_root=args.val,
-                cifar_c_root=args.cifar_c, cifar_root=args.cifar, out_dir=args.out,
-                corruptions=args.corruptions, extra=args.extra, severities=args.severities,
-                allow_partial=args.allow_partial, batch_size=args.batch_size, backend=args.backend,
-                num_workers=args.workers, precision=args.precision, device=args.device,
-                baseline_result=baseline, dataset=None if args.dataset == "auto" else args.dataset,
-                run_name=names[i], progress=not args.quiet,
-            )
-
-        for i in order:
-            results[i] = run(i, baseline_result)
-            if i == baseline_index:
-                # normalised by itself (CE 100 by definition), so its JSON reads like the others';
-                # every cell is already in its JSON, so this only recomputes the metrics
-                baseline_result = results[i] = run(i, results[i])
-        is_main = not dist.is_initialized() or dist.get_rank() == 0
-        if is_main and not args.no_report:
-            report = write_report(results, args.out, baseline=baseline_result)
-            print(f"report: {report}")
-    except (EvalError, CheckpointError, DatasetLayoutError, MetricsError, ReportError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return run_main(_evaluate_all, argv)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":

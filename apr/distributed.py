@@ -79,3 +79,12 @@ def all_gather_cat(values: torch.Tensor, world: World) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(world.world_size)]
     dist.all_gather(parts, padded)
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)]).to(values.device)
+
+
+def broadcast_object(obj, world: World):
+    """Rank 0's ``obj`` (any picklable value) on every rank, so all ranks take the same decisions."""
+    if not world.active:
+        return obj
+    box = [obj if world.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -43,6 +43,7 @@ __all__ = [
     "relative_mce",
     "mean_corruption_error",
     "expected_calibration_error",
+    "rms_calibration_error",
     "CalibrationBins",
     "compute_metrics",
 ]
@@ -83,8 +84,11 @@ ALEXNET_ERRORS: dict[str, float] = {
     "pixelate": 0.717840,
     "jpeg_compression": 0.606500,
 }
-#: AlexNet top-1 error on clean ImageNet val (the relative-mCE normaliser).
+#: AlexNet top-1 error on clean ImageNet val (the relative-mCE normaliser). Source: hendrycks/robustness
+#: (ImageNet-C relative mCE, AlexNet clean error 43.45 %), the constant the published relative mCEs use.
+#: torchvision's AlexNet weights score 56.522 % top-1 accuracy, i.e. 0.43478: not the one used here.
 ALEXNET_CLEAN_ERROR: float = 0.4345
+ALEXNET_CLEAN_ERROR_SOURCE = "AlexNet clean error 43.45 % (hendrycks/robustness; torchvision's AlexNet: 43.478 %)"
 
 
 class MetricsError(UserError, ValueError):
@@ -339,6 +343,16 @@ class CalibrationBins:
             raise ValueError("ECE of an empty set: add() some predictions first")
         return float(np.abs(self.correct_sum - self.confidence_sum).sum() / self.total)
 
+    def rms_calibration_error(self) -> float:
+        """RMS calibration error as a fraction: ``sqrt(sum_b (n_b / N) (acc_b - conf_b)^2)`` over these
+        equal-width bins (AugMix's ``calib_err(p='2')`` uses adaptive bins of 100 sorted samples instead,
+        which needs every confidence; the fixed bins need only this histogram, so they merge over ranks)."""
+        if self.total == 0:
+            raise ValueError("RMS calibration error of an empty set: add() some predictions first")
+        filled = self.count > 0
+        gap = (self.correct_sum[filled] - self.confidence_sum[filled]) / self.count[filled]
+        return float(np.sqrt(np.sum(self.count[filled] / self.total * gap ** 2)))
+
     def reliability(self) -> dict[str, list]:
         """Per-bin accuracy and mean confidence (NaN for empty bins), for reliability diagrams."""
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -387,6 +401,11 @@ def expected_calibration_error(confidences: Any, correct: Any, n_bins: int = 15)
     return CalibrationBins(n_bins).add(confidences, correct).ece()
 
 
+def rms_calibration_error(confidences: Any, correct: Any, n_bins: int = 15) -> float:
+    """RMS calibration error (fraction) over ``n_bins`` equal-width confidence bins."""
+    return CalibrationBins(n_bins).add(confidences, correct).rms_calibration_error()
+
+
 # --------------------------------------------------------------------------- results JSON
 
 def _result_errors(result: Mapping[str, Any], what: str) -> tuple[dict[str, dict[int, float]], float]:
@@ -397,6 +416,30 @@ def _result_errors(result: Mapping[str, Any], what: str) -> tuple[dict[str, dict
     clean = result["clean"]
     clean_error = _error_value(clean, f"{what} clean")
     return normalize_errors(result["corruptions"]), clean_error
+
+
+def _normalised(present: dict, clean_error: float, base_for: Mapping, base_clean: float, wanted: bool,
+                warnings: list[str]) -> tuple[dict, dict, float | None, float | None, str | None]:
+    """CE and relative CE per corruption, mCE and relative mCE (through ``mce`` / ``relative_mce``),
+    and why the relative mCE is missing when it is."""
+    if not wanted or not present:
+        return {}, {}, None, None, ("not normalised" if not wanted else "no corruption cell")
+    ce = {c: corruption_error(cells, base_for[c]) for c, cells in present.items()}
+    rel: dict[str, float | None] = {}
+    for c, cells in present.items():
+        try:
+            rel[c] = relative_corruption_error(cells, clean_error, base_for[c], base_clean)
+        except MetricsError as exc:
+            rel[c] = None
+            warnings.append(f"{c}: {exc}")
+    undefined = [c for c, v in rel.items() if v is None]
+    reason = None
+    rel_mce = None
+    if undefined:
+        reason = f"undefined for {', '.join(undefined)}: the reference is not worse there than on clean images"
+    else:
+        rel_mce = relative_mce(present, clean_error, base_for, base_clean, allow_partial=True)
+    return ce, rel, mce(present, base_for, allow_partial=True), rel_mce, reason
 
 
 def compute_metrics(result: Mapping[str, Any], baseline_result: Mapping[str, Any] | None = None,
@@ -449,25 +492,16 @@ def compute_metrics(result: Mapping[str, Any], baseline_result: Mapping[str, Any
         label = normalisation
         base_for, base_clean = ALEXNET_ERRORS, ALEXNET_CLEAN_ERROR
 
-    ce: dict[str, float] = {}
-    rel: dict[str, float | None] = {}
-    if normalisation != "none":
-        for c, cells in present.items():
-            ce[c] = corruption_error(cells, base_for[c])
-            try:
-                rel[c] = relative_corruption_error(cells, clean_error, base_for[c], base_clean)
-            except MetricsError as exc:
-                rel[c] = None
-                warnings.append(f"{c}: {exc}")
-    rel_values = [v for v in rel.values() if v is not None]
-
+    ce, rel, mce_value, rel_mce, rel_reason = _normalised(present, clean_error, base_for, base_clean,
+                                                          normalisation != "none", warnings)
     extra = {c: errors[c] for c in EXTRA_CORRUPTIONS if c in errors}
     return {
         "normalisation": label,
         "ce": ce,
-        "mce": float(np.mean(list(ce.values()))) if ce else None,
+        "mce": mce_value,
         "relative_ce": rel,
-        "relative_mce": float(np.mean(rel_values)) if rel_values and len(rel_values) == len(rel) else None,
+        "relative_mce": rel_mce,
+        "relative_mce_reason": rel_reason,
         "mean_corruption_error": (mean_corruption_error(present, allow_partial=True) if present else None),
         "extra_mean_error": (mean_corruption_error(extra, allow_partial=True, corruptions=EXTRA_CORRUPTIONS)
                              if extra else None),
@@ -479,7 +513,7 @@ def compute_metrics(result: Mapping[str, Any], baseline_result: Mapping[str, Any
 
 # --------------------------------------------------------------------------- OOD detection and RMS calibration
 
-__all__ += ["ood_metrics", "OOD_METRICS", "rms_calibration_error"]
+__all__ += ["ood_metrics", "OOD_METRICS", "adaptive_rms_calibration_error"]
 
 #: The keys of :func:`ood_metrics`, every one a fraction in [0, 1].
 OOD_METRICS: tuple[str, ...] = ("auroc", "fpr95", "aupr_in", "aupr_out", "detection_accuracy")
@@ -521,14 +555,15 @@ def ood_metrics(in_scores: Any, out_scores: Any) -> dict[str, float]:
     }
 
 
-def rms_calibration_error(confidences: Any, correct: Any, bin_size: int = 100) -> float:
+def adaptive_rms_calibration_error(confidences: Any, correct: Any, bin_size: int = 100) -> float:
     """RMS calibration error (fraction) with adaptive bins, AugMix's ``calib_err(p='2', beta=100)``.
 
     Samples sorted by confidence are cut into consecutive bins of ``bin_size`` (the last bin takes
     the remainder; fewer than ``bin_size`` samples make one bin), then
     ``sqrt(sum_b n_b / N * (mean conf_b - accuracy_b) ** 2)``. AugMix's published code leaves its
     last bin out of the sum; here every sample counts. Unlike ECE (equal-width bins, absolute
-    gaps) it weighs large gaps more and never has empty bins.
+    gaps) it weighs large gaps more and never has empty bins. It needs every confidence, so the
+    evaluator, which keeps only histograms, reports :func:`rms_calibration_error` (fixed bins) instead.
     """
     conf = _as_numpy(confidences).astype(np.float64)
     corr = _as_numpy(correct).astype(np.float64)

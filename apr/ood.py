@@ -35,14 +35,14 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from apr.data.ood_sets import ImageSet, check_disjoint, open_in_distribution, open_ood_set, parse_set_spec
-from apr.distributed import World, all_gather_cat, join_world, resolve_device
+from apr.distributed import World, all_gather_cat, broadcast_object, join_world, resolve_device
 from apr.errors import UserError
 from apr.inference import ImageClassifier, check_precision, default_precision, predict_batches
 from apr.io import atomic_write_json
-from apr.metrics import OOD_METRICS, expected_calibration_error, ood_metrics, rms_calibration_error
+from apr.metrics import (OOD_METRICS, adaptive_rms_calibration_error, expected_calibration_error, ood_metrics,
+                         rms_calibration_error)
 
 __all__ = ["SCHEMA", "SCORE_NAMES", "HISTOGRAM_BINS", "OODError", "scores", "score_batches", "score_histogram",
            "set_record", "in_distribution_record", "summarise", "evaluate_ood", "load_ood_result", "main"]
@@ -121,9 +121,10 @@ def in_distribution_record(image_set: ImageSet, in_scores: Mapping[str, np.ndarr
     correct, confidence = in_scores["correct"], in_scores["msp"]
     return {**image_set.describe(), "top1_error": float(1.0 - correct.mean()),
             "ece": expected_calibration_error(confidence, correct, n_bins=15),
-            "rms_calibration_error": rms_calibration_error(confidence, correct, bin_size=100),
-            "calibration": "ece: 15 equal-width confidence bins, mean |accuracy - confidence|; "
-                           "rms_calibration_error: adaptive bins of 100 sorted samples, root mean square gap "
+            "rms_calibration_error": rms_calibration_error(confidence, correct, n_bins=15),
+            "adaptive_rms_calibration_error": adaptive_rms_calibration_error(confidence, correct, bin_size=100),
+            "calibration": "ece and rms_calibration_error: 15 equal-width confidence bins (as the corruption "
+                           "evaluator); adaptive_rms_calibration_error: adaptive bins of 100 sorted samples "
                            "(AugMix's calib_err, p=2)"}
 
 
@@ -149,15 +150,6 @@ def load_ood_result(path: str | Path) -> dict:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _broadcast(value, world: World):
-    """Rank 0's ``value`` on every rank (a picklable object)."""
-    if not world.active:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _reusable(out_path: Path, identity: dict) -> dict | None:
@@ -260,7 +252,7 @@ def evaluate_ood(checkpoint_path: str | Path, *, ood: Mapping[str, str], out_dir
                 "val_resize": int(cfg.data.val_resize), "histogram_bins": HISTOGRAM_BINS}
     identity = {"checkpoint_sha256": file_sha256(checkpoint_path), "in_fingerprint": in_set.fingerprint,
                 "settings": settings}
-    previous = _broadcast(_reusable(out_path, identity) if world.is_main else None, world)
+    previous = broadcast_object(_reusable(out_path, identity) if world.is_main else None, world)
     result = _new_result(checkpoint_path, run_name, cfg, info, identity, previous)
     done = result["ood_sets"]
     todo = [n for n in out_sets if n not in done or done[n]["fingerprint"] != out_sets[n].fingerprint]

@@ -22,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from apr.metrics import (CORRUPTION_FAMILIES, CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITIES, MetricsError,
-                         compute_metrics, normalize_errors)
+from apr.io import atomic_write_json, atomic_write_text
+from apr.metrics import (ALEXNET_CLEAN_ERROR_SOURCE, CORRUPTION_FAMILIES, CORRUPTIONS, EXTRA_CORRUPTIONS,
+                         SEVERITIES, MetricsError, compute_metrics, normalize_errors)
 
 __all__ = [
     "RESULTS_SCHEMA",
@@ -35,7 +36,11 @@ __all__ = [
     "ReportError",
     "format_percent",
     "run_label",
+    "load_result",
+    "check_result",
     "load_results",
+    "resolve_baseline",
+    "metrics_for",
     "summarize",
     "write_report",
     "main",
@@ -87,25 +92,58 @@ def _pct(fraction: Any) -> float | None:
 
 # --------------------------------------------------------------------------- loading
 
-def _load_one(item: Any) -> tuple[dict, str]:
-    if isinstance(item, Mapping):
-        result, source = dict(item), "<dict>"
-    else:
-        path = Path(item)
-        if not path.is_file():
-            raise ReportError(f"results file {path} does not exist")
-        try:
-            result = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ReportError(f"{path}: not a readable JSON file ({exc})") from None
-        source = str(path)
+def load_result(path: str | Path) -> dict:
+    """The one reader of a results JSON: the file, its schema and its cells checked (ReportError otherwise)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ReportError(f"results file {path} does not exist")
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ReportError(f"{path}: not a readable JSON file ({exc})") from None
+    return check_result(result, str(path))
+
+
+def check_result(result: Any, source: str) -> dict:
+    """A results dict of our schema whose counts are possible and whose dataset fits its class count."""
     if not isinstance(result, dict) or result.get("schema") != RESULTS_SCHEMA:
         got = result.get("schema") if isinstance(result, dict) else type(result).__name__
         raise ReportError(f"{source}: not an evaluation results file (schema {got!r}, expected {RESULTS_SCHEMA!r})")
     for key in ("clean", "corruptions"):
         if key not in result:
             raise ReportError(f"{source}: results lack the {key!r} block")
-    return result, source
+    classes = (result.get("eval") or {}).get("classes")
+    if result.get("dataset") == "imagenet-c" and classes not in (None, 1000):
+        raise ReportError(f"{source}: dataset is 'imagenet-c' but the model has {classes} classes; ImageNet-C "
+                          "(and its AlexNet normalisation) needs 1000. Evaluate it as 'folder-c' (--dataset folder-c)")
+    cells = [("clean", result["clean"])] if isinstance(result["clean"], Mapping) else []
+    cells += [(f"{c}/{s}", cell) for c, per in (result["corruptions"] or {}).items() if isinstance(per, Mapping)
+              for s, cell in per.items() if isinstance(cell, Mapping)]
+    for name, cell in cells:
+        _check_counts(cell, f"{source}: cell {name}")
+    return result
+
+
+def _check_counts(cell: Mapping[str, Any], where: str) -> None:
+    count, correct = cell.get("count"), cell.get("correct")
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count <= 0):
+        raise ReportError(f"{where}: count must be a positive number of images, got {count!r}; "
+                          "re-evaluate this cell (the file was edited or written by another tool)")
+    if correct is not None and (not isinstance(correct, int) or not 0 <= correct <= (count or 0)):
+        raise ReportError(f"{where}: correct = {correct!r} is not between 0 and count = {count!r}; re-evaluate it")
+    if count and correct is not None and isinstance(cell.get("error"), (int, float)):
+        if not math.isclose(cell["error"], 1 - correct / count, abs_tol=1e-9):
+            raise ReportError(f"{where}: error {cell['error']} does not match 1 - correct/count = "
+                              f"{1 - correct / count}; re-evaluate it")
+    unreadable = cell.get("unreadable", 0)
+    if isinstance(unreadable, bool) or not isinstance(unreadable, int) or unreadable < 0:
+        raise ReportError(f"{where}: unreadable must be a count >= 0, got {unreadable!r}")
+
+
+def _load_one(item: Any) -> tuple[dict, str]:
+    if isinstance(item, Mapping):
+        return check_result(dict(item), "<dict>"), "<dict>"
+    return load_result(item), str(item)
 
 
 def load_results(items: Iterable[Any]) -> list[tuple[dict, str]]:
@@ -150,7 +188,10 @@ def run_label(result: Mapping[str, Any]) -> str:
 
 # --------------------------------------------------------------------------- numbers
 
-def _resolve_baseline(baseline: Any, runs: list[tuple[dict, str]]) -> dict | None:
+def resolve_baseline(baseline: Any, runs: list[tuple[dict, str]] = (), results_dir: str | Path | None = None
+                     ) -> dict | None:
+    """The baseline results dict: None (AlexNet), a results dict or path, ``<results_dir>/<name>.json``,
+    or the run name / method label of one of ``runs`` (the one baseline lookup of the project)."""
     if baseline is None:
         return None
     if isinstance(baseline, Mapping):
@@ -158,6 +199,8 @@ def _resolve_baseline(baseline: Any, runs: list[tuple[dict, str]]) -> dict | Non
     if Path(baseline).is_file():
         return _load_one(baseline)[0]
     name = str(baseline)
+    if results_dir is not None and (Path(results_dir) / f"{name}.json").is_file():
+        return load_result(Path(results_dir) / f"{name}.json")
     by_name = [r for r, _ in runs if r.get("run_name") == name]
     if len(by_name) == 1:
         return by_name[0]
@@ -173,12 +216,20 @@ def _mean_or_none(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def metrics_for(result: Mapping[str, Any], baseline: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """CE, mCE, relative mCE, mean corruption error of a raw result: the one place where results are
+    normalised, by ``baseline`` (a results dict) when given, else by AlexNet's ImageNet-C errors
+    (``apr.metrics.ALEXNET_ERRORS``, clean error ``ALEXNET_CLEAN_ERROR``). Missing cells mark it partial."""
+    name = result.get("run_name", "?")
+    try:
+        return compute_metrics(result, baseline_result=baseline, allow_partial=True)
+    except MetricsError as exc:
+        raise ReportError(f"run {name!r}: {exc}") from None
+
+
 def _run_summary(result: dict, source: str, baseline: dict | None, warnings: list[str]) -> dict[str, Any]:
     name = result.get("run_name") or Path(source).stem
-    try:
-        metrics = compute_metrics(result, baseline_result=baseline, allow_partial=True)
-    except MetricsError as exc:
-        raise ReportError(f"run {name!r} ({source}): {exc}") from None
+    metrics = metrics_for({**result, "run_name": name}, baseline)
     cells = normalize_errors(result["corruptions"])
     stored = result.get("metrics")
     if isinstance(stored, Mapping) and stored.get("normalisation") == metrics["normalisation"]:
@@ -189,8 +240,15 @@ def _run_summary(result: dict, source: str, baseline: dict | None, warnings: lis
                                 f"cells ({b}); the report shows the recomputed value")
     for w in metrics["warnings"]:
         warnings.append(f"{name}: {w}")
-    corrupted_ece = [float(cell["ece"]) for c in CORRUPTIONS for cell in (result["corruptions"].get(c) or {}).values()
-                     if isinstance(cell, Mapping) and cell.get("ece") is not None]
+    corrupted = [cell for c in CORRUPTIONS for cell in (result["corruptions"].get(c) or {}).values()
+                 if isinstance(cell, Mapping)]
+    corrupted_ece = [float(cell["ece"]) for cell in corrupted if cell.get("ece") is not None]
+    corrupted_rms = [float(cell["rms_calibration_error"]) for cell in corrupted
+                     if cell.get("rms_calibration_error") is not None]
+    unreadable = {f"{c}/{s}": int(cell.get("unreadable") or 0) for c, per in result["corruptions"].items()
+                  for s, cell in (per or {}).items() if isinstance(cell, Mapping) and cell.get("unreadable")}
+    if result["clean"].get("unreadable"):
+        unreadable["clean"] = int(result["clean"]["unreadable"])
     severity = {}
     for s in SEVERITIES:
         vals = [cells[c][s] for c in CORRUPTIONS if s in cells.get(c, {})]
@@ -212,9 +270,14 @@ def _run_summary(result: dict, source: str, baseline: dict | None, warnings: lis
         "top5_error": _pct(clean.get("top5_error")),
         "ece_clean": _pct(clean.get("ece")),
         "ece_corrupted_mean": _pct(_mean_or_none(corrupted_ece)),
+        "rms_calibration_error_clean": _pct(clean.get("rms_calibration_error")),
+        "rms_calibration_error_corrupted_mean": _pct(_mean_or_none(corrupted_rms)),
+        "unreadable": unreadable,
+        "skipped": dict(result.get("skipped") or {}),
         "normalisation": metrics["normalisation"],
         "mce": metrics["mce"],
         "relative_mce": metrics["relative_mce"],
+        "relative_mce_reason": metrics.get("relative_mce_reason"),
         "mean_corruption_error": metrics["mean_corruption_error"],
         "ce": metrics["ce"],
         "relative_ce": metrics["relative_ce"],
@@ -234,7 +297,7 @@ def summarize(results: Iterable[Any], baseline: Any = None) -> dict[str, Any]:
     datasets = sorted({str(r.get("dataset")) for r, _ in loaded})
     if len(datasets) > 1:
         raise ReportError(f"results mix datasets ({', '.join(datasets)}); make one report per dataset")
-    base = _resolve_baseline(baseline, loaded)
+    base = resolve_baseline(baseline, loaded)
     warnings: list[str] = []
     runs = [_run_summary(r, src, base, warnings) for r, src in loaded]
     order = {label: i for i, label in enumerate(_LABEL_ORDER)}
@@ -279,38 +342,62 @@ def _partial(value: float | None, partial: bool) -> str:
     return text + PARTIAL_MARK if partial and value is not None else text
 
 
-def _markdown(summary: dict[str, Any], figures: dict[str, str]) -> str:
-    runs, norm = summary["runs"], summary["normalisation"]
+def _relative(r: dict) -> str:
+    """Relative mCE, or the dash with its reason right next to it."""
+    if r["relative_mce"] is None and r.get("relative_mce_reason"):
+        return f"— ({r['relative_mce_reason']})"
+    return _partial(r["relative_mce"], r["partial"])
+
+
+def _intro(summary: dict[str, Any]) -> list[str]:
+    norm = summary["normalisation"]
     norm_text = {"alexnet": "AlexNet (CE = 100 is AlexNet's error)"}.get(
         norm, f"run {norm.split(':', 1)[-1]!r} (CE = 100 is that run's error)")
     out = ["# Robustness report", "",
            f"Dataset: **{summary['dataset']}**. CE and mCE normalised by {norm_text}. "
            "All numbers are percentages; error = top-1 error. Relative mCE compares the error *increase* over "
            "clean with the reference's increase. Mean corr. err. is the unnormalised mean top-1 error over the "
-           "15 corruptions and 5 severities. ECE: 15 equal-width confidence bins, clean test set.", ""]
+           "15 corruptions and 5 severities. ECE: 15 equal-width confidence bins, clean test set. RMS calib. "
+           "err.: sqrt(sum_b (n_b/N)(acc_b - conf_b)^2) over the same 15 equal-width bins (AugMix's calib_err(p='2') "
+           "uses adaptive bins of 100 confidence-sorted samples instead, so its values are not the same).", ""]
+    if norm == "alexnet":
+        out += [f"AlexNet references: its ImageNet-C errors from hendrycks/robustness; for relative mCE the "
+                f"{ALEXNET_CLEAN_ERROR_SOURCE}.", ""]
     if summary["dataset"] != "imagenet-c" and norm == "alexnet":
         out += [f"Note: the AlexNet normalisers are ImageNet-C numbers; on {summary['dataset']} the CE/mCE "
                 "columns only compare the runs below with each other (pass --baseline to normalise by one of them).",
                 ""]
-    out += ["## Results", ""]
+    return out
+
+
+def _results_table(runs: list[dict]) -> list[str]:
     header = ["Method", "Run", "Clean err.", "mCE", "Rel. mCE", "Mean corr. err.", "ECE"] + \
         [SHORT_NAMES[c] for c in CORRUPTIONS]
     rows = []
     for r in runs:
         p = r["partial"]
         rows.append([r["display_name"], r["run_name"], format_percent(r["clean_error"]), _partial(r["mce"], p),
-                     _partial(r["relative_mce"], p), _partial(r["mean_corruption_error"], p),
+                     _relative(r), _partial(r["mean_corruption_error"], p),
                      format_percent(r["ece_clean"])] + [format_percent(r["ce"].get(c)) for c in CORRUPTIONS])
-    out += _table(header, rows)
-    partial_runs = [r for r in runs if r["partial"]]
-    if partial_runs:
-        out.append("")
-        for r in partial_runs:
+    out = ["## Results", ""] + _table(header, rows)
+    notes = []
+    for r in runs:
+        if r["partial"]:
             n = len(CORRUPTIONS) * len(SEVERITIES)
-            out.append(f"{PARTIAL_MARK} **Partial**: {r['display_name']} is missing {len(r['missing'])} of {n} "
-                       f"(corruption/severity) cells ({', '.join(r['missing'])}); its means cover the cells present "
-                       "and are not comparable with complete runs.")
-    out += ["", "## Error by severity (mean top-1 error over the 15 corruptions)", ""]
+            notes.append(f"{PARTIAL_MARK} **Partial**: {r['display_name']} is missing {len(r['missing'])} of {n} "
+                         f"(corruption/severity) cells ({', '.join(r['missing'])}); its means cover the cells "
+                         "present and are not comparable with complete runs.")
+        if r.get("skipped"):
+            notes.append(f"**Skipped** ({r['display_name']}): "
+                         + "; ".join(f"{cell}: {why}" for cell, why in r["skipped"].items()) + ".")
+        if r.get("unreadable"):
+            notes.append(f"**Unreadable files** ({r['display_name']}, skipped; each cell scored on the rest): "
+                         + ", ".join(f"{cell}: {n}" for cell, n in r["unreadable"].items()) + ".")
+    return out + ([""] + notes if notes else [])
+
+
+def _error_tables(runs: list[dict]) -> list[str]:
+    out = ["", "## Error by severity (mean top-1 error over the 15 corruptions)", ""]
     out += _table(["Method", "Clean"] + [f"Severity {s}" for s in SEVERITIES],
                   [[r["display_name"], format_percent(r["clean_error"])]
                    + [format_percent(r["severity_errors"][str(s)]) for s in SEVERITIES] for r in runs])
@@ -321,19 +408,28 @@ def _markdown(summary: dict[str, Any], figures: dict[str, str]) -> str:
                              [[r["display_name"]] + [format_percent(r["extra_errors"].get(c)) for c in EXTRA_CORRUPTIONS]
                               + [format_percent(r["extra_mean_error"])] for r in runs])
     out += ["", "## Calibration", ""]
-    out += _table(["Method", "ECE clean", "ECE corrupted (mean over cells)"],
-                  [[r["display_name"], format_percent(r["ece_clean"]), format_percent(r["ece_corrupted_mean"])]
-                   for r in runs])
-    out += ["", f"## {PUBLISHED_TITLE}", ""]
-    if summary["published"]:
-        out += ["These rows are copied from the papers for orientation; no number in this block comes from "
-                "the runs above.", ""]
-        out += _table(["Method (ResNet-50, ImageNet)", "mCE", "Clean err.", "Note"],
-                      [[p["method"], f"{p['mce']:.1f}", "—" if p["clean_error"] is None else f"{p['clean_error']:.1f}",
-                        p["note"]]
-                       for p in summary["published"]])
-    else:
-        out.append(summary["published_omitted_reason"])
+    out += _table(["Method", "ECE clean", "ECE corrupted (mean over cells)", "RMS calib. err. clean",
+                   "RMS calib. err. corrupted (mean over cells)"],
+                  [[r["display_name"], format_percent(r["ece_clean"]), format_percent(r["ece_corrupted_mean"]),
+                    format_percent(r.get("rms_calibration_error_clean")),
+                    format_percent(r.get("rms_calibration_error_corrupted_mean"))] for r in runs])
+    return out
+
+
+def _published(summary: dict[str, Any]) -> list[str]:
+    out = ["", f"## {PUBLISHED_TITLE}", ""]
+    if not summary["published"]:
+        return out + [summary["published_omitted_reason"]]
+    out += ["These rows are copied from the papers for orientation; no number in this block comes from "
+            "the runs above.", ""]
+    return out + _table(["Method (ResNet-50, ImageNet)", "mCE", "Clean err.", "Note"],
+                        [[p["method"], f"{p['mce']:.1f}", "—" if p["clean_error"] is None else f"{p['clean_error']:.1f}",
+                          p["note"]] for p in summary["published"]])
+
+
+def _markdown(summary: dict[str, Any], figures: dict[str, str]) -> str:
+    runs = summary["runs"]
+    out = _intro(summary) + _results_table(runs) + _error_tables(runs) + _published(summary)
     out += ["", "## Figures", ""] + ([] if figures else ["(not drawn: plots=False)", ""])
     for title, name in figures.items():
         out += [f"![{title}]({name})", ""]
@@ -382,7 +478,14 @@ def _plot_ce(runs: list[dict], path: Path, normalisation: str) -> None:
     ax.grid(axis="y", alpha=0.3)
     fig.legend(*ax.get_legend_handles_labels(), loc="lower center", fontsize=8, ncol=min(3, n), frameon=False)
     fig.tight_layout(rect=(0, 0.06 * math.ceil(n / 3), 1, 1))
-    fig.savefig(path)
+    _save_png(fig, path)
+
+
+def _save_png(fig, path: Path) -> None:
+    from apr.io import atomic_open
+
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png")
 
 
 def _colours(n: int) -> list:
@@ -421,7 +524,7 @@ def _plot_severity(runs: list[dict], path: Path) -> None:
     (legend_ax or fig).legend(handles, labels, loc="center", fontsize=8)
     fig.suptitle("Top-1 error vs severity", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path)
+    _save_png(fig, path)
 
 
 # --------------------------------------------------------------------------- entry points
@@ -440,9 +543,9 @@ def write_report(results: Sequence[Any], out_dir: str | Path, baseline: Any = No
     else:
         figures = {}
     summary["figures"] = list(figures.values())
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    atomic_write_json(out / "summary.json", summary, indent=1)
     report = out / "report.md"
-    report.write_text(_markdown(summary, figures))
+    atomic_write_text(report, _markdown(summary, figures))
     return report
 
 
@@ -458,14 +561,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="normalise CE by this run instead of AlexNet: a run name, a method label "
                         "(e.g. 'baseline') or a results JSON path")
     args = p.parse_args(argv)
-    try:
-        report = write_report(args.results, args.out, baseline=args.baseline, plots=not args.no_plots)
-    except ReportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    report = write_report(args.results, args.out, baseline=args.baseline, plots=not args.no_plots)
     print(report)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from apr.cli import run_main
+
+    sys.exit(run_main(main))

@@ -31,7 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from apr.data import build_folder_eval_loader  # noqa: E402
-from apr.evaluate import InferenceRunner, collect_versions, evaluate_loader  # noqa: E402
+from apr.evaluate import collect_versions, evaluate_loader  # noqa: E402
+from apr.inference import ImageClassifier  # noqa: E402
 from apr.models import create_model  # noqa: E402
 from photos import write_photo_jpegs  # benchmarks/photos.py
 
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
     machine = args.machine or (torch.cuda.get_device_name(0) if cuda else "CPU")
     classes = [f"n{k:08d}" for k in range(4)]
     model = create_model(args.model, 1000)  # labels 0..3 of a 1000-way head: enough for timing
-    runner = InferenceRunner.build(model, IMAGENET_MEAN, IMAGENET_STD, device, args.precision)
+    runner = ImageClassifier(model.to(device), IMAGENET_MEAN, IMAGENET_STD, args.precision, channels_last=True)
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -3,7 +3,8 @@
 #
 # Every corruption cell is split across the GPUs (torchrun, one process per GPU); rank 0 writes one
 # results JSON per checkpoint into $OUT after EVERY cell, so a preempted or timed-out job loses at most
-# one cell: resubmit the same command (or let --requeue do it) and finished cells are skipped.
+# one cell: resubmit the same command (or let --requeue do it) and finished cells are skipped (cells whose
+# files changed since, or that come from another tree, are evaluated again; the log names them).
 # After the last checkpoint, $OUT/report.md (tables + plots) is written.
 #
 # Usage (paths through environment variables, checkpoints as arguments):

@@ -129,3 +129,16 @@ def test_cli_lists_bad_files(tmp_path, imagenet_tree, capsys):
     (root / "n00000000" / "bad.JPEG").write_text("nope")
     assert main([str(root)]) == 1
     assert "bad.JPEG (not an image" in capsys.readouterr().out
+
+
+def test_class_with_only_unreadable_files_is_refused(tmp_path, imagenet_tree):
+    root = tmp_path / "val"
+    shutil.copytree(imagenet_tree / "val", root)
+    dead = sorted(p for p in root.iterdir() if p.is_dir())[1]
+    for f in dead.iterdir():
+        f.write_bytes(b"<html>moved</html>")
+    with pytest.raises(DatasetLayoutError, match=f"every image file is unreadable in class folder\\(s\\) {dead}"):
+        scan_image_folder(root)
+    # evaluation cells (allow_empty) count such files instead: the suite decides what an empty cell means
+    index = scan_image_folder(root, allow_empty=True, warn=False)
+    assert len(index.skipped) == len(list(dead.iterdir())) and 1 not in index.labels

@@ -24,13 +24,25 @@ from PIL import Image
 
 from apr.checkpoint import CheckpointError, save_checkpoint
 from apr.config import Config, config_to_dict
-from apr.evaluate import EvalError, evaluate_checkpoint, file_sha256, load_result
+from apr.data import DatasetLayoutError
+from apr.data.suites import make_suite
+from apr.evaluate import EvalError, EvalOptions, evaluate_checkpoint, file_sha256, load_result
 from apr.metrics import ALEXNET_ERRORS, CORRUPTIONS
 from apr.models import create_model
+from apr.report import metrics_for
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = [f"n{k:08d}" for k in range(4)]
 FAST = dict(backend="torchvision", num_workers=0, batch_size=10, precision="fp32", device="cpu", progress=False)
+
+
+def run_eval(checkpoint_path, *, out_dir, imagenet_c_root=None, val_root=None, cifar_c_root=None, cifar_root=None,
+             dataset=None, run_name=None, on_cell_done=None, **options):
+    """evaluate_checkpoint with the suite built from paths, as eval_imagenet_c.py does."""
+    suite = make_suite(imagenet_c=imagenet_c_root, val=val_root, cifar_c=cifar_c_root, cifar=cifar_root,
+                       dataset=dataset)
+    return evaluate_checkpoint(checkpoint_path, suite, out_dir, EvalOptions(**options), run_name=run_name,
+                               on_cell_done=on_cell_done)
 
 
 # ----------------------------------------------------------------------------- references
@@ -69,10 +81,23 @@ def reference_ece(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> fl
     return float(ece)
 
 
+def reference_rms(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+    """sqrt(sum_b (n_b/N) (acc_b - conf_b)^2), the same bins as reference_ece, per sample."""
+    conf = probs.max(1)
+    correct = probs.argmax(1) == labels
+    total = 0.0
+    for b in range(n_bins):
+        lo, hi = b / n_bins, (b + 1) / n_bins
+        mask = (conf > lo) & (conf <= hi) if b else (conf <= hi)
+        if mask.any():
+            total += mask.mean() * (correct[mask].mean() - conf[mask].mean()) ** 2
+    return float(np.sqrt(total))
+
+
 def reference_cell(model, images, labels, cfg) -> dict:
     probs = reference_predictions(model, images, cfg.data.mean, cfg.data.std)
     return {"error": float((probs.argmax(1) != labels).mean()), "ece": reference_ece(probs, labels),
-            "count": len(labels)}
+            "rms": reference_rms(probs, labels), "count": len(labels)}
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -152,7 +177,7 @@ def c_tree(imagenet_tree, tmp_path_factory) -> Path:
 def full_eval(tiny_checkpoint, c_tree, imagenet_tree, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval_full")
     with single_thread():
-        result = evaluate_checkpoint(tiny_checkpoint[0], imagenet_c_root=c_tree, val_root=imagenet_tree / "val",
+        result = run_eval(tiny_checkpoint[0], imagenet_c_root=c_tree, val_root=imagenet_tree / "val",
                                      out_dir=out, **FAST)
     return result, out
 
@@ -168,7 +193,7 @@ def tree_without(c_tree: Path, dst: Path, cells: list[str]) -> Path:
 # ----------------------------------------------------------------------------- tests
 
 
-def test_full_tree_gives_all_cells(full_eval, tiny_checkpoint, tiny_config):
+def test_full_tree_gives_all_cells(full_eval, tiny_checkpoint, tiny_config, c_tree, imagenet_tree):
     result, out = full_eval
     assert load_result(out / "tiny.json") == json.loads(json.dumps(result))
     assert result["schema"] == "apr.eval/1" and result["run_name"] == "tiny"
@@ -189,8 +214,15 @@ def test_full_tree_gives_all_cells(full_eval, tiny_checkpoint, tiny_config):
     clean = result["clean"]
     assert clean["count"] == 24 and clean["top5_error"] == 0.0  # 4 classes: the label is always in the top 5
     assert clean["error"] < 0.5  # trained: far better than chance (0.75)
-    metrics = result["metrics"]
-    assert metrics["normalisation"] == "none" and metrics["mce"] is None and metrics["partial"] is False
+    # raw results only: no normalisation in the evaluator's JSON; apr.report derives the metrics
+    assert "metrics" not in result and result["finished"] is True and result["skipped"] == {}
+    assert result["source"] == {"suite": "folder-c", "corrupted": str(c_tree.resolve()),
+                                "clean": str((imagenet_tree / "val").resolve())}
+    for cell in [clean] + [c for cells in result["corruptions"].values() for c in cells.values()]:
+        assert cell["unreadable"] == 0 and cell["fingerprint"]["files"] == 24 and cell["fingerprint"]["bytes"] > 0
+        assert cell["correct"] == round((1 - cell["error"]) * 24) and sum(cell["calibration"]["count"]) == 24
+    metrics = metrics_for(result)
+    assert metrics["normalisation"] == "alexnet" and metrics["partial"] is False
     expected_mean = 100 * np.mean([np.mean([c["error"] for c in cells.values()])
                                    for cells in result["corruptions"].values()])
     assert metrics["mean_corruption_error"] == pytest.approx(expected_mean)
@@ -203,6 +235,8 @@ def test_errors_match_independent_computation(full_eval, tiny_checkpoint, tiny_c
     ref = reference_cell(model, images, labels, tiny_config)
     assert result["clean"]["error"] == pytest.approx(ref["error"], abs=1e-9)
     assert result["clean"]["ece"] == pytest.approx(ref["ece"], abs=1e-5)
+    assert result["clean"]["rms_calibration_error"] == pytest.approx(ref["rms"], abs=1e-5)
+    assert ref["rms"] >= ref["ece"] - 1e-12  # RMS over bins >= mean absolute gap (Jensen)
     for cell in ("gaussian_noise/5", "fog/3", "jpeg_compression/1", "glass_blur/4"):
         corruption, severity = cell.split("/")
         images, labels = load_folder(c_tree / corruption / severity, CLASSES)
@@ -210,6 +244,7 @@ def test_errors_match_independent_computation(full_eval, tiny_checkpoint, tiny_c
         got = result["corruptions"][corruption][severity]
         assert got["error"] == pytest.approx(ref["error"], abs=1e-9), cell
         assert got["ece"] == pytest.approx(ref["ece"], abs=1e-5), cell
+        assert got["rms_calibration_error"] == pytest.approx(ref["rms"], abs=1e-5), cell
 
 
 def test_report_renders(full_eval, tmp_path):
@@ -225,20 +260,21 @@ def test_missing_cells_are_listed_before_any_work(tiny_checkpoint, c_tree, image
     tree = tree_without(c_tree, tmp_path / "c", ["fog/3", "snow/5"])
     done = []
     with pytest.raises(EvalError, match=r"2 of 75 .*: snow/5, fog/3\. .*--allow-partial"):
-        evaluate_checkpoint(tiny_checkpoint[0], imagenet_c_root=tree, val_root=imagenet_tree / "val",
+        run_eval(tiny_checkpoint[0], imagenet_c_root=tree, val_root=imagenet_tree / "val",
                             out_dir=tmp_path / "out", on_cell_done=lambda *a: done.append(a), **FAST)
     assert done == [] and not (tmp_path / "out" / "tiny.json").exists()
     # --extra asks for the 4 held-out corruptions too; this tree has none of them
     with pytest.raises(EvalError, match=r"22 of 95 .*snow/5, fog/3, speckle_noise/1, .*saturate/5\. "):
-        evaluate_checkpoint(tiny_checkpoint[0], imagenet_c_root=tree, val_root=imagenet_tree / "val",
+        run_eval(tiny_checkpoint[0], imagenet_c_root=tree, val_root=imagenet_tree / "val",
                             out_dir=tmp_path / "out", extra=True, **FAST)
 
 
 def test_allow_partial_gives_partial_mce(full_eval, tiny_checkpoint, c_tree, imagenet_tree, tmp_path):
     tree = tree_without(c_tree, tmp_path / "c", ["fog/3"])
-    result = evaluate_checkpoint(tiny_checkpoint[0], imagenet_c_root=tree, val_root=imagenet_tree / "val",
+    result = run_eval(tiny_checkpoint[0], imagenet_c_root=tree, val_root=imagenet_tree / "val",
                                  out_dir=tmp_path / "out", allow_partial=True, dataset="imagenet-c", **FAST)
-    metrics = result["metrics"]
+    metrics = metrics_for(result)
+    assert result["skipped"] == {"fog/3": "missing"}
     assert metrics["partial"] is True and metrics["missing"] == ["fog/3"]
     assert "3" not in result["corruptions"]["fog"] and len(result["corruptions"]["fog"]) == 4
     # AlexNet-normalised CE over the cells that are there: sum_s E_s / (n_s * AlexNet mean)
@@ -250,18 +286,17 @@ def test_allow_partial_gives_partial_mce(full_eval, tiny_checkpoint, c_tree, ima
     full = full_eval[0]["corruptions"]
     assert result["corruptions"]["fog"]["5"] == full["fog"]["5"]
     # a baseline run normalises cell by cell instead: a run against itself has CE 100
-    again = evaluate_checkpoint(tiny_checkpoint[0], imagenet_c_root=tree, val_root=imagenet_tree / "val",
-                                out_dir=tmp_path / "out2", allow_partial=True, baseline_result=full_eval[0], **FAST)
-    assert again["metrics"]["normalisation"] == "baseline:tiny"
-    assert again["metrics"]["ce"]["snow"] == pytest.approx(100.0)
+    again = metrics_for(result, baseline=full_eval[0])
+    assert again["normalisation"] == "baseline:tiny"
+    assert again["ce"]["snow"] == pytest.approx(100.0)
 
 
 def test_class_mismatch_is_refused(tiny_checkpoint, c_tree, imagenet_tree, tmp_path):
     val = tmp_path / "val"
     shutil.copytree(imagenet_tree / "val", val)
     shutil.copytree(val / CLASSES[0], val / "n00000009")
-    with pytest.raises(EvalError, match=r"clean val .*1 class folder\(s\) the checkpoint does not know: n00000009"):
-        evaluate_checkpoint(tiny_checkpoint[0], imagenet_c_root=c_tree, val_root=val, out_dir=tmp_path / "o", **FAST)
+    with pytest.raises(DatasetLayoutError, match=r"clean val .*1 class folder\(s\) the checkpoint does not know: n00000009"):
+        run_eval(tiny_checkpoint[0], imagenet_c_root=c_tree, val_root=val, out_dir=tmp_path / "o", **FAST)
     # a checkpoint whose class list does not fit its classifier head
     state = torch.load(tiny_checkpoint[0], weights_only=True)
     state["classes"] = CLASSES + ["n00000009"]
@@ -269,7 +304,7 @@ def test_class_mismatch_is_refused(tiny_checkpoint, c_tree, imagenet_tree, tmp_p
     bad = tmp_path / "bad.pt"
     torch.save(state, bad)
     with pytest.raises(CheckpointError, match=r"does not fit the model.*5 classes"):
-        evaluate_checkpoint(bad, imagenet_c_root=c_tree, val_root=imagenet_tree / "val", out_dir=tmp_path / "o", **FAST)
+        run_eval(bad, imagenet_c_root=c_tree, val_root=imagenet_tree / "val", out_dir=tmp_path / "o", **FAST)
 
 
 def test_interrupted_evaluation_resumes_to_the_same_numbers(full_eval, tiny_checkpoint, c_tree, imagenet_tree,
@@ -284,22 +319,23 @@ def test_interrupted_evaluation_resumes_to_the_same_numbers(full_eval, tiny_chec
 
     kwargs = dict(imagenet_c_root=c_tree, val_root=imagenet_tree / "val", out_dir=out, **FAST)
     with pytest.raises(KeyboardInterrupt):
-        evaluate_checkpoint(tiny_checkpoint[0], on_cell_done=stop_after_five, **kwargs)
+        run_eval(tiny_checkpoint[0], on_cell_done=stop_after_five, **kwargs)
     partial = load_result(out / "tiny.json")
-    assert partial["metrics"] is None  # unfinished
+    assert partial["finished"] is False  # unfinished
     assert [f"{c}/{s}" for c, cells in partial["corruptions"].items() for s in cells] == seen[1:]
 
     rerun = []
-    result = evaluate_checkpoint(tiny_checkpoint[0], on_cell_done=lambda c, s, cell: rerun.append(f"{c}/{s}"),
+    result = run_eval(tiny_checkpoint[0], on_cell_done=lambda c, s, cell: rerun.append(f"{c}/{s}"),
                                  **kwargs)
     assert len(rerun) == 70 and not set(rerun) & set(seen)
     full = full_eval[0]
-    for key in ("clean", "corruptions", "metrics", "checkpoint_sha256"):
+    for key in ("clean", "corruptions", "skipped", "finished", "checkpoint_sha256"):
         assert result[key] == full[key], key
+    assert metrics_for(result) == metrics_for(full)
     # a finished evaluation rerun evaluates nothing and rewrites the same file
     before = (out / "tiny.json").read_bytes()
     rerun.clear()
-    evaluate_checkpoint(tiny_checkpoint[0], on_cell_done=lambda *a: rerun.append(a), **kwargs)
+    run_eval(tiny_checkpoint[0], on_cell_done=lambda *a: rerun.append(a), **kwargs)
     assert rerun == [] and (out / "tiny.json").read_bytes() == before
 
 
@@ -309,21 +345,21 @@ def test_another_checkpoint_at_the_same_path_starts_over(tiny_checkpoint, tiny_c
     shutil.copy(tiny_checkpoint[0], path)
     kwargs = dict(imagenet_c_root=c_tree, val_root=imagenet_tree / "val", out_dir=tmp_path / "out",
                   corruptions=["fog"], severities=(1, 2), **FAST)
-    first = evaluate_checkpoint(path, **kwargs)
-    assert first["metrics"]["partial"] is True  # a subset asked for on purpose is scored, marked partial
+    first = run_eval(path, **kwargs)
+    assert metrics_for(first)["partial"] is True  # a subset asked for on purpose is scored, marked partial
     _, model = tiny_checkpoint
     other = create_model("cnn_tiny", 4)
     other.load_state_dict({k: (v + 0.5 if v.is_floating_point() else v) for k, v in model.state_dict().items()})
     save_tiny(path, other, CLASSES, tiny_config)
     cells = []
     with pytest.warns(UserWarning, match="another checkpoint"):
-        second = evaluate_checkpoint(path, on_cell_done=lambda c, s, cell: cells.append(f"{c}/{s}"), **kwargs)
+        second = run_eval(path, on_cell_done=lambda c, s, cell: cells.append(f"{c}/{s}"), **kwargs)
     assert cells == ["clean/0", "fog/1", "fog/2"]
     assert second["checkpoint_sha256"] == file_sha256(path) != first["checkpoint_sha256"]
 
 
 def test_bf16_autocast_runs_on_cpu(full_eval, tiny_checkpoint, c_tree, imagenet_tree, tmp_path):
-    result = evaluate_checkpoint(tiny_checkpoint[0], imagenet_c_root=c_tree, val_root=imagenet_tree / "val",
+    result = run_eval(tiny_checkpoint[0], imagenet_c_root=c_tree, val_root=imagenet_tree / "val",
                                  out_dir=tmp_path, corruptions=["brightness"], severities=(1,),
                                  **{**FAST, "precision": "bf16"})
     # bf16 rounding may flip a borderline image, not more
@@ -333,7 +369,7 @@ def test_bf16_autocast_runs_on_cpu(full_eval, tiny_checkpoint, c_tree, imagenet_
 
 @pytest.mark.cuda
 def test_cuda_bf16_agrees_with_cpu(full_eval, tiny_checkpoint, c_tree, imagenet_tree, tmp_path):
-    result = evaluate_checkpoint(tiny_checkpoint[0], imagenet_c_root=c_tree, val_root=imagenet_tree / "val",
+    result = run_eval(tiny_checkpoint[0], imagenet_c_root=c_tree, val_root=imagenet_tree / "val",
                                  out_dir=tmp_path, corruptions=["fog"], severities=(1,),
                                  **{**FAST, "device": "cuda", "precision": "bf16"})
     full = full_eval[0]
@@ -353,7 +389,7 @@ def _has_dali() -> bool:
 
 @pytest.mark.skipif(not _has_dali(), reason="needs NVIDIA DALI")
 def test_dali_backend_agrees_with_torchvision(full_eval, tiny_checkpoint, c_tree, imagenet_tree, tmp_path):
-    result = evaluate_checkpoint(tiny_checkpoint[0], imagenet_c_root=c_tree, val_root=imagenet_tree / "val",
+    result = run_eval(tiny_checkpoint[0], imagenet_c_root=c_tree, val_root=imagenet_tree / "val",
                                  out_dir=tmp_path, corruptions=["fog"], severities=(1, 5),
                                  **{**FAST, "backend": "dali", "num_workers": 1})
     assert result["eval"]["backend"] == "dali"
@@ -366,11 +402,18 @@ def test_dali_backend_agrees_with_torchvision(full_eval, tiny_checkpoint, c_tree
 
 
 def assert_same_cell(got: dict, want: dict) -> None:
-    """Counts and errors exactly; ECE to float32 precision (other batch sizes per rank change the
-    conv kernels' rounding of the confidences in the 7th digit)."""
+    """Counts and errors exactly; ECE, RMS error and confidence sums to float32 precision (other batch
+    sizes per rank change the conv kernels' rounding of the confidences in the 7th digit)."""
     assert set(got) == set(want)
     for key in want:
-        assert got[key] == (pytest.approx(want[key], abs=1e-6) if key == "ece" else want[key]), key
+        if key in ("ece", "rms_calibration_error"):
+            assert got[key] == pytest.approx(want[key], abs=1e-6), key
+        elif key == "calibration":
+            assert {k: v for k, v in got[key].items() if k != "confidence_sum"} == \
+                {k: v for k, v in want[key].items() if k != "confidence_sum"}
+            np.testing.assert_allclose(got[key]["confidence_sum"], want[key]["confidence_sum"], atol=1e-5)
+        else:
+            assert got[key] == want[key], key
 
 
 def _distributed_worker(rank, world_size, port, args, queue):
@@ -378,7 +421,7 @@ def _distributed_worker(rank, world_size, port, args, queue):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     try:
-        result = evaluate_checkpoint(**args)
+        result = run_eval(**args)
         queue.put((rank, result["clean"], result["corruptions"]))
     finally:
         torch.distributed.destroy_process_group()
@@ -449,7 +492,7 @@ def test_cifar_c(digits_images, tmp_path):
                   for s in range(1, 6)]
         np.save(cc / f"{corruption}.npy", np.concatenate(blocks))
 
-    result = evaluate_checkpoint(ckpt, cifar_c_root=cc, cifar_root=cifar_root, out_dir=tmp_path / "out", **FAST)
+    result = run_eval(ckpt, cifar_c_root=cc, cifar_root=cifar_root, out_dir=tmp_path / "out", **FAST)
     assert result["dataset"] == "cifar10-c"
     ref = reference_cell(model, test_x, test_y, cfg)
     assert result["clean"]["count"] == 40
@@ -463,13 +506,13 @@ def test_cifar_c(digits_images, tmp_path):
             assert got["count"] == 20
             assert got["error"] == pytest.approx(ref["error"], abs=1e-9), (corruption, s)
             assert got["ece"] == pytest.approx(ref["ece"], abs=1e-5), (corruption, s)
-    assert result["metrics"]["normalisation"] == "none" and result["metrics"]["mce"] is None
-    assert result["metrics"]["mean_corruption_error"] == pytest.approx(
+    assert "metrics" not in result and result["source"]["suite"] == "cifar-c"
+    assert metrics_for(result)["mean_corruption_error"] == pytest.approx(
         100 * np.mean([np.mean([c["error"] for c in cells.values()]) for cells in result["corruptions"].values()]))
 
     os.remove(cc / "fog.npy")
     with pytest.raises(EvalError, match=r"5 of 75 .*fog/1, fog/2, fog/3, fog/4, fog/5"):
-        evaluate_checkpoint(ckpt, cifar_c_root=cc, cifar_root=cifar_root, out_dir=tmp_path / "out2", **FAST)
+        run_eval(ckpt, cifar_c_root=cc, cifar_root=cifar_root, out_dir=tmp_path / "out2", **FAST)
 
 
 # ----------------------------------------------------------------------------- the script
@@ -502,7 +545,92 @@ def test_script_end_to_end(full_eval, tiny_checkpoint, c_tree, imagenet_tree, tm
     assert a["corruptions"]["snow"] == full_eval[0]["corruptions"]["snow"]
     assert b["metrics"]["normalisation"] == "baseline:tiny-tiny" and b["metrics"]["ce"]["snow"] == pytest.approx(100)
     assert (tmp_path / "out" / "report.md").is_file()
+    log = capsys.readouterr().out
+    assert "tiny-tiny: this is the baseline run, evaluated once; its CE is 100 by definition" in log
+    assert "tiny-other: CE/mCE normalised by the baseline run 'tiny-tiny'" in log
+    assert log.count("tiny-tiny: evaluated") == 1  # the baseline is evaluated once, not again against itself
     # missing cells: exit status 2 and the list, no traceback
     rc = main(["--checkpoint", str(tiny_checkpoint[0]), "--out", str(tmp_path / "o2"), *common[:2],
                "--val", str(tmp_path / "nowhere"), *common[4:]])
-    assert rc == 2 and "clean val folder not found" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: clean val folder not found" in err and "Traceback" not in err
+    with pytest.raises(EvalError, match="clean val folder not found"):  # --debug keeps the exception
+        main(["--checkpoint", str(tiny_checkpoint[0]), "--out", str(tmp_path / "o2"), *common[:2],
+              "--val", str(tmp_path / "nowhere"), *common[4:], "--debug"])
+
+
+# ----------------------------------------------------------------------------- what a result was computed from
+
+
+SMALL = dict(corruptions=["fog"], severities=(1, 2), **FAST)
+
+
+def test_another_tree_reevaluates_the_changed_cells(tiny_checkpoint, c_tree, imagenet_tree, tmp_path, capsys):
+    out = tmp_path / "out"
+    first = run_eval(tiny_checkpoint[0], imagenet_c_root=c_tree, val_root=imagenet_tree / "val", out_dir=out, **SMALL)
+    # another tree: a copy in which one image of fog/2 was replaced by a different one
+    other = tmp_path / "c2"
+    shutil.copytree(c_tree, other)
+    victim = sorted((other / "fog" / "2" / CLASSES[0]).iterdir())[0]
+    shutil.copy(other / "fog" / "5" / CLASSES[1] / sorted(os.listdir(other / "fog" / "5" / CLASSES[1]))[0], victim)
+    capsys.readouterr()
+    cells = []
+    second = run_eval(tiny_checkpoint[0], imagenet_c_root=other, val_root=imagenet_tree / "val", out_dir=out,
+                      on_cell_done=lambda c, s, cell: cells.append(f"{c}/{s}"), **SMALL)
+    log = capsys.readouterr().out
+    assert cells == ["fog/2"]  # fog/1 and the clean set are the same files: kept
+    assert "re-evaluating 1 cell(s)" in log and "fog/2" in log and "data source changed" in log
+    assert "nothing evaluated" not in log
+    assert second["source"]["corrupted"] == str(other.resolve())
+    assert second["corruptions"]["fog"]["1"] == first["corruptions"]["fog"]["1"]
+    assert second["corruptions"]["fog"]["2"]["fingerprint"] != first["corruptions"]["fog"]["2"]["fingerprint"]
+    assert load_result(out / "tiny.json")["corruptions"]["fog"]["2"] == second["corruptions"]["fog"]["2"]
+
+
+def _break(path: Path) -> None:
+    path.write_bytes(b"<html>not found</html>")
+
+
+def test_empty_or_unreadable_cells_are_caught_before_any_work(tiny_checkpoint, c_tree, imagenet_tree, tmp_path):
+    tree = tmp_path / "c"
+    shutil.copytree(c_tree, tree)
+    for class_dir in (tree / "fog" / "1").iterdir():  # class folders with no files
+        for f in class_dir.iterdir():
+            f.unlink()
+    for f in (tree / "fog" / "2").rglob("*.*"):  # every file unreadable
+        _break(f)
+    done = []
+    with pytest.raises(EvalError, match=r"2 of 2 corruption cells have no readable image: fog/1 \(its class folders "
+                                        r"hold no image files\); fog/2 \(all 24 image files are unreadable\)"):
+        run_eval(tiny_checkpoint[0], imagenet_c_root=tree, val_root=imagenet_tree / "val", out_dir=tmp_path / "out",
+                 on_cell_done=lambda *a: done.append(a), **SMALL)
+    assert done == [] and not (tmp_path / "out" / "tiny.json").exists()
+    kwargs = {**SMALL, "corruptions": ["fog", "snow"], "severities": (1, 2)}
+    result = run_eval(tiny_checkpoint[0], imagenet_c_root=tree, val_root=imagenet_tree / "val",
+                      out_dir=tmp_path / "out", allow_partial=True, on_cell_done=lambda *a: done.append(a[:2]), **kwargs)
+    assert done == [("clean", 0), ("snow", 1), ("snow", 2)]
+    assert set(result["skipped"]) == {"fog/1", "fog/2"} and "fog" not in result["corruptions"]
+    assert {"fog/1", "fog/2"} <= set(metrics_for(result)["missing"])
+
+
+def test_partly_unreadable_cell_is_scored_on_the_rest(full_eval, tiny_checkpoint, tiny_config, c_tree, imagenet_tree,
+                                                     tmp_path):
+    tree = tmp_path / "c"
+    shutil.copytree(c_tree, tree)
+    bad = sorted((tree / "fog" / "1" / CLASSES[2]).iterdir())[0]
+    _break(bad)
+    with pytest.warns(UserWarning, match="fog/1: 1 unreadable file"):
+        result = run_eval(tiny_checkpoint[0], imagenet_c_root=tree, val_root=imagenet_tree / "val",
+                          out_dir=tmp_path / "out", **SMALL)
+    cell = result["corruptions"]["fog"]["1"]
+    assert cell["count"] == 23 and cell["unreadable"] == 1
+    # the independent reference on the 23 readable images
+    images, labels = load_folder(c_tree / "fog" / "1", CLASSES)
+    keep = np.ones(len(labels), bool)
+    keep[int(np.sum(labels < 2))] = False  # load_folder is sorted by class, then file: the first file of class 2
+    ref = reference_cell(tiny_checkpoint[1], images[keep], labels[keep], tiny_config)
+    assert cell["error"] == pytest.approx(ref["error"], abs=1e-9)
+    from apr.report import write_report
+
+    md = write_report([tmp_path / "out" / "tiny.json"], tmp_path / "report", plots=False).read_text()
+    assert "**Unreadable files** (DeepAugment + APR-P, skipped; each cell scored on the rest): fog/1: 1." in md

@@ -250,3 +250,31 @@ def test_calibration_bad_input():
     with pytest.raises(ValueError, match="merge 10 bins into 15"):
         CalibrationBins(15).merge(CalibrationBins(10))
     assert math.isnan(CalibrationBins().accuracy())
+
+
+def test_rms_calibration_error_hand_computed():
+    # 15 bins of width 1/15: 0.95 and 0.97 share the last bin, 0.5 is in bin 7, 0.2 in bin 2
+    conf = [0.95, 0.97, 0.5, 0.2]
+    correct = [1, 0, 1, 0]
+    # bins: last (n=2, acc 0.5, conf 0.96), bin 7 (n=1, acc 1, conf 0.5), bin 2 (n=1, acc 0, conf 0.2)
+    expected = math.sqrt(0.5 * 0.46 ** 2 + 0.25 * 0.5 ** 2 + 0.25 * 0.2 ** 2)
+    assert M.rms_calibration_error(conf, correct) == pytest.approx(expected, abs=1e-12)
+    assert M.expected_calibration_error(conf, correct) == pytest.approx(0.5 * 0.46 + 0.25 * 0.5 + 0.25 * 0.2)
+    # from the stored histogram, after a JSON round trip and a merge of two shards
+    a = CalibrationBins().add(conf[:1], correct[:1])
+    b = CalibrationBins.from_dict(json.loads(json.dumps(CalibrationBins().add(conf[1:], correct[1:]).to_dict())))
+    assert a.merge(b).rms_calibration_error() == pytest.approx(expected, abs=1e-12)
+    with pytest.raises(ValueError, match="empty"):
+        CalibrationBins().rms_calibration_error()
+
+
+def test_relative_mce_reason_is_given():
+    errors = {c: {s: 0.5 for s in M.SEVERITIES} for c in CORRUPTIONS}
+    result = {"clean": {"error": 0.1}, "corruptions": errors}
+    base = {"run_name": "b", "clean": {"error": 0.6}, "corruptions": errors}  # not worse than its clean error
+    m = compute_metrics(result, base)
+    assert m["relative_mce"] is None and m["mce"] == pytest.approx(100.0)
+    assert m["relative_mce_reason"].startswith("undefined for gaussian_noise, shot_noise")
+    ok = compute_metrics(result)
+    assert ok["relative_mce_reason"] is None
+    assert ok["relative_mce"] == pytest.approx(M.relative_mce(errors, 0.1))

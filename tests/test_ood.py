@@ -1,4 +1,4 @@
-"""apr.metrics.ood_metrics / rms_calibration_error, apr.ood.scores, and python -m apr.ood end to end.
+"""apr.metrics.ood_metrics / adaptive_rms_calibration_error, apr.ood.scores, and python -m apr.ood end to end.
 
 Metrics are checked against values worked out by hand and against the reference's five
 numbers (TNR at 95 % TPR, AUROC, DTACC, AUIN, AUOUT) re-derived here from their definitions.
@@ -24,7 +24,7 @@ from apr.cli import run_main
 from apr.config import Config, config_to_dict
 from apr.data.ood_sets import OODSetError
 from apr.errors import UserError
-from apr.metrics import MetricsError, ood_metrics, rms_calibration_error
+from apr.metrics import MetricsError, adaptive_rms_calibration_error, ood_metrics
 from apr.models import create_model
 from apr.ood import SCHEMA, SCORE_NAMES, evaluate_ood, load_ood_result, main, scores
 
@@ -122,9 +122,9 @@ def test_rms_calibration_error_by_hand():
     # 100 samples at confidence 0.6 with 30 right, 100 at 0.9 with 90 right: gaps 0.3 and 0 -> sqrt(0.5 * 0.09)
     conf = np.array([0.9] * 100 + [0.6] * 100)
     correct = np.array([1] * 90 + [0] * 10 + [1] * 30 + [0] * 70)
-    assert rms_calibration_error(conf, correct) == pytest.approx(math.sqrt(0.045), abs=1e-12)
+    assert adaptive_rms_calibration_error(conf, correct) == pytest.approx(math.sqrt(0.045), abs=1e-12)
     # fewer samples than a bin: one bin, |mean conf 0.7 - accuracy 0.5| = 0.2
-    assert rms_calibration_error([0.8, 0.6], [1, 0]) == pytest.approx(0.2, abs=1e-12)
+    assert adaptive_rms_calibration_error([0.8, 0.6], [1, 0]) == pytest.approx(0.2, abs=1e-12)
 
 
 def test_rms_calibration_error_last_bin_takes_the_remainder():
@@ -133,9 +133,9 @@ def test_rms_calibration_error_last_bin_takes_the_remainder():
     order = np.argsort(conf)
     bins = [order[:100], order[100:]]  # 250 // 100 = 2 bins, the second holds 150
     want = math.sqrt(sum(len(b) / 250 * (conf[b].mean() - correct[b].mean()) ** 2 for b in bins))
-    np.testing.assert_allclose(rms_calibration_error(conf, correct, bin_size=100), want, rtol=1e-12)
+    np.testing.assert_allclose(adaptive_rms_calibration_error(conf, correct, bin_size=100), want, rtol=1e-12)
     with pytest.raises(MetricsError, match="empty"):
-        rms_calibration_error([], [])
+        adaptive_rms_calibration_error([], [])
 
 
 # ----------------------------------------------------------------------------- scores
@@ -274,6 +274,7 @@ def test_folder_sets_end_to_end(detector, ood_folder, imagenet_tree, tmp_path):
     probs = ref_in["msp"]
     assert ind["ece"] == pytest.approx(abs(probs.mean() - np.mean(labels == 0)), abs=1e-4)  # all in one bin
     assert ind["rms_calibration_error"] == pytest.approx(abs(probs.mean() - np.mean(labels == 0)), abs=1e-4)
+    assert ind["adaptive_rms_calibration_error"] == pytest.approx(abs(probs.mean() - np.mean(labels == 0)), abs=1e-4)
     assert result["summary"]["sets"] == ["bright"]
 
 
@@ -399,7 +400,7 @@ def test_two_ranks_give_the_numbers_of_one(detector, ood_folder, imagenet_tree, 
                 assert result["ood_sets"]["bright"]["metrics"][score][key] == pytest.approx(value, abs=1e-9)
             got_hist = np.asarray(result["ood_sets"]["bright"]["histograms"][score]["in"])
             assert np.abs(got_hist - one["ood_sets"]["bright"]["histograms"][score]["in"]).sum() <= 2  # edge rounding
-        for key in ("top1_error", "ece", "rms_calibration_error"):
+        for key in ("top1_error", "ece", "rms_calibration_error", "adaptive_rms_calibration_error"):
             assert result["in_distribution"][key] == pytest.approx(one["in_distribution"][key], abs=1e-9)
 
 

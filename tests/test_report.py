@@ -227,3 +227,57 @@ def test_cli(five_files, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "apr.report", str(tmp_path / "nothing.json"), "--out", str(out)],
                           capture_output=True, text=True, cwd=REPO, env=env)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_impossible_counts_and_relabelled_dataset_are_refused(tmp_path):
+    run = make_result("r", "none")
+    run["corruptions"]["fog"]["3"]["count"] = -5
+    with pytest.raises(ReportError, match=r"cell fog/3: count must be a positive number of images, got -5"):
+        write_report([run], tmp_path / "out", plots=False)
+    run["corruptions"]["fog"]["3"]["count"] = 0
+    with pytest.raises(ReportError, match=r"cell fog/3: count must be a positive number of images, got 0"):
+        write_report([run], tmp_path / "out", plots=False)
+    run = make_result("r", "none")
+    run["clean"].update(count=500, correct=600)
+    with pytest.raises(ReportError, match=r"cell clean: correct = 600 is not between 0 and count = 500"):
+        write_report([run], tmp_path / "out", plots=False)
+    run = make_result("r", "none")
+    run["eval"] = {"classes": 10}  # a 10-class tree relabelled as ImageNet-C would be normalised by AlexNet
+    with pytest.raises(ReportError, match=r"dataset is 'imagenet-c' but the model has 10 classes.*--dataset folder-c"):
+        write_report([run], tmp_path / "out", plots=False)
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(run))
+    proc = subprocess.run([sys.executable, "-m", "apr.report", str(path), "--out", str(tmp_path / "cli")],
+                          capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2 and "error: " in proc.stderr and "10 classes" in proc.stderr
+
+
+def test_rms_calibration_and_notes(tmp_path):
+    runs = [make_result("b", "none"), make_result("s", "apr_sp", scale=0.7, seed=1)]
+    for run, rms in zip(runs, (0.05, 0.07)):
+        run["clean"]["rms_calibration_error"] = rms
+        for per in run["corruptions"].values():
+            for cell in per.values():
+                cell["rms_calibration_error"] = rms * 2
+    md = write_report(runs, tmp_path / "out", plots=False).read_text()
+    rows = {r["Method"]: r for r in parse_table(md, "## Calibration")}
+    assert rows["APR-SP"]["RMS calib. err. clean"] == "7.00"
+    assert rows["baseline"]["RMS calib. err. corrupted (mean over cells)"] == "10.00"
+    assert "AlexNet clean error 43.45 % (hendrycks/robustness; torchvision's AlexNet: 43.478 %)" in md
+
+
+def test_undefined_relative_mce_shows_its_reason_next_to_the_dash(tmp_path):
+    base = make_result("b", "none", clean=0.95)  # corrupted error below its clean error: relative CE undefined
+    md = write_report([base, make_result("s", "apr_sp", seed=1)], tmp_path / "out", baseline="b",
+                      plots=False).read_text()
+    rows = {r["Run"]: r for r in parse_table(md, "## Results")}
+    assert rows["s"]["Rel. mCE"].startswith("— (undefined for gaussian_noise")
+
+
+def test_resolve_baseline_in_a_results_folder(five_files, tmp_path):
+    from apr.report import resolve_baseline
+
+    found = resolve_baseline("r50-base", results_dir=five_files[0].parent)
+    assert found["run_name"] == "r50-base" and found == json.loads(five_files[0].read_text())
+    with pytest.raises(ReportError, match="is neither a file nor a run"):
+        resolve_baseline("r50-nothing", results_dir=five_files[0].parent)

@@ -38,6 +38,9 @@ __all__ = [
     "scan_train_roots",
     "check_image_file",
     "find_undecodable",
+    "folder_fingerprint",
+    "find_missing_cells",
+    "check_tree_classes",
 ]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -159,10 +162,21 @@ def scan_image_folder(root: str | os.PathLike, classes: Sequence[str] | None = N
         skipped = [f"{f} ({r})" for f, r in zip(files, reasons) if r is not None]
         files = [f for f, k in zip(files, keep) if k]
         labels = [lab for lab, k in zip(labels, keep) if k]
+        if not allow_empty:
+            _refuse_unreadable_classes(root, found, index, labels)
         if skipped and warn:
             warnings.warn(f"{root}: skipped {len(skipped)} unreadable image file(s): {_preview(skipped, 5)}",
                           stacklevel=2)
     return ImageFolderIndex(root=str(root), classes=list(classes), files=files, labels=labels, skipped=skipped)
+
+
+def _refuse_unreadable_classes(root: Path, found: list[str], index: dict[str, int], labels: list[int]) -> None:
+    """A class folder whose every file failed the check would silently become a class of 0 images."""
+    kept = set(labels)
+    dead = [str(root / name) for name in found if index[name] not in kept]
+    if dead:
+        raise DatasetLayoutError(f"every image file is unreadable in class folder(s) {_preview(dead, 5)}; "
+                                 "replace the files (python -m apr.data.layout ROOT lists them) or remove the folder")
 
 
 def scan_train_roots(roots: Iterable[str | os.PathLike], verify: bool = True, **kwargs) -> ImageFolderIndex:
@@ -212,6 +226,57 @@ def find_undecodable(files: Sequence[str], workers: int = 4, progress: bool = Tr
     with ThreadPoolExecutor(max(1, workers)) as pool:
         results = list(tqdm(pool.map(check, files), total=len(files), disable=not progress, desc="decode"))
     return [r for r in results if r is not None]
+
+
+def folder_fingerprint(root: str | os.PathLike) -> dict:
+    """What an evaluation cell was computed from, cheaply: image count, total bytes and a hash of the
+    sorted ``class/file size`` list (a copied, regenerated or edited tree gives another fingerprint)."""
+    import hashlib
+
+    root = Path(root)
+    digest = hashlib.sha1()
+    count = total = 0
+    for name in _class_dirs(root):
+        for path in _list_class_dir(root / name):
+            size = os.path.getsize(path)
+            digest.update(f"{name}/{os.path.basename(path)}\t{size}\n".encode())
+            count += 1
+            total += size
+    return {"files": count, "bytes": total, "sha1": digest.hexdigest()}
+
+
+def find_missing_cells(root: str | Path, corruptions: Iterable[str], severities: Iterable[int]
+                       ) -> tuple[list[tuple[str, int]], list[str]]:
+    """Split the cells of ``<root>/<corruption>/<severity>/`` into present and missing (``"c/s"``).
+
+    A cell counts as present when its folder holds at least one sub-folder (class folder).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetLayoutError(f"corrupted-image root not found: {root}")
+    present, missing = [], []
+    for corruption in corruptions:
+        for severity in severities:
+            cell = root / corruption / str(severity)
+            if cell.is_dir() and any(p.is_dir() for p in cell.iterdir()):
+                present.append((corruption, int(severity)))
+            else:
+                missing.append(f"{corruption}/{severity}")
+    return present, missing
+
+
+def check_tree_classes(folders: Iterable[tuple[str, Path]], classes: Sequence[str]) -> None:
+    """Every class folder of an evaluation tree must be a class the checkpoint was trained on."""
+    known = set(classes)
+    for label, folder in folders:
+        found = sorted(p.name for p in Path(folder).iterdir() if p.is_dir())
+        unknown = [name for name in found if name not in known]
+        if unknown:
+            shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+            raise DatasetLayoutError(
+                f"{label} ({folder}) has {len(unknown)} class folder(s) the checkpoint does not know: {shown}. "
+                f"The checkpoint has {len(classes)} classes ({', '.join(list(classes)[:3])}, ...); evaluate it on "
+                "a tree made from the classes it was trained on")
 
 
 def _preview(items: Sequence[str], n: int = 10) -> str:
