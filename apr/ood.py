@@ -36,6 +36,7 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 import torch
 
+from apr.data.cifar import cifar_name_for
 from apr.data.ood_sets import ImageSet, check_disjoint, open_in_distribution, open_ood_set, parse_set_spec
 from apr.distributed import World, all_gather_cat, broadcast_object, join_world, resolve_device
 from apr.errors import UserError
@@ -172,19 +173,11 @@ def _reusable(out_path: Path, identity: dict) -> dict | None:
 # ----------------------------------------------------------------------------- the run
 
 
-def _cifar_name(cfg, classes: list[str]) -> str:
-    if cfg.data.dataset in ("cifar10", "cifar100"):
-        return cfg.data.dataset
-    if len(classes) in (10, 100):
-        return f"cifar{len(classes)}"
-    raise OODError(f"--in-cifar needs a CIFAR-10 or CIFAR-100 checkpoint; this one has {len(classes)} classes")
-
-
 def _open_sets(cfg, classes, in_folder, in_cifar, ood: Mapping[str, str], max_images):
     """Every set resolved and checked before the first forward pass."""
     if not ood:
         raise OODError("give at least one OOD set: --ood NAME=PATH (a folder of images, a CIFAR folder or a .mat)")
-    cifar_name = _cifar_name(cfg, classes) if in_cifar is not None else "cifar10"
+    cifar_name = cifar_name_for(cfg.data.dataset, classes) if in_cifar is not None else "cifar10"
     in_set = open_in_distribution(classes=classes, folder=in_folder, cifar=in_cifar, cifar_name=cifar_name,
                                   max_images=max_images)
     out_sets = {}

@@ -281,3 +281,27 @@ def test_resolve_baseline_in_a_results_folder(five_files, tmp_path):
     assert found["run_name"] == "r50-base" and found == json.loads(five_files[0].read_text())
     with pytest.raises(ReportError, match="is neither a file nor a run"):
         resolve_baseline("r50-nothing", results_dir=five_files[0].parent)
+
+
+def test_registered_sections_render_their_schema_after_the_corruption_part(tmp_path, five_files):
+    from apr.report import sections, write_report
+
+    seen = []
+
+    def render(results, out, plots):
+        seen.append([r["value"] for r, _ in results])
+        return "## Toy section\n\nvalue 42", {"values": seen[-1]}
+
+    sections.register("toy", "apr.toy/1", render)
+    try:
+        folder = five_files[0].parent
+        (folder / "x.toy.json").write_text(json.dumps({"schema": "apr.toy/1", "value": 42}))
+        (folder / "unrelated.json").write_text(json.dumps({"some": "config"}))  # passed over in a folder
+        report = write_report([folder], tmp_path / "out", plots=False).read_text()
+        summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+        assert seen == [[42]] and report.index("## Toy section") > report.index("mCE")
+        assert summary["sections"] == {"toy": {"values": [42]}} and len(summary["runs"]) == 5
+        only = write_report([folder / "x.toy.json"], tmp_path / "only", plots=False).read_text()
+        assert only.startswith("## Toy section")  # no corruption results: no corruption part
+    finally:
+        sections.unregister("apr.toy/1")

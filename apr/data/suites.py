@@ -19,6 +19,7 @@ import torch
 
 from apr.errors import UserError
 
+from .cifar import cifar_name_for
 from .layout import (_class_dirs, _list_class_dir, check_image_file, check_tree_classes,
                      find_missing_cells, folder_fingerprint)
 
@@ -193,7 +194,7 @@ class CifarCSuite:
     def bind(self, classes: list[str], data_cfg) -> "CifarCSuite":
         from .cifar import load_cifar
 
-        name = _cifar_name(data_cfg.dataset, classes)
+        name = cifar_name_for(data_cfg.dataset, classes)
         self.dataset, self.name, self.classes = f"{name}-c", name, list(classes)
         self._test = load_cifar(self.cifar_root, name, train=False)
         if list(self._test[2]) != self.classes:
@@ -232,19 +233,6 @@ def _npy_rows(path: Path) -> int:
     import numpy as np
 
     return len(np.load(path, mmap_mode="r"))
-
-
-def _cifar_name(dataset: str, classes: list[str]) -> str:
-    if dataset in ("cifar10", "cifar100"):
-        name = dataset
-    elif len(classes) in (10, 100):
-        name = f"cifar{len(classes)}"
-    else:
-        raise EvalError(f"CIFAR-C evaluation needs a CIFAR-10 or CIFAR-100 checkpoint; this one has {len(classes)} classes")
-    expected = 10 if name == "cifar10" else 100
-    if len(classes) != expected:
-        raise EvalError(f"checkpoint was trained on {name} but has {len(classes)} classes, not {expected}")
-    return name
 
 
 def make_suite(*, imagenet_c: str | None = None, val: str | None = None, cifar_c: str | None = None,

@@ -1,4 +1,4 @@
-"""Results JSON files -> ``report.md`` + PNG plots + ``summary.json``, with no model and no GPU.
+"""The corruption section of the report (ImageNet-C / CIFAR-C / folder-C results, schema ``apr.eval/1``).
 
 Every number is recomputed from the per-cell errors in the results files with ``apr.metrics``
 (so a report can be rebuilt after the fact, e.g. against another baseline), and every number
@@ -11,20 +11,18 @@ APR-S, APR-SP, DeepAugment + APR-SP, with the run name added where two runs shar
 
 from __future__ import annotations
 
-from apr.errors import UserError
-import argparse
 import json
 import math
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from apr.io import atomic_write_json, atomic_write_text
 from apr.metrics import (ALEXNET_CLEAN_ERROR_SOURCE, CORRUPTION_FAMILIES, CORRUPTIONS, EXTRA_CORRUPTIONS,
                          SEVERITIES, MetricsError, compute_metrics, normalize_errors)
+from apr.report.common import (AUG_LABELS, LABEL_ORDER, ReportError, colours, format_percent, markdown_table,
+                               new_figure, pct, recipe, run_label, save_png)
 
 __all__ = [
     "RESULTS_SCHEMA",
@@ -42,8 +40,7 @@ __all__ = [
     "resolve_baseline",
     "metrics_for",
     "summarize",
-    "write_report",
-    "main",
+    "corruption_report",
 ]
 
 RESULTS_SCHEMA = "apr.eval/1"
@@ -57,10 +54,6 @@ SHORT_NAMES: dict[str, str] = {
     "contrast": "Contrast", "elastic_transform": "Elastic", "pixelate": "Pixel", "jpeg_compression": "JPEG",
     "speckle_noise": "Speckle", "gaussian_blur": "G.Blur", "spatter": "Spatter", "saturate": "Saturate",
 }
-AUG_LABELS = {"none": "baseline", "apr_p": "APR-P", "apr_s": "APR-S", "apr_sp": "APR-SP"}
-_LABEL_ORDER = ["baseline", "APR-P", "APR-S", "APR-SP", "DeepAugment", "DeepAugment + APR-P",
-                "DeepAugment + APR-S", "DeepAugment + APR-SP"]
-
 PUBLISHED_TITLE = "Published numbers (Chen et al., ICCV 2021, ResNet-50 ImageNet-C mCE; not measured here)"
 #: (method, mCE %, clean error % or None, note) as printed in the APR paper (AugMix rows for context).
 PUBLISHED_MCE: list[tuple[str, float, float | None, str]] = [
@@ -73,21 +66,6 @@ PUBLISHED_MCE: list[tuple[str, float, float | None, str]] = [
     ("DeepAugment + AugMix", 53.6, None, "for context"),
 ]
 PARTIAL_MARK = "†"  # after a mean that covers only some cells (not "*": markdown emphasis)
-
-
-class ReportError(UserError, ValueError):
-    """Results that cannot go into one report (unreadable file, foreign schema, mixed datasets...)."""
-
-
-def format_percent(value: float | None) -> str:
-    """The one formatting of every percentage in report.md: 2 decimals, an em dash for n/a."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    return f"{value:.2f}"
-
-
-def _pct(fraction: Any) -> float | None:
-    return None if fraction is None else 100.0 * float(fraction)
 
 
 # --------------------------------------------------------------------------- loading
@@ -168,24 +146,6 @@ def load_results(items: Iterable[Any]) -> list[tuple[dict, str]]:
     return out
 
 
-def _recipe(result: Mapping[str, Any]) -> tuple[str, list[str]]:
-    config = result.get("config") or {}
-    aug = result.get("aug") or (config.get("aug") or {}).get("name") or "none"
-    extra = result.get("extra_roots")
-    if extra is None:
-        extra = (config.get("data") or {}).get("extra_roots") or []
-    return str(aug), [str(e) for e in extra]
-
-
-def run_label(result: Mapping[str, Any]) -> str:
-    """The method name of a run from its saved recipe: 'baseline', 'APR-SP', 'DeepAugment + APR-SP'..."""
-    aug, extra = _recipe(result)
-    label = AUG_LABELS.get(aug, aug)
-    if extra:
-        label = "DeepAugment" if aug == "none" else f"DeepAugment + {label}"
-    return label
-
-
 # --------------------------------------------------------------------------- numbers
 
 def resolve_baseline(baseline: Any, runs: list[tuple[dict, str]] = (), results_dir: str | Path | None = None
@@ -252,8 +212,8 @@ def _run_summary(result: dict, source: str, baseline: dict | None, warnings: lis
     severity = {}
     for s in SEVERITIES:
         vals = [cells[c][s] for c in CORRUPTIONS if s in cells.get(c, {})]
-        severity[str(s)] = _pct(_mean_or_none(vals))
-    aug, extra = _recipe(result)
+        severity[str(s)] = pct(_mean_or_none(vals))
+    aug, extra = recipe(result)
     clean = result["clean"]
     return {
         "run_name": name,
@@ -266,12 +226,12 @@ def _run_summary(result: dict, source: str, baseline: dict | None, warnings: lis
         "checkpoint_sha256": result.get("checkpoint_sha256"),
         "created": result.get("created"),
         "throughput_images_per_s": result.get("throughput_images_per_s"),
-        "clean_error": _pct(clean.get("error")),
-        "top5_error": _pct(clean.get("top5_error")),
-        "ece_clean": _pct(clean.get("ece")),
-        "ece_corrupted_mean": _pct(_mean_or_none(corrupted_ece)),
-        "rms_calibration_error_clean": _pct(clean.get("rms_calibration_error")),
-        "rms_calibration_error_corrupted_mean": _pct(_mean_or_none(corrupted_rms)),
+        "clean_error": pct(clean.get("error")),
+        "top5_error": pct(clean.get("top5_error")),
+        "ece_clean": pct(clean.get("ece")),
+        "ece_corrupted_mean": pct(_mean_or_none(corrupted_ece)),
+        "rms_calibration_error_clean": pct(clean.get("rms_calibration_error")),
+        "rms_calibration_error_corrupted_mean": pct(_mean_or_none(corrupted_rms)),
         "unreadable": unreadable,
         "skipped": dict(result.get("skipped") or {}),
         "normalisation": metrics["normalisation"],
@@ -281,10 +241,10 @@ def _run_summary(result: dict, source: str, baseline: dict | None, warnings: lis
         "mean_corruption_error": metrics["mean_corruption_error"],
         "ce": metrics["ce"],
         "relative_ce": metrics["relative_ce"],
-        "extra_errors": {c: _pct(np.mean(list(cells[c].values()))) for c in EXTRA_CORRUPTIONS if c in cells},
+        "extra_errors": {c: pct(np.mean(list(cells[c].values()))) for c in EXTRA_CORRUPTIONS if c in cells},
         "extra_mean_error": metrics["extra_mean_error"],
         "severity_errors": severity,
-        "errors": {c: {str(s): _pct(e) for s, e in sorted(cells[c].items())} for c in CORRUPTIONS + EXTRA_CORRUPTIONS
+        "errors": {c: {str(s): pct(e) for s, e in sorted(cells[c].items())} for c in CORRUPTIONS + EXTRA_CORRUPTIONS
                    if c in cells},
         "partial": metrics["partial"],
         "missing": metrics["missing"],
@@ -300,7 +260,7 @@ def summarize(results: Iterable[Any], baseline: Any = None) -> dict[str, Any]:
     base = resolve_baseline(baseline, loaded)
     warnings: list[str] = []
     runs = [_run_summary(r, src, base, warnings) for r, src in loaded]
-    order = {label: i for i, label in enumerate(_LABEL_ORDER)}
+    order = {label: i for i, label in enumerate(LABEL_ORDER)}
     runs = [run for _, run in sorted(enumerate(runs), key=lambda t: (order.get(t[1]["label"], len(order)), t[0]))]
     counts: dict[str, int] = {}
     for run in runs:
@@ -330,12 +290,6 @@ def summarize(results: Iterable[Any], baseline: Any = None) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- markdown
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return lines
-
 
 def _partial(value: float | None, partial: bool) -> str:
     text = format_percent(value)
@@ -379,7 +333,7 @@ def _results_table(runs: list[dict]) -> list[str]:
         rows.append([r["display_name"], r["run_name"], format_percent(r["clean_error"]), _partial(r["mce"], p),
                      _relative(r), _partial(r["mean_corruption_error"], p),
                      format_percent(r["ece_clean"])] + [format_percent(r["ce"].get(c)) for c in CORRUPTIONS])
-    out = ["## Results", ""] + _table(header, rows)
+    out = ["## Results", ""] + markdown_table(header, rows)
     notes = []
     for r in runs:
         if r["partial"]:
@@ -398,17 +352,17 @@ def _results_table(runs: list[dict]) -> list[str]:
 
 def _error_tables(runs: list[dict]) -> list[str]:
     out = ["", "## Error by severity (mean top-1 error over the 15 corruptions)", ""]
-    out += _table(["Method", "Clean"] + [f"Severity {s}" for s in SEVERITIES],
+    out += markdown_table(["Method", "Clean"] + [f"Severity {s}" for s in SEVERITIES],
                   [[r["display_name"], format_percent(r["clean_error"])]
                    + [format_percent(r["severity_errors"][str(s)]) for s in SEVERITIES] for r in runs])
     if any(r["extra_errors"] for r in runs):
         out += ["", "## Extra corruptions (held out; not part of mCE)", "",
                 "Mean top-1 error over the 5 severities."]
-        out += [""] + _table(["Method"] + [SHORT_NAMES[c] for c in EXTRA_CORRUPTIONS] + ["Mean"],
+        out += [""] + markdown_table(["Method"] + [SHORT_NAMES[c] for c in EXTRA_CORRUPTIONS] + ["Mean"],
                              [[r["display_name"]] + [format_percent(r["extra_errors"].get(c)) for c in EXTRA_CORRUPTIONS]
                               + [format_percent(r["extra_mean_error"])] for r in runs])
     out += ["", "## Calibration", ""]
-    out += _table(["Method", "ECE clean", "ECE corrupted (mean over cells)", "RMS calib. err. clean",
+    out += markdown_table(["Method", "ECE clean", "ECE corrupted (mean over cells)", "RMS calib. err. clean",
                    "RMS calib. err. corrupted (mean over cells)"],
                   [[r["display_name"], format_percent(r["ece_clean"]), format_percent(r["ece_corrupted_mean"]),
                     format_percent(r.get("rms_calibration_error_clean")),
@@ -422,7 +376,7 @@ def _published(summary: dict[str, Any]) -> list[str]:
         return out + [summary["published_omitted_reason"]]
     out += ["These rows are copied from the papers for orientation; no number in this block comes from "
             "the runs above.", ""]
-    return out + _table(["Method (ResNet-50, ImageNet)", "mCE", "Clean err.", "Note"],
+    return out + markdown_table(["Method (ResNet-50, ImageNet)", "mCE", "Clean err.", "Note"],
                         [[p["method"], f"{p['mce']:.1f}", "—" if p["clean_error"] is None else f"{p['clean_error']:.1f}",
                           p["note"]] for p in summary["published"]])
 
@@ -434,7 +388,7 @@ def _markdown(summary: dict[str, Any], figures: dict[str, str]) -> str:
     for title, name in figures.items():
         out += [f"![{title}]({name})", ""]
     out += ["## Runs", ""]
-    out += _table(["Method", "Run", "Recipe (aug, extra roots)", "Checkpoint", "SHA-256", "Created", "Images/s"],
+    out += markdown_table(["Method", "Run", "Recipe (aug, extra roots)", "Checkpoint", "SHA-256", "Created", "Images/s"],
                   [[r["display_name"], r["run_name"], f"{r['aug']}, {', '.join(r['extra_roots']) or '—'}",
                     f"`{r['checkpoint']}`" if r["checkpoint"] else "—", (r["checkpoint_sha256"] or "—")[:12],
                     r["created"] or "—",
@@ -448,23 +402,13 @@ def _markdown(summary: dict[str, Any], figures: dict[str, str]) -> str:
 
 # --------------------------------------------------------------------------- plots
 
-def _figure(width: float, height: float):
-    """A pyplot-free figure on the Agg canvas: no display, no global backend switch."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=110)
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def _plot_ce(runs: list[dict], path: Path, normalisation: str) -> None:
-    fig = _figure(max(9.0, 0.75 * len(CORRUPTIONS) + 0.3 * len(runs)), 4.8)
+    fig = new_figure(max(9.0, 0.75 * len(CORRUPTIONS) + 0.3 * len(runs)), 4.8)
     ax = fig.add_subplot(1, 1, 1)
     n = len(runs)
     width = 0.8 / n
     x = np.arange(len(CORRUPTIONS))
-    cmap = _colours(n)
+    cmap = colours(n)
     for i, r in enumerate(runs):
         values = [r["ce"].get(c, np.nan) for c in CORRUPTIONS]
         ax.bar(x - 0.4 + width * (i + 0.5), values, width, color=cmap[i],
@@ -478,27 +422,13 @@ def _plot_ce(runs: list[dict], path: Path, normalisation: str) -> None:
     ax.grid(axis="y", alpha=0.3)
     fig.legend(*ax.get_legend_handles_labels(), loc="lower center", fontsize=8, ncol=min(3, n), frameon=False)
     fig.tight_layout(rect=(0, 0.06 * math.ceil(n / 3), 1, 1))
-    _save_png(fig, path)
-
-
-def _save_png(fig, path: Path) -> None:
-    from apr.io import atomic_open
-
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png")
-
-
-def _colours(n: int) -> list:
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab10"]
-    return [cmap(i % 10) for i in range(n)]
+    save_png(fig, path)
 
 
 def _plot_severity(runs: list[dict], path: Path) -> None:
     ncols = max(len(v) for v in CORRUPTION_FAMILIES.values())
-    fig = _figure(3.2 * ncols, 2.7 * len(CORRUPTION_FAMILIES))
-    colours = _colours(len(runs))
+    fig = new_figure(3.2 * ncols, 2.7 * len(CORRUPTION_FAMILIES))
+    palette = colours(len(runs))
     legend_ax = None
     for row, (family, names) in enumerate(CORRUPTION_FAMILIES.items()):
         for col in range(ncols):
@@ -511,7 +441,7 @@ def _plot_severity(runs: list[dict], path: Path) -> None:
             for i, r in enumerate(runs):
                 sev = [0] + list(SEVERITIES)
                 errs = [r["clean_error"]] + [r["errors"].get(c, {}).get(str(s), np.nan) for s in SEVERITIES]
-                ax.plot(sev, [np.nan if e is None else e for e in errs], marker="o", ms=3, color=colours[i],
+                ax.plot(sev, [np.nan if e is None else e for e in errs], marker="o", ms=3, color=palette[i],
                         label=r["display_name"])
             ax.set_title(f"{family}: {c}", fontsize=9)
             ax.set_xticks([0] + list(SEVERITIES))
@@ -524,18 +454,16 @@ def _plot_severity(runs: list[dict], path: Path) -> None:
     (legend_ax or fig).legend(handles, labels, loc="center", fontsize=8)
     fig.suptitle("Top-1 error vs severity", fontsize=11)
     fig.tight_layout()
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
 # --------------------------------------------------------------------------- entry points
 
-def write_report(results: Sequence[Any], out_dir: str | Path, baseline: Any = None, plots: bool = True) -> Path:
-    """Write ``report.md``, ``ce_per_corruption.png``, ``error_vs_severity.png`` and ``summary.json``
-    into ``out_dir``; returns the path of report.md. ``baseline``: None (AlexNet), a run name, a
-    method label, a results path or dict. ``plots=False`` skips the PNGs (tables only)."""
+def corruption_report(results: Sequence[Any], out: Path, baseline: Any = None, plots: bool = True
+                      ) -> tuple[str, dict[str, Any]]:
+    """The corruption part of the report: its Markdown and summary, with its PNGs written into ``out``.
+    ``baseline``: None (AlexNet), a run name, a method label, a results path or dict."""
     summary = summarize(results, baseline)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     figures = {"CE per corruption": "ce_per_corruption.png", "Error vs severity": "error_vs_severity.png"}
     if plots:
         _plot_ce(summary["runs"], out / figures["CE per corruption"], summary["normalisation"])
@@ -543,30 +471,4 @@ def write_report(results: Sequence[Any], out_dir: str | Path, baseline: Any = No
     else:
         figures = {}
     summary["figures"] = list(figures.values())
-    atomic_write_json(out / "summary.json", summary, indent=1)
-    report = out / "report.md"
-    atomic_write_text(report, _markdown(summary, figures))
-    return report
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m apr.report",
-        description="Build report.md, plots and summary.json from evaluation results JSON files "
-                    "(no model or GPU needed).")
-    p.add_argument("results", nargs="+", help="results JSON files written by the evaluator, or folders holding them")
-    p.add_argument("--out", required=True, help="output folder for report.md, the PNGs and summary.json")
-    p.add_argument("--no-plots", action="store_true", help="tables only, no PNGs")
-    p.add_argument("--baseline", default=None, metavar="NAME_OR_PATH",
-                   help="normalise CE by this run instead of AlexNet: a run name, a method label "
-                        "(e.g. 'baseline') or a results JSON path")
-    args = p.parse_args(argv)
-    report = write_report(args.results, args.out, baseline=args.baseline, plots=not args.no_plots)
-    print(report)
-    return 0
-
-
-if __name__ == "__main__":
-    from apr.cli import run_main
-
-    sys.exit(run_main(main))
+    return _markdown(summary, figures), summary
