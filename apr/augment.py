@@ -798,3 +798,38 @@ class APRPolicy:
         s, sp = apply_apr_sp(images, s_params, p_params, self.dim, self.s_overflow, self.p_clamp, mean, std,
                              compile=self.compile)
         return (images if self.sp_clean_first else s), sp
+
+
+# ---------------------------------------------------------------------------------------
+# reference CIFAR pipeline: APR-S in the loader, before the crop (data.apr_s_before_crop)
+
+
+def split_apr_s_for_loader(policy: APRPolicy) -> tuple[Callable[[torch.Tensor, torch.Generator], torch.Tensor], APRPolicy]:
+    """Split APR-SP into ``(pre_crop, loop_policy)``: APR-S as a loader's pre-crop transform of the
+    uncropped [0, 1] images, and the APR-P-only policy the loop applies to the loader's (APR-S, cropped,
+    flipped) batch. The loop's pair is then ``(s, apr_p(s))``, the reference CIFAR pipeline
+    (``APRecombination`` -> ``RandomCrop`` -> flip in the dataset, ``mix_data`` on the batch)."""
+    if policy.name != "apr_sp" or policy.sp_clean_first:
+        raise ValueError("only APR-SP with sp_clean_first=False splits into loader APR-S + loop APR-P (the "
+                         f"reference's --aug aprs); got name={policy.name!r}, sp_clean_first={policy.sp_clean_first}")
+
+    def pre_crop(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return apr_s(images, generator, policy.s_severity, policy.dim, policy.s_overflow)
+
+    from dataclasses import replace
+
+    return pre_crop, replace(policy, name="apr_p")
+
+
+def training_policy(cfg) -> APRPolicy:
+    """The policy the training loop applies for a run config: ``APRPolicy.from_config(cfg.aug, data mean,
+    std)``, less its APR-S half when ``data.apr_s_before_crop`` moves APR-S into the loader."""
+    policy = APRPolicy.from_config(cfg.aug, cfg.data.mean, cfg.data.std)
+    return split_apr_s_for_loader(policy)[1] if getattr(cfg.data, "apr_s_before_crop", False) else policy
+
+
+def loader_apr_s(cfg) -> Optional[Callable[[torch.Tensor, torch.Generator], torch.Tensor]]:
+    """The CIFAR loader's pre-crop transform for a run config: APR-S when ``data.apr_s_before_crop``, else None."""
+    if not getattr(cfg.data, "apr_s_before_crop", False):
+        return None
+    return split_apr_s_for_loader(APRPolicy.from_config(cfg.aug, cfg.data.mean, cfg.data.std))[0]

@@ -54,7 +54,9 @@ class DataConfig:
     image_size: int = 224  # train crop and val crop
     val_resize: int = 256  # val: resize shorter side, then center crop image_size
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
-    crop_padding: int = 4  # CIFAR: random crop with this zero padding
+    crop_padding: int = 4  # CIFAR: random crop with this padding
+    pad_fill: int = 0  # CIFAR: pixel value (0..255) of the crop padding; reference: 128 (RandomCrop fill=128)
+    apr_s_before_crop: bool = False  # CIFAR apr_sp: APR-S on the 32x32 image before crop+flip (reference)
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     num_workers: int = 4  # DALI CPU threads / DataLoader workers per process
@@ -151,6 +153,7 @@ class Config:
             raise ConfigError(f"data.crop_scale must be [low, high] with 0 < low <= high <= 1, got {self.data.crop_scale}")
         if len(self.data.mean) != 3 or len(self.data.std) != 3:
             raise ConfigError("data.mean and data.std need three values (R, G, B)")
+        _check_reference_data(self.data, self.aug)
         for key, value in (("train.epochs", self.train.epochs), ("train.batch_size", self.train.batch_size),
                            ("data.image_size", self.data.image_size)):
             if value < 1:
@@ -180,6 +183,21 @@ class Config:
         if not all(s > 0 for s in self.data.std):
             raise ConfigError(f"data.std must be positive (images are divided by it), got {self.data.std}")
         return self
+
+
+def _check_reference_data(data: DataConfig, aug: AugConfig) -> None:
+    """The CIFAR reference-mode switches: where they apply and what they combine with."""
+    if not 0 <= data.pad_fill <= 255:
+        raise ConfigError(f"data.pad_fill is a pixel value 0..255 (the reference pads with 128), got {data.pad_fill}")
+    if not data.apr_s_before_crop:
+        return
+    if data.dataset not in ("cifar10", "cifar100"):
+        raise ConfigError("data.apr_s_before_crop applies to the CIFAR loader only (data.dataset cifar10 or cifar100); "
+                          "the ImageNet loaders crop before APR-S, as the reference's imagenet.py does")
+    if aug.name != "apr_sp" or aug.sp_clean_first:
+        raise ConfigError("data.apr_s_before_crop needs aug.name=apr_sp with aug.sp_clean_first=false: the loader "
+                          "then yields APR-S images and the loop adds APR-P, as the reference's --aug aprs (it has "
+                          f"no APR-S-only mode); got aug.name={aug.name}, sp_clean_first={aug.sp_clean_first}")
 
 
 def _check_finite(node: Any, prefix: str) -> None:

@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from apr.augment import APRPolicy
+from apr.augment import APRPolicy, training_policy
 from apr.checkpoint import (
     CheckpointManager,
     PreemptionFlag,
@@ -299,7 +299,7 @@ def build_run(cfg: Config, accelerator, run_dir: Path, progress: bool, on_step_e
     generator = torch.Generator()
     generator.manual_seed(cfg.train.seed * 1000 + rank)
     return Run(cfg, run_dir, accelerator, train_loader, val_loader, classes, steps_per_epoch, model, prepared,
-               optimizer, raw_optimizer, scheduler, base_lr, APRPolicy.from_config(cfg.aug, cfg.data.mean, cfg.data.std), generator,
+               optimizer, raw_optimizer, scheduler, base_lr, training_policy(cfg), generator,
                CheckpointManager(run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best),
                RunLog(run_dir, enabled=accelerator.is_main_process), progress, on_step_end)
 

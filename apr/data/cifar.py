@@ -1,9 +1,15 @@
 """CIFAR-10/100 and CIFAR-10-C/100-C as in-memory tensors, and a loader that augments on the device.
 
 CIFAR is 150 MB as uint8: decoding files per step would only waste CPU, so the whole set lives on the
-training device and the random crop (zero padding ``crop_padding``) and flip run batched there.
-The random draws come from a CPU generator seeded by ``(seed, epoch, batch, rank)``, so a resumed run
-regenerates exactly the same batches from ``(epoch, batch)`` alone, on any device.
+training device and the random crop (padding ``crop_padding`` filled with pixel value ``pad_fill``) and
+flip run batched there. The random draws come from a CPU generator seeded by ``(seed, epoch, batch, rank)``,
+so a resumed run regenerates exactly the same batches from ``(epoch, batch)`` alone, on any device.
+
+Reference mode (iCGY96/APR datasets/transforms.py): ``RandomCrop(32, padding=4, fill=128)`` pads with
+pixel value 128 (``pad_fill=128``, 128/255 after ToTensor) and APR-S runs on the 32 x 32 image BEFORE the
+crop and flip. The latter is the ``pre_crop`` hook: a batched transform of the uncropped float images,
+drawn from the same per-batch generator (so resume stays exact); the training setup passes the APR-S
+half of APR-SP there (:func:`apr.augment.split_apr_s_for_loader`) and the loop keeps only APR-P.
 
 Files read: the standard python-pickle folders (``cifar-10-batches-py/data_batch_1..5, test_batch,
 batches.meta``; ``cifar-100-python/train, test, meta``) and CIFAR-C's ``<corruption>.npy`` (uint8
@@ -16,7 +22,7 @@ from __future__ import annotations
 import pickle
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +30,8 @@ import torch
 from .base import SeededPosition, epoch_permutation, mix_seed, train_shard_size
 from .layout import DatasetLayoutError
 
-__all__ = ["load_cifar", "load_cifar_c", "cifar_name_for", "TensorBatchLoader", "CIFAR_FOLDERS"]
+__all__ = ["load_cifar", "load_cifar_c", "cifar_name_for", "TensorBatchLoader", "CIFAR_FOLDERS", "random_crop_flip",
+           "PreCropTransform"]
 
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 
@@ -131,13 +138,15 @@ def load_cifar_c(root: str | Path, corruption: str, severity: int | None = None)
     return np.array(images), labels.astype(np.int64)
 
 
-def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator, flip: bool = True) -> torch.Tensor:
-    """Batched random crop (zero padding) + horizontal flip of uint8/float N x C x H x W on its device."""
+def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator, flip: bool = True,
+                     fill: float = 0.0) -> torch.Tensor:
+    """Batched random crop + horizontal flip of uint8/float N x C x H x W on its device; the padding holds
+    ``fill`` (in the images' own units: 128 for uint8 pixel 128, 128/255 for [0, 1] floats)."""
     n, c, h, w = images.shape
     offs = torch.randint(0, 2 * padding + 1, (n, 2), generator=generator)
     flips = torch.rand(n, generator=generator) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
     dev = images.device
-    padded = torch.nn.functional.pad(images, (padding, padding, padding, padding)) if padding else images
+    padded = torch.nn.functional.pad(images, (padding, padding, padding, padding), value=fill) if padding else images
     rows = (offs[:, 0:1] + torch.arange(h)).to(dev)  # n x h
     cols = offs[:, 1:2] + torch.arange(w)  # n x w
     cols = torch.where(flips[:, None], cols.flip(1), cols).to(dev)
@@ -146,12 +155,18 @@ def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Genera
     return padded[b, ch, rows[:, None, :, None], cols[:, None, None, :]]
 
 
+PreCropTransform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
 class TensorBatchLoader(SeededPosition):
     """Batches from in-memory uint8 images (N x H x W x 3): batch contract, sharding, exact resume.
 
     ``train=True``: seeded per-epoch permutation shared by all ranks, split ``rank::world_size``,
-    last partial batch dropped, random crop + flip on the device. ``train=False``: the rank's samples
-    in order (each sample exactly once over all ranks), last partial batch kept, no augmentation.
+    last partial batch dropped, random crop (padding filled with pixel value ``pad_fill``, 0..255) + flip
+    on the device. ``pre_crop(images, generator)``: a batched transform of the uncropped float [0, 1]
+    images that runs before the crop (the reference's APR-S), drawing from the batch's own generator.
+    ``train=False``: the rank's samples in order (each sample exactly once over all ranks), last partial
+    batch kept, no augmentation.
     """
 
     STATE_BACKEND, STATE_WORDS = "tensor", "in-memory tensors"
@@ -159,7 +174,10 @@ class TensorBatchLoader(SeededPosition):
     def __init__(self, images_uint8: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor | Sequence[int],
                  batch_size: int, *, train: bool = False, crop_padding: int = 4, flip: bool = True, seed: int = 0,
                  rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
-                 classes: Sequence[str] | None = None):
+                 classes: Sequence[str] | None = None, pad_fill: int = 0,
+                 pre_crop: PreCropTransform | None = None):
+        if not 0 <= int(pad_fill) <= 255:
+            raise ValueError(f"pad_fill is a pixel value 0..255, got {pad_fill}")
         images = torch.as_tensor(np.asarray(images_uint8))
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != torch.uint8:
             raise ValueError(f"images must be uint8 N x H x W x 3, got {images.dtype} {tuple(images.shape)}")
@@ -171,6 +189,7 @@ class TensorBatchLoader(SeededPosition):
         self.images = images.permute(0, 3, 1, 2).contiguous().to(self.device)  # N x 3 x H x W uint8
         self.label_tensor = labels.to(self.device)
         self.crop_padding, self.flip = int(crop_padding), bool(flip)
+        self.pad_fill, self.pre_crop = int(pad_fill), pre_crop
 
     def _indices(self) -> torch.Tensor:
         n = len(self.images)
@@ -187,11 +206,19 @@ class TensorBatchLoader(SeededPosition):
             idx = indices[b * self.batch_size:(b + 1) * self.batch_size].to(self.device)
             x = self.images[idx]
             if self.train:
-                g = torch.Generator()
-                g.manual_seed(mix_seed(self.seed, epoch, b, self.rank))
-                x = random_crop_flip(x, self.crop_padding, g, self.flip)
+                x = self._augment(x, epoch, b)
             self._pos += 1
-            yield x.float().div_(255.0), self.label_tensor[idx]
+            yield (x if x.is_floating_point() else x.float().div_(255.0)), self.label_tensor[idx]
+
+    def _augment(self, x: torch.Tensor, epoch: int, batch: int) -> torch.Tensor:
+        """Crop + flip of one uint8 batch (uint8 out); with ``pre_crop``, that transform first on the
+        [0, 1] floats and the crop after it (float out, the padding ``pad_fill / 255``)."""
+        g = torch.Generator()
+        g.manual_seed(mix_seed(self.seed, epoch, batch, self.rank))
+        if self.pre_crop is None:
+            return random_crop_flip(x, self.crop_padding, g, self.flip, fill=self.pad_fill)
+        x = self.pre_crop(x.float().div_(255.0), g)
+        return random_crop_flip(x, self.crop_padding, g, self.flip, fill=self.pad_fill / 255.0)
 
     def _num_items(self) -> int:
         return len(self.images)
