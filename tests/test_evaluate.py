@@ -542,7 +542,8 @@ def test_script_end_to_end(full_eval, tiny_checkpoint, c_tree, imagenet_tree, tm
                "--corruptions", "snow", "contrast", "--baseline", "tiny-tiny", *common])
     assert rc == 0, capsys.readouterr().err
     a, b = load_result(tmp_path / "out" / "tiny-tiny.json"), load_result(tmp_path / "out" / "tiny-other.json")
-    assert a["corruptions"]["snow"] == full_eval[0]["corruptions"]["snow"]
+    for s, cell in full_eval[0]["corruptions"]["snow"].items():  # batch 16 vs 10: other conv rounding
+        assert_same_cell(a["corruptions"]["snow"][s], cell)
     assert b["metrics"]["normalisation"] == "baseline:tiny-tiny" and b["metrics"]["ce"]["snow"] == pytest.approx(100)
     assert (tmp_path / "out" / "report.md").is_file()
     log = capsys.readouterr().out
