@@ -262,3 +262,30 @@ def test_nvjpeg_decode_on_the_gpu_agrees_with_the_cpu_path(imagenet_tree):
     train, again = build_train_loader(cfg, device="cuda"), build_train_loader(cfg, device="cuda")
     for (xa, ya), (xb, yb) in zip(train, again):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_training_on_the_gpu_backend_resumes_after_sigterm_with_identical_weights(imagenet_tree, tmp_path):
+    """End to end through apr.train: the loop cannot tell the backend apart, and the resume is exact."""
+    import os
+    import signal
+
+    from apr.checkpoint import find_latest_checkpoint
+    from apr.train import train
+    from test_train import tiny_config, weights
+
+    extra = ("data.backend=gpu", "aug.name=apr_sp")
+    straight = train(tiny_config(imagenet_tree, tmp_path / "a", *extra), progress=False)
+
+    def preempt(info):
+        if info["epoch"] == 1 and info["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    cfg = tiny_config(imagenet_tree, tmp_path / "b", *extra)
+    first = train(cfg, progress=False, on_step_end=preempt)
+    assert (straight.status, first.status, first.epoch, first.step) == ("finished", "preempted", 1, 2)
+    second = train(cfg, resume="auto", progress=False)
+    assert second.status == "finished" and second.global_step == straight.global_step
+    a = weights(find_latest_checkpoint(tmp_path / "a" / "run"))
+    b = weights(find_latest_checkpoint(tmp_path / "b" / "run"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
