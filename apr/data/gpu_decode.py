@@ -25,7 +25,10 @@ Undecodable files are skipped as in the torchvision backend: warned about once, 
 
 from __future__ import annotations
 
+import contextlib
 import math
+import queue
+import threading
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -94,16 +97,53 @@ def decode_batch(datas: Sequence[torch.Tensor], device: torch.device) -> tuple[l
     the bad ones are lost. Returns (images, reasons): ``None`` image and a reason for an undecodable file."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    with warnings.catch_warnings():  # torchvision 0.29 deprecates torchvision.io for TorchCodec: it still works
-        warnings.simplefilter("ignore", DeprecationWarning)
-        if all(len(d) for d in datas):
-            try:
-                images = decode_jpeg(list(datas), mode=ImageReadMode.RGB, device=device)
-                return list(images), [None] * len(images)
-            except RuntimeError:
-                pass
-        pairs = [_decode_one(d, device) if len(d) else (None, "empty file") for d in datas]
+    if all(len(d) for d in datas):
+        try:
+            images = decode_jpeg(list(datas), mode=ImageReadMode.RGB, device=device)
+            return list(images), [None] * len(images)
+        except RuntimeError:
+            pass
+    pairs = [_decode_one(d, device) if len(d) else (None, "empty file") for d in datas]
     return [image for image, _ in pairs], [reason for _, reason in pairs]
+
+
+def in_background(make_items, depth: int, name: str):
+    """Iterate ``make_items()`` in a daemon thread at most ``depth`` items ahead of the consumer; an exception
+    there is raised here; closing this generator (a pass abandoned part-way) stops the thread."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop, done = threading.Event(), object()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in make_items():
+                if not put((None, item)):
+                    return
+            put((None, done))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            put((exc, None))
+
+    thread = threading.Thread(target=work, name=name, daemon=True)
+    thread.start()
+    try:
+        while True:
+            exc, item = items.get()
+            if exc is not None:
+                raise exc
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _to_unit(image: torch.Tensor) -> torch.Tensor:
@@ -159,13 +199,39 @@ class GpuDecodeLoader(SeededPosition):
         epoch, start = self._begin_pass()
         indices = self._indices()[start * self.batch_size:]
         batches = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
-        for batch, datas in self._read_ahead(batches):
+        device = self._concrete_device()
+        produced = in_background(lambda: self._produce(batches, epoch, device), self.prefetch, "apr-decode")
+        for bad, out in produced:
             if self.epoch != epoch:
+                produced.close()
                 break
             self._pos += 1
-            out = self._decode(batch, datas, epoch)
+            for path, reason in bad:
+                self._report_skipped(path, reason)
             if out is not None:
+                if device.type == "cuda":  # made on the decode thread's stream, used on this one
+                    for tensor in out:
+                        tensor.record_stream(torch.cuda.current_stream(device))
                 yield out
+
+    def _concrete_device(self) -> torch.device:
+        """The device with its index: a new thread starts on GPU 0, not on this process's current GPU."""
+        if self.device.type == "cuda" and self.device.index is None:
+            return torch.device("cuda", torch.cuda.current_device())
+        return self.device
+
+    def _produce(self, batches: list[list[int]], epoch: int, device: torch.device):
+        """(skipped files, batch or None) per batch, decoded on the decode thread; on a GPU on a stream of
+        its own, finished before it is handed over (so the training stream never waits for a partial batch)."""
+        on_gpu = device.type == "cuda"
+        stream = torch.cuda.Stream(device) if on_gpu else None
+        with torch.cuda.device(device) if on_gpu else contextlib.nullcontext(), \
+                torch.cuda.stream(stream) if on_gpu else contextlib.nullcontext():
+            for batch, datas in self._read_ahead(batches):
+                item = self._decode(batch, datas, epoch, device)
+                if on_gpu:
+                    stream.synchronize()
+                yield item
 
     def _read_ahead(self, batches: list[list[int]]):
         """(indices, bytes) per batch, read by ``num_workers`` threads at most ``prefetch`` batches ahead."""
@@ -185,23 +251,23 @@ class GpuDecodeLoader(SeededPosition):
                     for f in futures:
                         f.cancel()
 
-    def _decode(self, batch: list[int], datas: list[torch.Tensor], epoch: int):
-        """The batch as (images, labels) on the device, or None when no image of an eval batch decodes."""
-        images, reasons = decode_batch(datas, self.device)
-        labels = [self.labels[i] for i in batch]
-        views = []
-        for k, (index, image, reason) in enumerate(zip(batch, images, reasons)):
+    def _decode(self, batch: list[int], datas: list[torch.Tensor], epoch: int, device: torch.device):
+        """(undecodable (path, reason) pairs, (images, labels) on ``device`` or None when no image of an eval
+        batch decodes). Runs on the decode thread: it reports nothing itself, the consumer warns."""
+        images, reasons = decode_batch(datas, device)
+        bad, views, labels = [], [], []
+        for index, image, reason in zip(batch, images, reasons):
+            label = self.labels[index]
             if image is None:
-                self._report_skipped(self.files[index], reason)
+                bad.append((self.files[index], reason))
                 if not self.train:
-                    labels[k] = None
                     continue
-                image, labels[k] = self._stand_in(index, epoch)
+                image, label = self._stand_in(index, epoch, device, bad)
             views.append(self._view(image, epoch, index))
+            labels.append(label)
         if not views:
-            return None
-        labels = torch.tensor([y for y in labels if y is not None], dtype=torch.int64)
-        return torch.stack(views), labels.to(self.device, non_blocking=True)
+            return bad, None
+        return bad, (torch.stack(views), torch.tensor(labels, dtype=torch.int64).to(device, non_blocking=True))
 
     def _view(self, image: torch.Tensor, epoch: int, index: int) -> torch.Tensor:
         if not self.train:
@@ -209,15 +275,15 @@ class GpuDecodeLoader(SeededPosition):
         generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch, index))
         return train_view(image, self.image_size, self.crop_scale, generator)
 
-    def _stand_in(self, index: int, epoch: int) -> tuple[torch.Tensor, int]:
+    def _stand_in(self, index: int, epoch: int, device: torch.device, bad: list) -> tuple[torch.Tensor, int]:
         """A decodable training sample in place of an undecodable one, drawn from (seed, epoch, index,
         attempt) as the torchvision backend does, so a resumed run draws the same one."""
         for attempt in range(MAX_REPLACEMENTS):
             source = mix_seed(self.seed, epoch, index, attempt) % len(self.files)
-            (image,), (reason,) = decode_batch([read_bytes(self.files[source])], self.device)
+            (image,), (reason,) = decode_batch([read_bytes(self.files[source])], device)
             if image is not None:
                 return image, self.labels[source]
-            self._report_skipped(self.files[source], reason)
+            bad.append((self.files[source], reason))
         raise ImageDecodeError(f"cannot decode image {self.files[index]} nor {MAX_REPLACEMENTS} stand-ins drawn from "
                                f"the data set: check it with `python -m apr.data.layout <root> --decode`")
 
@@ -227,7 +293,7 @@ class GpuDecodeLoader(SeededPosition):
             self.skipped_files[path] = reason
             what = "replaced by another sample" if self.train else "left out of the evaluation"
             warnings.warn(f"skipped undecodable image {path} ({reason}): {what}; "
-                          f"{len(self.skipped_files)} skipped so far", stacklevel=4)
+                          f"{len(self.skipped_files)} skipped so far", stacklevel=3)
 
     def _num_items(self) -> int:
         return len(self.files)
