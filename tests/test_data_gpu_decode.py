@@ -289,3 +289,35 @@ def test_training_on_the_gpu_backend_resumes_after_sigterm_with_identical_weight
     b = weights(find_latest_checkpoint(tmp_path / "b" / "run"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_background_thread_passes_errors_on_and_stops_when_abandoned():
+    import threading
+
+    from apr.data.gpu_decode import in_background
+
+    def items():
+        yield 1
+        yield 2
+        raise OSError("disk gone")
+
+    got = []
+    with pytest.raises(OSError, match="disk gone"):
+        for item in in_background(items, 1, "apr-test-errors"):
+            got.append(item)
+    assert got == [1, 2]
+    endless = in_background(lambda: iter(range(10**9)), 2, "apr-test-abandon")
+    assert [next(endless), next(endless)] == [0, 1]  # in order
+    endless.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("apr-test-")]
+
+
+def test_an_abandoned_pass_leaves_no_decode_thread(imagenet_tree):
+    import threading
+
+    loader = build_train_loader(_cfg(imagenet_tree))
+    it = iter(loader)
+    next(it)
+    it.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith(("apr-decode", "apr-read"))]
+    assert loader.state_dict()["batch"] == 1  # the position counts what was handed over, not what was decoded
