@@ -284,7 +284,8 @@ def section_data_step(table: Table, args, device: torch.device) -> None:
         t0 = time.perf_counter()
         index = scan_image_folder(jpeg_folder(Path(tmp), n * (batches + 1), side))
         table.add("data -> step", "JPEG folder", f"{len(index.files)} photos {side}x{side} q90",
-                  f"written in {time.perf_counter() - t0:.1f} s; train crops to {size} px, batch {n}, {workers} reader threads")
+                  f"written in {time.perf_counter() - t0:.1f} s; train crops to {size} px, batch {n}, "
+                  f"{workers} reader threads")
         loader = build_image_loader(index.files, index.labels, index.classes, backend="gpu", batch_size=n, train=True,
                                     image_size=size, num_workers=workers, device=device, seed=0)
         decode_rate = _loader_rate(loader, device, lambda xb, yb: None)

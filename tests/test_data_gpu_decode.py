@@ -41,7 +41,8 @@ def test_batches_follow_the_contract(imagenet_tree):
         assert x.device.type == "cpu" and 0 <= x.min() and x.max() <= 1 and x.std() > 0.05
     assert sorted(torch.cat([y for _, y in batches]).tolist()) == sorted([0, 1, 2, 3] * 16)
     labels = torch.cat([y for _, y in val])
-    assert len(val) == 3 and val.num_samples == 24 and labels.tolist() == scan_image_folder(imagenet_tree / "val").labels
+    assert len(val) == 3 and val.num_samples == 24
+    assert labels.tolist() == scan_image_folder(imagenet_tree / "val").labels
 
 
 # The two backends decode with the same libjpeg-turbo (PIL and torchvision.io: bit-identical here) and draw the

@@ -52,7 +52,8 @@ def crop_box(height: int, width: int, scale: Sequence[float], generator: torch.G
     log_ratio = torch.log(torch.tensor(RATIO))
     for _ in range(10):
         target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
-        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0].item(), log_ratio[1].item(), generator=generator)).item()
+        log_aspect = torch.empty(1).uniform_(log_ratio[0].item(), log_ratio[1].item(), generator=generator)
+        aspect = torch.exp(log_aspect).item()
         w = int(round(math.sqrt(target_area * aspect)))
         h = int(round(math.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:
@@ -82,7 +83,10 @@ def _decode_one(data: torch.Tensor, device: torch.device):
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
     try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device), None
+        image = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        if image.shape[0] == 3:
+            return image, None
+        first = f"decode_jpeg gave {image.shape[0]} channels in RGB mode"
     except RuntimeError as exc:
         first = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     try:
@@ -100,7 +104,8 @@ def decode_batch(datas: Sequence[torch.Tensor], device: torch.device) -> tuple[l
     if all(len(d) for d in datas):
         try:
             images = decode_jpeg(list(datas), mode=ImageReadMode.RGB, device=device)
-            return list(images), [None] * len(images)
+            if all(image.shape[0] == 3 for image in images):  # RGB mode promises 3 channels; else one by one
+                return list(images), [None] * len(images)
         except RuntimeError:
             pass
     pairs = [_decode_one(d, device) if len(d) else (None, "empty file") for d in datas]
@@ -151,7 +156,8 @@ def _to_unit(image: torch.Tensor) -> torch.Tensor:
     return image.to(torch.float32).div_(255.0)
 
 
-def train_view(image: torch.Tensor, image_size: int, scale: Sequence[float], generator: torch.Generator) -> torch.Tensor:
+def train_view(image: torch.Tensor, image_size: int, scale: Sequence[float],
+               generator: torch.Generator) -> torch.Tensor:
     """RandomResizedCrop + horizontal flip of one uint8 image; the box and the coin come from ``generator``."""
     from torchvision.transforms.v2 import functional as F
 
