@@ -46,7 +46,7 @@ class ConfigError(UserError, ValueError):
 @dataclass
 class DataConfig:
     dataset: str = "imagefolder"  # imagefolder (ImageNet layout) | cifar10 | cifar100
-    backend: str = "dali"  # dali | torchvision  (CIFAR always uses in-memory tensors)
+    backend: str = "auto"  # auto (DALI if installed, else gpu on CUDA, else torchvision) | dali | gpu | torchvision
     root: str = ""  # ImageNet layout: <root>/<train_dir>/<wnid>/*.JPEG and <root>/<val_dir>/...
     train_dir: str = "train"
     val_dir: str = "val"
@@ -138,7 +138,9 @@ class Config:
     def validate(self) -> "Config":
         _check_finite(self, "")
         _choice("data.dataset", self.data.dataset, ("imagefolder", "cifar10", "cifar100"))
-        _choice("data.backend", self.data.backend, ("dali", "torchvision"))
+        from apr.data import BACKENDS  # noqa: PLC0415 - the backends' list lives with the loaders
+
+        _choice("data.backend", self.data.backend, BACKENDS)
         _choice("aug.name", self.aug.name, ("none", "apr_p", "apr_s", "apr_sp"))
         _choice("aug.fourier_dims", self.aug.fourier_dims, ("chw", "hw"))
         _choice("aug.p_space", self.aug.p_space, ("unit", "normalized"))

@@ -14,6 +14,7 @@ median of CUDA-event timings after warm-up, peak memory over the input batch, wi
 without ``torch.compile`` of the Fourier elementwise kernel, a run under
 ``torch.cuda.set_sync_debug_mode("error")``); a ResNet-50 bf16 channels_last training step
 (img/s without APR and with APR-SP, eager and compiled, APR-SP's share of the step);
+the GPU-decode loader (``data.backend: gpu``) feeding that step, as a fraction of the synthetic step;
 evaluation throughput through ``apr.inference.ImageClassifier``; one Fourier heat map at 224 px.
 Each section is isolated: a failure is recorded in its row and the others still run.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import re
 import statistics
@@ -230,9 +232,85 @@ def section_train_step(table: Table, args, device: torch.device) -> None:
                   f"APR-SP {t_aug * 1e3:.2f} ms of a {times[('apr_sp', compiled)] * 1e3:.1f} ms step")
 
 
+def jpeg_folder(root: Path, n: int, size: int) -> Path:
+    """``n`` real-photo JPEGs of ``size`` x ``size`` in ImageFolder layout: ``benchmarks/photos.py`` (crops of
+    scikit-image's photos), or where scikit-image is missing (the lent GPU box) crops of scikit-learn's two
+    sample photos, the same way."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("photos", ROOT / "benchmarks" / "photos.py")
+    photos = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(photos)
+    try:
+        return photos.write_photo_jpegs(root, n, size)
+    except ImportError:
+        import numpy as np
+        from PIL import Image
+        from sklearn.datasets import load_sample_images
+
+        rng, pool = np.random.default_rng(0), load_sample_images().images  # china, flower: 427 x 640
+        for i in range(n):
+            photo = pool[i % len(pool)]
+            h, w = photo.shape[:2]
+            side = int(rng.integers(min(h, w) // 2, min(h, w) + 1))
+            y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+            (root / f"n{i % 10:08d}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(photo[y:y + side, x:x + side]).resize((size, size), Image.BILINEAR).save(
+                root / f"n{i % 10:08d}" / f"img_{i:06d}.JPEG", quality=90)
+        return root
+
+
 def section_data_step(table: Table, args, device: torch.device) -> None:
-    table.add("data -> step", "GPU JPEG decode feeding the step", "not built yet",
-              "planned: torchvision decode_jpeg(device='cuda') backend (issue #15.3)")
+    """The GPU-decode backend (``data.backend: gpu``: torchvision.io ``decode_jpeg`` batched on the device,
+    crops/flips there) feeding ``apr.train.train_step``, as a fraction of the same step on synthetic data."""
+    import tempfile
+
+    import torchvision
+
+    from apr.data import build_image_loader, scan_image_folder
+    from apr.train import train_step as step_fn
+
+    n, size, side, batches = (4, 32, 48, 4) if args.quick else (args.batch, 224, 375, 6)
+    workers = min(8, os.cpu_count() or 1)
+    net = torchvision.models.resnet50().to(device).to(memory_format=torch.channels_last)
+    model = ImageClassifier(net, MEAN, STD, precision=precision_for(device), channels_last=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    policy, g = APRPolicy("none"), torch.Generator().manual_seed(0)
+    x = torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    y = torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(0)).to(device)
+    t_synth = median_seconds(lambda: step_fn(model, opt, x, y, policy=policy, generator=g), device,
+                             max(2, args.repeats // 2), args.warmup)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        index = scan_image_folder(jpeg_folder(Path(tmp), n * (batches + 1), side))
+        table.add("data -> step", "JPEG folder", f"{len(index.files)} photos {side}x{side} q90",
+                  f"written in {time.perf_counter() - t0:.1f} s; train crops to {size} px, batch {n}, "
+                  f"{workers} reader threads")
+        loader = build_image_loader(index.files, index.labels, index.classes, backend="gpu", batch_size=n, train=True,
+                                    image_size=size, num_workers=workers, device=device, seed=0)
+        decode_rate = _loader_rate(loader, device, lambda xb, yb: None)
+        step_rate = _loader_rate(loader, device, lambda xb, yb: step_fn(model, opt, xb, yb, policy=policy, generator=g))
+    table.add("data -> step", "GPU-decode loader alone img/s", decode_rate,
+              f"decode_jpeg(device={device.type!r}) + RandomResizedCrop + flip on the device")
+    table.add("data -> step", "synthetic step img/s", n / t_synth, f"{t_synth * 1e3:.1f} ms/step, ResNet-50, no APR")
+    table.add("data -> step", "GPU decode feeding the step img/s", step_rate, "apr.train.train_step, no APR")
+    table.add("data -> step", "fraction of the synthetic step", step_rate * t_synth / n,
+              "1.0: the data path costs nothing; below: the step waits for data")
+
+
+def _loader_rate(loader, device: torch.device, consume) -> float:
+    """Images per second through one epoch of ``loader`` after its first batch (threads and plans warm)."""
+    loader.set_epoch(loader.epoch + 1)
+    count, start = 0, None
+    for xb, yb in loader:
+        consume(xb, yb)
+        if start is None:
+            sync(device)
+            start = time.perf_counter()
+            continue
+        count += len(xb)
+    sync(device)
+    return count / (time.perf_counter() - start)
 
 
 def section_eval(table: Table, args, device: torch.device) -> None:
@@ -283,7 +361,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=10, help="timed calls per measurement (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls before timing")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
-    p.add_argument("--skip", nargs="*", default=[], choices=("pytest", "ops", "train", "eval"),
+    p.add_argument("--skip", nargs="*", default=[], choices=("pytest", "ops", "train", "data", "eval"),
                    help="sections to leave out")
     p.add_argument("--pytest-target", nargs="*", default=["tests"], help="what pytest -m cuda collects (default tests)")
     p.add_argument("--pytest-timeout", type=float, default=300, help="seconds before the CUDA tests are stopped")
@@ -303,7 +381,7 @@ def main(argv=None) -> int:
     sections = [("pytest", "pytest -m cuda", section_pytest, (args,)),
                 ("ops", "APR ops", section_apr_ops, (args, device)),
                 ("train", "train step", section_train_step, (args, device)),
-                ("train", "data -> step", section_data_step, (args, device)),
+                ("data", "data -> step", section_data_step, (args, device)),
                 ("eval", "evaluation", section_eval, (args, device))]
     for key, title, fn, fn_args in sections:
         if key not in args.skip:

@@ -45,12 +45,17 @@ def test_gpu_check_quick_on_cpu_writes_table_and_json(tmp_path, capsys, one_thre
         assert isinstance(value, float) and value > 0, (op, value)
     assert rows[("train step", "none img/s")]["value"] > 0 and rows[("train step", "apr_sp img/s")]["value"] > 0
     assert 0 < rows[("train step", "APR-SP share")]["value"] < 1
-    assert rows[("data -> step", "GPU JPEG decode feeding the step")]["value"] == "not built yet"
+    # the GPU-decode backend fed the step from a JPEG folder the command wrote itself
+    assert "photos" in rows[("data -> step", "JPEG folder")]["value"]
+    for item in ("GPU-decode loader alone img/s", "synthetic step img/s", "GPU decode feeding the step img/s"):
+        assert isinstance(rows[("data -> step", item)]["value"], float) and rows[("data -> step", item)]["value"] > 0
+    fed, synthetic = (rows[("data -> step", k)]["value"] for k in ("GPU decode feeding the step img/s", "synthetic step img/s"))
+    assert rows[("data -> step", "fraction of the synthetic step")]["value"] == pytest.approx(fed / synthetic, rel=1e-6)
     assert rows[("evaluation", "ImageClassifier img/s")]["value"] > 0
     assert rows[("evaluation", "Fourier heat map s")]["value"] > 0
     # every row is in the Markdown table, which is also printed
     assert markdown.count("\n| ") == len(data["rows"]) + 1
-    assert all(rows[(s, "section wall time s")]["value"] > 0 for s in ("pytest -m cuda", "APR ops", "train step", "evaluation"))
+    assert all(rows[(s, "section wall time s")]["value"] > 0 for s in ("pytest -m cuda", "APR ops", "train step", "data -> step", "evaluation"))
     assert "| APR ops | apr_sp fused ms/batch |" in capsys.readouterr().out
 
 
@@ -62,7 +67,7 @@ def test_a_failing_section_is_recorded_and_the_others_run(tmp_path, monkeypatch)
 
     monkeypatch.setattr(gpu_check, "section_apr_ops", broken)
     out = tmp_path / "check"
-    gpu_check.main(["--device", "cpu", "--quick", "--out", str(out), "--skip", "pytest", "train", "eval"])
+    gpu_check.main(["--device", "cpu", "--quick", "--out", str(out), "--skip", "pytest", "train", "data", "eval"])
     rows = json.loads((out / "gpu_check.json").read_text())["rows"]
     assert rows[0]["section"] == "APR ops" and rows[0]["item"] == "error" and "simulated failure" in rows[0]["value"]
 

@@ -1,4 +1,4 @@
-"""Data: layout checks and class index, DALI / torchvision image loaders, CIFAR tensors, demo dataset.
+"""Data: layout checks and class index, DALI / GPU-decode / torchvision image loaders, CIFAR tensors, demo dataset.
 
 Every loader yields the batch contract: ``(images, labels)`` with images float32 N x 3 x H x W in
 [0, 1] (not normalised) and int64 labels, both on the training device; ``len(loader)`` batches per
@@ -6,7 +6,8 @@ epoch for this rank, ``loader.classes``, ``loader.num_samples``; train loaders a
 ``state_dict`` and ``load_state_dict`` for exact mid-epoch resume. The training loop therefore
 cannot tell the backends apart. The contract itself (validation, length arithmetic, ``set_epoch``,
 resume position) lives in :class:`apr.data.base.LoaderBase`: a new backend subclasses it and only
-decodes. DALI is imported only when a DALI loader is built.
+decodes. DALI is imported only when a DALI loader is built; ``backend="auto"`` picks DALI where it is
+installed, else torchvision.io decoding on a CUDA device (``gpu``), else the torchvision DataLoader.
 """
 
 from __future__ import annotations
@@ -25,8 +26,25 @@ from .layout import (DatasetLayoutError, ImageDecodeError, ImageFolderIndex, sca
 __all__ = [
     "DatasetLayoutError", "ImageDecodeError", "ImageFolderIndex", "scan_image_folder", "scan_train_roots",
     "build_train_loader", "build_val_loader", "build_folder_eval_loader", "build_image_loader",
-    "load_cifar", "load_cifar_c", "cifar_name_for", "TensorBatchLoader", "CIFAR_FOLDERS",
+    "load_cifar", "load_cifar_c", "cifar_name_for", "TensorBatchLoader", "CIFAR_FOLDERS", "BACKENDS", "resolve_backend",
 ]
+
+
+BACKENDS = ("auto", "dali", "gpu", "torchvision")  # the values of data.backend (and of the CLIs' --backend)
+
+
+def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
+    """The backend that ``data.backend`` names on this machine: ``auto`` is DALI where it is installed, else
+    GPU decoding through torchvision.io on a CUDA device, else the torchvision DataLoader backend."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown data backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    from .dali import dali_available
+
+    if dali_available():
+        return "dali"
+    return "gpu" if torch.device(device).type == "cuda" else "torchvision"
 
 
 def build_image_loader(files: Sequence[str], labels: Sequence[int], classes: Sequence[str], *, backend: str,
@@ -34,7 +52,9 @@ def build_image_loader(files: Sequence[str], labels: Sequence[int], classes: Seq
                        resize: int | None = None, num_workers: int = 4, rank: int = 0, world_size: int = 1,
                        local_rank: int = 0, device: torch.device | str = "cpu", seed: int = 0,
                        roots: Sequence[str] = ()):
-    """A DALI or torchvision loader over explicit files/labels (the two backends take the same arguments)."""
+    """A DALI, GPU-decode or torchvision loader over explicit files/labels (all take the same arguments);
+    ``backend="auto"`` picks one with :func:`resolve_backend`."""
+    backend = resolve_backend(backend, device)
     kwargs = dict(batch_size=batch_size, train=train, image_size=image_size, crop_scale=crop_scale, resize=resize,
                   rank=rank, world_size=world_size, device=device, seed=seed)
     if backend == "dali":
@@ -42,11 +62,13 @@ def build_image_loader(files: Sequence[str], labels: Sequence[int], classes: Seq
 
         return DaliImageLoader(files, labels, classes, num_threads=num_workers, local_rank=local_rank,
                                roots=roots, **kwargs)
-    if backend == "torchvision":
-        from .torchvision_backend import TorchvisionImageLoader
+    if backend == "gpu":
+        from .gpu_decode import GpuDecodeLoader
 
-        return TorchvisionImageLoader(files, labels, classes, num_workers=num_workers, **kwargs)
-    raise ValueError(f"unknown data backend {backend!r}; expected dali or torchvision")
+        return GpuDecodeLoader(files, labels, classes, num_workers=num_workers, **kwargs)
+    from .torchvision_backend import TorchvisionImageLoader
+
+    return TorchvisionImageLoader(files, labels, classes, num_workers=num_workers, **kwargs)
 
 
 def _split_root(cfg, split_dir: str) -> Path:
@@ -107,7 +129,7 @@ def _warn_missing_val_classes(index: ImageFolderIndex, root: Path) -> None:
 
 
 def build_folder_eval_loader(folder: str | os.PathLike, classes: Sequence[str], *, batch_size: int, image_size: int,
-                             resize: int | None = None, backend: str = "dali", num_workers: int = 2, rank: int = 0,
+                             resize: int | None = None, backend: str = "auto", num_workers: int = 2, rank: int = 0,
                              world_size: int = 1, local_rank: int = 0, device: torch.device | str = torch.device("cpu"),
                              verify: bool = True):
     """Evaluation over any ``<folder>/<wnid>/*`` tree (e.g. one ImageNet-C cell) with a FIXED class list.

@@ -25,6 +25,9 @@ Decode errors (verification off): DALI 2.4 stops with ``Error in CPU operator
 nvidia.dali.fn.decoders.image... nvImageCodec failure: '#3'`` and does not say which file failed; the
 pipeline is then dead. We re-raise it as :class:`ImageDecodeError` naming the dataset roots and the
 command that finds the file (``python -m apr.data.layout ROOT --decode``).
+
+DALI is imported only when a pipeline is built: the package imports and runs without it (the lent GPU
+box has none), and ``data.backend: dali`` there stops with :class:`DaliMissingError` naming the fix.
 """
 
 from __future__ import annotations
@@ -34,39 +37,54 @@ from typing import Sequence
 
 import torch
 
+from apr.errors import UserError
+
 from .base import (LoaderBase, check_loader_state, data_changed_message, epoch_permutation, mix_seed, to_device_batch,
                    train_shard_size)
 from .layout import ImageDecodeError
 
-try:
-    from nvidia.dali import fn, pipeline_def, types
-    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-
-    DALI_IMPORT_ERROR: Exception | None = None
-except ImportError as _exc:  # the lent GPU box and some clusters have no DALI
-    DALI_IMPORT_ERROR = _exc
-
-    def pipeline_def(*args, **kwargs):  # keeps the module importable without DALI
-        return (lambda f: f) if not (len(args) == 1 and callable(args[0])) else args[0]
-
-__all__ = ["DaliImageLoader", "image_pipeline", "require_dali"]
+__all__ = ["DaliImageLoader", "DaliMissingError", "image_pipeline", "require_dali", "dali_available"]
 
 _RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
+class DaliMissingError(UserError, ImportError):
+    """``data.backend: dali`` on a machine without NVIDIA DALI (the lent GPU box, some clusters)."""
+
+
+def _import_dali():
+    """NVIDIA DALI's modules, imported only when a DALI loader is built (the package imports without it)."""
+    try:
+        from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+    except ImportError as exc:
+        raise DaliMissingError(
+            f"data.backend=dali needs NVIDIA DALI, which is not installed here ({exc}): pip install "
+            "nvidia-dali-cuda120, or set data.backend=gpu (torchvision.io decoding on the training device), "
+            "torchvision or auto") from exc
+    return fn, pipeline_def, types, DALIGenericIterator, LastBatchPolicy
+
+
+def dali_available() -> bool:
+    """True where NVIDIA DALI imports (what ``data.backend: auto`` picks first)."""
+    try:
+        _import_dali()
+    except DaliMissingError:
+        return False
+    return True
+
+
 def require_dali() -> None:
-    if DALI_IMPORT_ERROR is not None:
-        raise ImportError(
-            f"data.backend=dali needs NVIDIA DALI (pip install nvidia-dali-cuda120): {DALI_IMPORT_ERROR}; "
-            "or set data.backend=torchvision") from DALI_IMPORT_ERROR
+    """Stop with a one-line :class:`DaliMissingError` naming the fix where DALI is not installed."""
+    _import_dali()
 
 
-@pipeline_def(enable_checkpointing=True)
-def image_pipeline(files: Sequence[str], labels: Sequence[int], *, train: bool, image_size: int,
-                   crop_scale: Sequence[float] = (0.08, 1.0), resize: int | None = None,
-                   shard_id: int = 0, num_shards: int = 1, reader_seed: int = 0, decoder_device: str = "cpu"):
+def _image_graph(files: Sequence[str], labels: Sequence[int], *, train: bool, image_size: int,
+                 crop_scale: Sequence[float] = (0.08, 1.0), resize: int | None = None,
+                 shard_id: int = 0, num_shards: int = 1, reader_seed: int = 0, decoder_device: str = "cpu"):
     """Train: RandomResizedCrop + flip. Eval: resize shorter side (optional) + center crop.
     Output: float32 CHW in [0, 1] (mean 0, std 255) and the label."""
+    fn, _, types, _, _ = _import_dali()
     jpegs, labels = fn.readers.file(
         files=list(files), labels=list(labels), shard_id=shard_id, num_shards=num_shards,
         shuffle_after_epoch=train, pad_last_batch=True, stick_to_shard=not train, name="Reader", seed=reader_seed)
@@ -88,6 +106,13 @@ def image_pipeline(files: Sequence[str], labels: Sequence[int], *, train: bool, 
         images, dtype=types.FLOAT, output_layout="CHW", crop=crop, crop_pos_x=0.5, crop_pos_y=0.5,
         mean=[0.0], std=[255.0], mirror=mirror, out_of_bounds_policy="pad", fill_values=[0.0])
     return images, labels
+
+
+def image_pipeline(*args, **kwargs):
+    """The DALI pipeline of :func:`_image_graph` (``@pipeline_def(enable_checkpointing=True)``, applied
+    here so that DALI is imported only when a pipeline is built); takes the graph's and DALI's arguments."""
+    pipeline_def = _import_dali()[1]
+    return pipeline_def(enable_checkpointing=True)(_image_graph)(*args, **kwargs)
 
 
 class DaliImageLoader(LoaderBase):
@@ -130,6 +155,7 @@ class DaliImageLoader(LoaderBase):
             self.files, self.labels, **self._kwargs, batch_size=self.batch_size, num_threads=self._num_threads,
             device_id=self._device_id(), seed=self._pipe_seed,
             prefetch_queue_depth=self._prefetch, checkpoint=checkpoint)
+        DALIGenericIterator, LastBatchPolicy = _import_dali()[3:]
         try:
             pipe.build()
             return DALIGenericIterator(
