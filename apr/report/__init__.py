@@ -86,8 +86,8 @@ def write_report(results: Sequence[Any], out_dir: str | Path, baseline: Any = No
     summary["sections"] = {}
     for schema, section in registered().items():
         if schema in groups:
-            markdown, block = section.render([(load_any(item, schema), str(item)) for item in groups[schema]],
-                                             out, plots)
+            markdown, block = section.render([(load_any(item, schema), "<dict>" if isinstance(item, Mapping)
+                                               else str(item)) for item in groups[schema]], out, plots)
             parts.append(markdown)
             summary["sections"][section.name] = block
     atomic_write_json(out / "summary.json", summary, indent=1)
