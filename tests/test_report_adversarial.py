@@ -264,3 +264,17 @@ def test_one_report_over_corruption_ood_and_adversarial_results(adv_dir, tmp_pat
     proc = subprocess.run([sys.executable, "-m", "apr.report", str(folder), "--out", str(out)], capture_output=True,
                           text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "aprsp.adv.json: clean" in proc.stderr
+
+
+def test_columns_name_the_settings_all_runs_share(adv_dir, tmp_path):
+    runs = load(adv_dir)
+    runs["aprsp"]["attacks"]["pgd"]["settings"]["steps"] = 5  # PGD steps differ between the runs
+    for result in runs.values():
+        result["attacks"]["autoattack"]["settings"] = autoattack_settings(eps=0.5, norm="L2")
+    md = write_report(list(runs.values()), tmp_path / "out", plots=False).read_text()
+    header = list(parse_table(md, TABLE)[0])
+    assert header[2:5] == ["FGSM (8/255)", "PGD-k (8/255)", "AutoAttack (L2 0.5)"]
+    pgd_rows = {r["Runs"]: r for r in parse_table(md, "### Attack settings") if r["Attack"] == "PGD"}
+    assert pgd_rows["baseline"]["Steps"] == "3" and pgd_rows["APR-SP"]["Steps"] == "5"
+    auto = next(r for r in parse_table(md, "### Attack settings") if r["Attack"] == "AutoAttack")
+    assert auto["Eps"] == "0.5" and auto["Norm"] == "L2" and auto["Step size"] == "—"

@@ -176,7 +176,10 @@ def _column_title(name: str, runs: list[dict]) -> str:
         steps = {s.get("steps") for s in settings}
         title = f"PGD-{steps.pop()}" if len(steps) == 1 else "PGD-k"
     eps = {(s.get("eps"), s.get("norm")) for s in settings}
-    return f"{title} ({eps_text(*eps.pop())})" if len(eps) == 1 else title
+    if len(eps) != 1:
+        return title  # the settings table says which run used which eps
+    value, norm = eps.pop()
+    return f"{title} ({eps_text(value, norm)})" if norm == "Linf" else f"{title} ({norm} {eps_text(value, norm)})"
 
 
 def _cell(run: dict, column: str, value: float | None) -> str:

@@ -244,8 +244,9 @@ def _plot_histograms(summary: dict, path: Path) -> None:
             ax.set_title(f"{run['display_name']} | {name}\nAUROC {format_percent(auroc)}", fontsize=8)
             ax.tick_params(labelsize=7)
             ax.set_xlabel("max logit", fontsize=7)
-    handles, labels = fig.axes[0].get_legend_handles_labels() if fig.axes else ([], [])
-    if handles:
+    drawn = [ax.get_legend_handles_labels() for ax in fig.axes if ax.get_legend_handles_labels()[0]]
+    if drawn:
+        handles, labels = drawn[0]
         fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.suptitle("Max-logit score, in-distribution vs OOD (density)", fontsize=10)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
