@@ -110,12 +110,14 @@ def test_tables_equal_the_json(adv_dir, tmp_path):
     for row in rows:
         result = by_method[row["Method"]]
         value, marked = strip_mark(row["Clean acc."])
-        assert value == format_percent(100 * result["clean"]["correct"] / result["clean"]["n"])
+        assert value == format_percent(100 * result["clean"]["accuracy"])  # the stored rate, as a percent
+        assert float(value) == pytest.approx(100 * result["clean"]["correct"] / result["clean"]["n"], abs=0.0051)
         assert marked == concerned(result, "clean")
         for name, column in columns.items():
             attack = result["attacks"][name]
             value, marked = strip_mark(row[column])
-            assert value == format_percent(100 * attack["correct"] / attack["n"])
+            assert value == format_percent(100 * attack["robust_accuracy"])
+            assert float(value) == pytest.approx(100 * attack["correct"] / attack["n"], abs=0.0051)  # re-derived
             assert marked == concerned(result, name)
         assert row["Gradient-masking flags"] == "none" or row["Gradient-masking flags"].startswith(MASK)
         assert (row["Gradient-masking flags"] == "none") == (not result["flags"])
@@ -158,10 +160,10 @@ def test_masking_flags_sit_next_to_the_numbers_they_concern(adv_dir, tmp_path):
                                                           "eps_sweep_flat"}
     md = write_report([result], tmp_path / "out", plots=False).read_text()
     row = parse_table(md, TABLE)[0]
-    assert row["FGSM (8/255)"] == f"{format_percent(100 * 4 / n)} {MASK}"
-    assert row["PGD-3 (8/255)"] == f"{format_percent(100 * 12 / n)} {MASK}"
-    assert row["Clean acc."] == f"{format_percent(100 * 10 / n)} {MASK}"
-    assert row["AutoAttack (8/255)"] == format_percent(100 * 2 / n)  # no flag concerns it
+    assert n == 20  # so the percents below are exact: 4/20, 12/20, 10/20, 2/20
+    assert row["FGSM (8/255)"] == f"20.00 {MASK}" and row["PGD-3 (8/255)"] == f"60.00 {MASK}"
+    assert row["Clean acc."] == f"50.00 {MASK}"
+    assert row["AutoAttack (8/255)"] == "10.00"  # no flag concerns it
     assert row["Eps sweep"] == f"{MASK} see flags"
     flags = row["Gradient-masking flags"]
     assert "PGD leaves more images correct than FGSM" in flags and "PGD robust accuracy above the clean" in flags

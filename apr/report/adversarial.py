@@ -230,7 +230,8 @@ def _runs_table(summary: dict) -> list[str]:
         what = f"{data.get('kind', '?')}, {run['clean']['n']} of {data.get('total', '?')} images (seed {run['seed']})"
         rows.append([run["display_name"], run["run_name"], what, str(run["precision"]),
                      "yes" if run["finished"] else "no (re-run to finish)",
-                     f"`{run['checkpoint']}`" if run["checkpoint"] else "—", (run["checkpoint_sha256"] or "—")[:12]])
+                     f"`{run['checkpoint']}`" if run["checkpoint"] else "—",
+                     (run["checkpoint_sha256"] or "—")[:12]])
     out = ["", "### Adversarial runs", ""]
     out += markdown_table(["Method", "Run", "Images attacked", "Precision", "Finished", "Checkpoint", "SHA-256"], rows)
     if any(run["precision"] == "bf16" for run in summary["runs"]):
