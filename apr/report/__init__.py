@@ -23,6 +23,8 @@ from apr.report.corruption import (PARTIAL_MARK, PUBLISHED_MCE, PUBLISHED_TITLE,
                                    SUMMARY_SCHEMA, check_result, corruption_report, load_result, load_results,
                                    metrics_for, resolve_baseline, summarize)
 from apr.report.sections import registered
+from apr.report import ood as _ood_section  # noqa: E402,F401  registers the OOD section
+from apr.report import adversarial as _adversarial_section  # noqa: E402,F401  registers the adversarial section
 
 __all__ = [
     "RESULTS_SCHEMA", "SUMMARY_SCHEMA", "SHORT_NAMES", "AUG_LABELS", "PUBLISHED_TITLE", "PUBLISHED_MCE",
@@ -84,8 +86,8 @@ def write_report(results: Sequence[Any], out_dir: str | Path, baseline: Any = No
     summary["sections"] = {}
     for schema, section in registered().items():
         if schema in groups:
-            markdown, block = section.render([(load_any(item, schema), str(item)) for item in groups[schema]],
-                                             out, plots)
+            markdown, block = section.render([(load_any(item, schema), "<dict>" if isinstance(item, Mapping)
+                                               else str(item)) for item in groups[schema]], out, plots)
             parts.append(markdown)
             summary["sections"][section.name] = block
     atomic_write_json(out / "summary.json", summary, indent=1)

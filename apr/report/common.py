@@ -15,7 +15,8 @@ from typing import Any
 from apr.errors import UserError
 
 __all__ = ["AUG_LABELS", "LABEL_ORDER", "ReportError", "format_percent", "pct", "recipe", "run_label",
-           "markdown_table", "new_figure", "save_png", "colours"]
+           "markdown_table", "new_figure", "save_png", "colours", "name_runs",
+           "check_count", "check_fraction"]
 
 AUG_LABELS = {"none": "baseline", "apr_p": "APR-P", "apr_s": "APR-S", "apr_sp": "APR-SP"}
 LABEL_ORDER = ["baseline", "APR-P", "APR-S", "APR-SP", "DeepAugment", "DeepAugment + APR-P",
@@ -83,3 +84,37 @@ def colours(n: int) -> list:
 
     cmap = colormaps["tab10"]
     return [cmap(i % 10) for i in range(n)]
+
+
+def name_runs(runs: list[dict]) -> list[dict]:
+    """Run summaries (with ``label``, ``run_name``, ``source``) in method order, each given its
+    ``display_name``: the method label, plus the run name where two runs share a recipe (and the
+    file name where they share that too). Used by the OOD and adversarial sections."""
+    order = {label: i for i, label in enumerate(LABEL_ORDER)}
+    runs = [run for _, run in sorted(enumerate(runs), key=lambda t: (order.get(t[1]["label"], len(order)), t[0]))]
+    counts: dict[str, int] = {}
+    for run in runs:
+        counts[run["label"]] = counts.get(run["label"], 0) + 1
+    for run in runs:
+        run["display_name"] = run["label"] if counts[run["label"]] == 1 else f"{run['label']} ({run['run_name']})"
+    if len({run["display_name"] for run in runs}) != len(runs):
+        for run in runs:
+            run["display_name"] = f"{run['label']} ({run['run_name']}, {Path(run['source']).name})"
+    return runs
+
+
+def check_count(value: Any, where: str, *, positive: bool = True) -> int:
+    """A number of images read from a results file: an int > 0 (>= 0 if not ``positive``), else ReportError."""
+    low = 1 if positive else 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ReportError(f"{where} must be a number of images >= {low}, got {value!r}; re-run the evaluation "
+                          "(the file was edited or written by another tool)")
+    return value
+
+
+def check_fraction(value: Any, where: str) -> float:
+    """A rate read from a results file: a finite number in [0, 1], else ReportError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ReportError(f"{where} must be a fraction in [0, 1], got {value!r}; re-run the evaluation "
+                          "(the file was edited or written by another tool)")
+    return float(value)
