@@ -23,6 +23,7 @@ from apr.report.corruption import (PARTIAL_MARK, PUBLISHED_MCE, PUBLISHED_TITLE,
                                    SUMMARY_SCHEMA, check_result, corruption_report, load_result, load_results,
                                    metrics_for, resolve_baseline, summarize)
 from apr.report.sections import registered
+from apr.report import shift as _shift  # noqa: F401  (registers the distribution-shift section)
 
 __all__ = [
     "RESULTS_SCHEMA", "SUMMARY_SCHEMA", "SHORT_NAMES", "AUG_LABELS", "PUBLISHED_TITLE", "PUBLISHED_MCE",
