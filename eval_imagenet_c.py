@@ -50,6 +50,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     third.add_argument("--classes", metavar="FILE",
                        help="the weights' classes in output order, one per line (default: the sorted class folders "
                             "of --val, i.e. the 1000 ImageNet wnids; or CIFAR's label names with --cifar)")
+    third.add_argument("--image-size", type=int, default=224, metavar="PX",
+                       help="input size of --weights: full-size photos are resized (--resize) and centre-cropped "
+                            "to it, as ImageNet models are evaluated (default: %(default)s)")
+    third.add_argument("--resize", type=int, default=None, metavar="PX",
+                       help="shorter side before the crop (default: image size / 0.875, i.e. 256 for 224)")
     shift = p.add_argument_group("distribution-shift suites")
     shift.add_argument("--suite", nargs="+", default=[], metavar="NAME=FOLDER",
                        help=f"suites to evaluate, each a folder in its published layout: {SUITE_HELP}. With --val "
@@ -155,8 +160,10 @@ def _models(args, names: list[str]):
     sources = [lambda path=path: load_eval_model(path) for path in args.checkpoint]
     if args.weights:
         classes = read_class_list(classes_file=args.classes, val=args.val, cifar=args.cifar)
-        sources += [lambda path=path: load_eval_model(model=args.model, weights=path, classes=classes,
-                                                      mean=args.mean, std=args.std) for path in args.weights]
+        resize = args.resize or round(args.image_size / 0.875)
+        sources += [lambda path=path: load_eval_model(model=args.model, weights=path, classes=classes, mean=args.mean,
+                                                      std=args.std, image_size=args.image_size, val_resize=resize)
+                    for path in args.weights]
     return list(zip(names, sources))
 
 
