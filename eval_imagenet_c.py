@@ -27,15 +27,8 @@ SUITE_HELP = ("imagenet-r, imagenet-a (200-class wnid folders, scored on those 2
               "(<corruption>/<severity>/<wnid>/), cifar10.1 (cifar10.1_v6_data.npy + cifar10.1_v6_labels.npy)")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__,
-        epilog="Errors in the results JSON are fractions; CE and mCE are percent (AlexNet = 100 on ImageNet-C). "
-               "Add --debug (or set APR_DEBUG=1) to see the traceback of an error.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--checkpoint", nargs="+", default=[], metavar="CKPT",
-                   help="one or more checkpoints written by train_imagenet.py (.pt); each gets its own results JSON")
+def _add_model_and_suite_args(p: argparse.ArgumentParser) -> None:
+    """Third-party weights and the distribution-shift suites."""
     third = p.add_argument_group("third-party weights (e.g. a released APR / AugMix ResNet-50)")
     third.add_argument("--weights", nargs="+", default=[], metavar="FILE",
                        help="weights files of the --model architecture: .safetensors, or .pth / .pth.tar / .pt state "
@@ -59,6 +52,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     shift.add_argument("--suite", nargs="+", default=[], metavar="NAME=FOLDER",
                        help=f"suites to evaluate, each a folder in its published layout: {SUITE_HELP}. With --val "
                             "(or --cifar) and no corruption tree, the clean error is measured too")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        epilog="Errors in the results JSON are fractions; CE and mCE are percent (AlexNet = 100 on ImageNet-C). "
+               "Add --debug (or set APR_DEBUG=1) to see the traceback of an error.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--checkpoint", nargs="+", default=[], metavar="CKPT",
+                   help="one or more checkpoints written by train_imagenet.py (.pt); each gets its own results JSON")
+    _add_model_and_suite_args(p)
     data = p.add_argument_group("ImageNet-C (or any tree made with python -m apr.corrupt)")
     data.add_argument("--imagenet-c", metavar="ROOT",
                       help="corrupted images laid out as ROOT/<corruption>/<severity 1-5>/<class>/*.JPEG")
@@ -85,10 +90,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also evaluate the 4 extra corruptions (speckle_noise, gaussian_blur, spatter, saturate); "
                         "they are reported separately and never enter mCE")
     p.add_argument("--severities", nargs="+", type=int, choices=(1, 2, 3, 4, 5), default=[1, 2, 3, 4, 5],
-                   metavar="S", help="severity levels to evaluate (default: all five)")
+                   metavar="S", help="severity levels to evaluate, also of ImageNet-C-bar (default: all five)")
     p.add_argument("--allow-partial", action="store_true",
-                   help="if some corruption/severity folders are missing, evaluate the rest and mark the mCE partial "
-                        "instead of stopping with the list of what is missing")
+                   help="if some corruption/severity folders (or cells of a --suite) are missing, evaluate the rest and mark "
+                        "the mCE (C-bar mean) partial instead of stopping with the list of what is missing")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass on each GPU (default: %(default)s)")
     p.add_argument("--backend", choices=("dali", "torchvision"), default="dali",
                    help="JPEG decoding: dali (fast, GPU decode when a GPU is there) or torchvision (PIL in worker processes); default: %(default)s")
