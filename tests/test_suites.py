@@ -261,3 +261,43 @@ def test_clean_set_is_scored_when_given(tmp_path):
     result = run_shift(marker_model(tmp_path, WNIDS), {"imagenet-r": r_tree(tmp_path / "r")}, tmp_path / "out",
                        clean_suite=make_clean_suite(val=str(val)))
     assert (result["clean"]["count"], result["clean"]["correct"]) == (3, 2)
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+
+def _two_rank_worker(rank, port, root, queue):
+    import os
+
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        root = Path(root)
+        result = run_shift(marker_model(root / f"rank{rank}", WNIDS), {"imagenet-r": root / "r"}, root / "out",
+                           run_name="m")
+        queue.put((rank, result["suites"]["imagenet-r"]["cells"]["imagenet-r"]))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_give_the_numbers_of_one(tmp_path):
+    """gloo on CPU: each rank scores part of ImageNet-R (masked); the summed counts are the whole suite's."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    r_tree(tmp_path / "r")
+    for rank in (0, 1):
+        (tmp_path / f"rank{rank}").mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    mp.start_processes(_two_rank_worker, args=(port, str(tmp_path), queue), nprocs=2, join=True, start_method="spawn")
+    cells = dict(queue.get(timeout=30) for _ in range(2))
+    for rank in (0, 1):
+        assert (cells[rank]["count"], cells[rank]["correct"]) == (7, 4)
+    written = json.loads((tmp_path / "out" / "m.shift.json").read_text())
+    assert written["suites"]["imagenet-r"]["cells"]["imagenet-r"]["count"] == 7
