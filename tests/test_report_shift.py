@@ -8,7 +8,7 @@ import json
 import pytest
 
 from apr.data.suites import C_BAR_SEVERITIES
-from apr.report import format_percent, write_report
+from apr.report import write_report
 from apr.report.shift import PUBLISHED_SHIFT, SHIFT_SCHEMA
 
 

@@ -11,7 +11,6 @@ ImageNet-R/-A's subset here is every 5th class (0, 5, 10, ...): class 1 and 3 li
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
