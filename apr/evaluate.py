@@ -482,6 +482,8 @@ def _keep_unchanged_cells(result: dict, previous: dict | None, cells: list[Cell]
     if "suites" in result:
         for name, block in previous["suites"].items():
             result["suites"].setdefault(name, block)
+        if previous.get("corruption"):  # the same model's ImageNet-C link (clean error, mCE) stays
+            result["corruption"] = previous["corruption"]
     changed = []
     for cell in cells:
         old = _stored_cell(previous, cell)

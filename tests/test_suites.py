@@ -241,6 +241,8 @@ def test_resume_skips_finished_cells_and_keeps_other_suites(tmp_path):
     model = marker_model(tmp_path, WNIDS)
     out = tmp_path / "out"
     first = run_shift(model, {"imagenet-r": r_tree(tmp_path / "r")}, out, run_name="m")
+    linked = {**first, "corruption": {"mce": 64.0, "clean_error": 0.25}}  # as eval_imagenet_c.py links it
+    (out / "m.shift.json").write_text(json.dumps(linked))
     done = []
     write_tree(tmp_path / "v2", {"1": [1]})
     second = run_shift(model, {"imagenet-r": tmp_path / "r", "imagenet-v2": tmp_path / "v2"}, out, run_name="m",
@@ -250,6 +252,7 @@ def test_resume_skips_finished_cells_and_keeps_other_suites(tmp_path):
     third = run_shift(model, {"imagenet-v2": tmp_path / "v2"}, out, run_name="m",
                       on_cell_done=lambda c, s, cell: done.append(c))
     assert done == ["imagenet-v2"] and set(third["suites"]) == {"imagenet-r", "imagenet-v2"}
+    assert third["corruption"] == {"mce": 64.0, "clean_error": 0.25}
     flat_image(0).save(tmp_path / "v2" / "1" / "extra.JPEG", quality=95)  # a changed tree is scored again
     run_shift(model, {"imagenet-v2": tmp_path / "v2"}, out, run_name="m", on_cell_done=lambda c, s, cell: done.append(c))
     assert done == ["imagenet-v2", "imagenet-v2"]
