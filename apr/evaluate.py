@@ -10,6 +10,10 @@ module is built around three promises:
 - under torchrun each cell is sharded by rank (each image exactly once) and the counts are
   summed over ranks (``apr.distributed``), so N GPUs give the numbers of one.
 
+Distribution-shift suites (ImageNet-R/-A/-Sketch/-V2, ImageNet-C-bar, CIFAR-10.1) go through the
+same cell loop into ``<run_name>.shift.json`` (schema ``apr.shift/1``, :func:`evaluate_shift`). The
+model is a project checkpoint or third-party weights (:func:`load_eval_model`).
+
 This module knows no file layout (``apr.data.suites`` describes the cells) and no normalisation:
 the JSON (schema ``apr.report.RESULTS_SCHEMA``) holds raw counts, errors and calibration histograms;
 CE / mCE / relative mCE against AlexNet or a baseline run are derived by ``apr.report``.
@@ -36,8 +40,11 @@ from apr.metrics import ALL_CORRUPTIONS, CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERIT
 from apr.report import RESULTS_SCHEMA as SCHEMA
 from apr.report import ReportError, load_result as _load_report_result
 
-__all__ = ["SCHEMA", "SEVERITIES", "EvalError", "EvalOptions", "evaluate_checkpoint", "plan_run_names",
-           "evaluate_loader", "CellStats", "file_sha256", "collect_versions", "load_result"]
+__all__ = ["SCHEMA", "SHIFT_SCHEMA", "SEVERITIES", "EvalError", "EvalOptions", "EvalModel", "load_eval_model",
+           "evaluate_checkpoint", "evaluate_shift", "plan_run_names", "evaluate_loader", "CellStats", "file_sha256",
+           "collect_versions", "load_result"]
+
+SHIFT_SCHEMA = "apr.shift/1"  # one JSON per model: the distribution-shift suites' cells (apr.report.shift)
 
 # Called after each finished cell as (corruption, severity, cell_dict); "clean" uses severity 0.
 CellCallback = Callable[[str, int, dict], None]
@@ -141,16 +148,24 @@ class CellStats:
 
 
 def evaluate_loader(classifier: torch.nn.Module, loader: Iterable, device: torch.device | str | None = None,
-                    world: World = World(), progress_bar=None) -> CellStats:
+                    world: World = World(), progress_bar=None, logit_subset: Sequence[int] | None = None) -> CellStats:
     """Run ``loader`` (batch contract: [0,1] float images, int64 labels) through ``classifier``
     (an ``apr.inference.ImageClassifier``) and count; under torchrun the counts and calibration
     histograms of all ranks are summed, so every rank returns the totals of the whole cell.
 
+    ``logit_subset``: class indices to score among (ImageNet-R/-A's 200 classes): the other logits are
+    set to -inf before the softmax, so the prediction, the top 5 and the confidence are over the subset.
     Per-image confidences and hits stay on the device until the cell ends (no host sync per batch).
     """
     confidences, hits, hits5 = [], [], []
+    outside = None  # bool mask of the logits left out, built on the logits' device
     start = time.perf_counter()
     for logits, labels in predict_batches(classifier, loader, device, progress_bar):
+        if logit_subset is not None:
+            if outside is None:
+                outside = torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device)
+                outside[torch.as_tensor(list(logit_subset), dtype=torch.long, device=logits.device)] = False
+            logits = logits.masked_fill(outside, float("-inf"))
         probs = logits.softmax(dim=1)
         confidence, pred = probs.max(dim=1)
         top = probs.topk(min(5, probs.shape[1]), dim=1).indices
@@ -175,31 +190,154 @@ def evaluate_loader(classifier: torch.nn.Module, loader: Iterable, device: torch
 
 
 # ---------------------------------------------------------------------------------------
-# the public entry point
+# the model under evaluation
 
 
-def evaluate_checkpoint(checkpoint_path: str | Path, suite, out_dir: str | Path, options: EvalOptions = EvalOptions(),
-                        *, run_name: str | None = None, on_cell_done: CellCallback | None = None) -> dict:
-    """Evaluate one checkpoint on ``suite`` (``apr.data.suites``); write ``<out_dir>/<run_name>.json``
-    (rank 0, after every cell) and return the raw results. Missing or empty cells stop the run before
-    the first forward pass unless ``options.allow_partial`` (then they are skipped and listed)."""
-    from apr.checkpoint import load_model_for_eval
+@dataclass
+class EvalModel:
+    """A model ready to evaluate and what its results JSON records about it: a project checkpoint
+    (``config`` set) or third-party weights (``architecture`` set, ``config`` None)."""
 
+    model: torch.nn.Module
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    path: Path
+    image_size: int = 224
+    val_resize: int = 256
+    channels_last: bool = False
+    config: object = None  # apr.config.Config of a project checkpoint
+    architecture: str | None = None  # the model name given with third-party weights
+    info: dict = field(default_factory=dict)
+    _sha256: str | None = field(default=None, repr=False)
+
+    @property
+    def data_cfg(self):
+        """What a suite's ``bind`` reads of the training data (a third-party model has no training config)."""
+        from types import SimpleNamespace
+
+        return self.config.data if self.config is not None else SimpleNamespace(dataset="")
+
+    @property
+    def sha256(self) -> str:
+        if self._sha256 is None:
+            self._sha256 = file_sha256(self.path)
+        return self._sha256
+
+    def default_run_name(self) -> str:
+        if self.config is not None and self.config.train.run_name:
+            return str(self.config.train.run_name)
+        return weights_run_name(self.path)
+
+    def describe(self) -> dict:
+        """The model's part of a results JSON: file, identity, recipe (``aug`` names third-party weights)."""
+        from apr.config import config_to_dict
+
+        third_party = self.config is None
+        return {"checkpoint": str(self.path.resolve()), "checkpoint_sha256": self.sha256,
+                "config": None if third_party else config_to_dict(self.config),
+                "aug": f"{self.architecture} weights" if third_party else self.config.aug.name,
+                "extra_roots": [] if third_party else list(self.config.data.extra_roots),
+                "weights": {"model": self.architecture, "mean": list(self.mean), "std": list(self.std)}
+                if third_party else None}
+
+
+def weights_run_name(path: str | Path) -> str:
+    """``resnet50_apr_sp`` for ``.../resnet50_apr_sp.pth.tar``; a generic file name (``model.safetensors``,
+    ``checkpoint.pth.tar``) gets its folder's name in front."""
+    path = Path(path)
+    stem = path.name.split(".")[0] or path.stem
+    if stem in ("model", "pytorch_model", "checkpoint", "model_best", "best", "weights") and path.parent.name:
+        return f"{path.parent.name}-{stem}"
+    return stem
+
+
+def load_eval_model(checkpoint: str | Path | None = None, *, model: str | None = None, weights: str | Path | None = None,
+                    classes: Sequence[str] | None = None, mean=None, std=None, image_size: int = 224,
+                    val_resize: int = 256) -> EvalModel:
+    """A project checkpoint (``checkpoint``), or third-party ``weights`` for the timm/local ``model``
+    name with its ``classes`` (in output order) and normalisation (given, else timm's pretrained config).
+    Third-party models are fed as their authors evaluate ImageNet: resize ``val_resize``, crop ``image_size``."""
+    if (checkpoint is None) == (weights is None):
+        raise EvalError("give either a project checkpoint or a weights file (with its model name), not both")
+    if checkpoint is not None:
+        from apr.checkpoint import load_model_for_eval
+
+        net, cfg, names, info = load_model_for_eval(checkpoint, map_location="cpu")
+        return EvalModel(net, names, tuple(cfg.data.mean), tuple(cfg.data.std), Path(checkpoint),
+                         int(cfg.data.image_size), int(cfg.data.val_resize), bool(cfg.model.channels_last), cfg,
+                         info=info)
+    from apr.models import create_model_from_weights
+
+    if not model:
+        raise EvalError(f"weights file {weights} needs its architecture: give --model NAME (a timm name, e.g. resnet50)")
+    if not classes:
+        raise EvalError(f"weights file {weights} needs its class list (--val or --classes)")
+    loaded = create_model_from_weights(model, weights, len(classes), mean=mean, std=std)
+    return EvalModel(loaded.model, list(classes), tuple(loaded.mean), tuple(loaded.std), Path(weights),
+                     int(image_size), int(val_resize), architecture=model)
+
+
+def _as_eval_model(source) -> EvalModel:
+    return source if isinstance(source, EvalModel) else load_eval_model(source)
+
+
+# ---------------------------------------------------------------------------------------
+# the public entry points
+
+
+def evaluate_checkpoint(checkpoint_path: str | Path | EvalModel, suite, out_dir: str | Path,
+                        options: EvalOptions = EvalOptions(), *, run_name: str | None = None,
+                        on_cell_done: CellCallback | None = None) -> dict:
+    """Evaluate one checkpoint (a path, or an :class:`EvalModel` for third-party weights) on the corruption
+    ``suite`` (``apr.data.suites``); write ``<out_dir>/<run_name>.json`` (rank 0, after every cell) and
+    return the raw results. Missing or empty cells stop the run before the first forward pass unless
+    ``options.allow_partial`` (then they are skipped and listed)."""
     corruptions = options.corruption_list()
+    model = _as_eval_model(checkpoint_path)
+    suite.bind(model.classes, model.data_cfg)
+    cells, skipped = _preflight(suite, corruptions, options)
+    run_name = run_name or model.default_run_name()
+    result = _new_result(model, run_name, suite.dataset, suite.source(), options, skipped)
+    result.update(clean=None, corruptions={},
+                  asked={"corruptions": corruptions, "severities": [int(s) for s in options.severities]})
+    return _evaluate_cells(model, cells, result, Path(out_dir) / f"{run_name}.json", options, on_cell_done)
+
+
+def evaluate_shift(source: str | Path | EvalModel, suites: Sequence, out_dir: str | Path,
+                   options: EvalOptions = EvalOptions(), *, run_name: str | None = None, clean_suite=None,
+                   on_cell_done: CellCallback | None = None) -> dict:
+    """Evaluate one model on distribution-shift ``suites`` (``apr.data.suites.make_shift_suite``) and,
+    when ``clean_suite`` is given, on its clean test set; write ``<out_dir>/<run_name>.shift.json``
+    (schema ``apr.shift/1``, rank 0, after every cell; resumable per cell like the corruption JSON).
+    Suites of an earlier evaluation of the same model that are not asked again are kept."""
+    model = _as_eval_model(source)
+    suites = list(suites)
+    if not suites:
+        raise EvalError("no distribution-shift suite given (--suite NAME=FOLDER)")
+    for suite in suites:
+        suite.bind(model.classes, model.data_cfg)
+    if clean_suite is not None:
+        clean_suite.bind(model.classes, model.data_cfg)
+    cells, skipped = _preflight_shift(suites, clean_suite, options)
+    run_name = run_name or model.default_run_name()
+    result = _new_result(model, run_name, "shift", {s.name: s.source() for s in suites}, options, skipped)
+    result.update(schema=SHIFT_SCHEMA, clean=None, suites={s.name: {"source": s.source(), "cells": {}} for s in suites})
+    return _evaluate_cells(model, cells, result, Path(out_dir) / f"{run_name}.shift.json", options, on_cell_done)
+
+
+def _evaluate_cells(model: EvalModel, cells: list[Cell], result: dict, out_path: Path, options: EvalOptions,
+                    on_cell_done: CellCallback | None) -> dict:
+    """The one cell loop of both entry points: skip the cells an earlier run finished, score the rest
+    (sharded over torchrun ranks), rewrite the JSON atomically after each cell."""
     world = join_world(options.device)
     device = resolve_device(options.device, world)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    model, cfg, classes, info = load_model_for_eval(checkpoint_path, map_location="cpu")
-    suite.bind(classes, cfg.data)
-    cells, skipped = _preflight(suite, corruptions, options)
-    classifier = ImageClassifier(model.to(device), cfg.data.mean, cfg.data.std, options.precision,
-                                 channels_last=bool(cfg.model.channels_last))
-    loader_options = LoaderOptions(options.batch_size, options.backend, options.num_workers, int(cfg.data.image_size),
-                                   int(cfg.data.val_resize), world.rank, world.world_size, world.local_rank, device)
-    run_name = run_name or cfg.train.run_name or Path(checkpoint_path).stem
-    out_path = Path(out_dir) / f"{run_name}.json"
-    result = _new_result(checkpoint_path, run_name, cfg, classes, info, suite, options, skipped)
+    classifier = ImageClassifier(model.model.to(device), model.mean, model.std, options.precision,
+                                 channels_last=model.channels_last)
+    loader_options = LoaderOptions(options.batch_size, options.backend, options.num_workers, model.image_size,
+                                   model.val_resize, world.rank, world.world_size, world.local_rank, device)
     previous = broadcast_object(_load_previous(out_path, result) if world.is_main else None, world)
     _keep_unchanged_cells(result, previous, cells, world.is_main)
 
@@ -219,12 +357,12 @@ def evaluate_checkpoint(checkpoint_path: str | Path, suite, out_dir: str | Path,
     _finish(result)
     save()
     if world.is_main:
-        _log_done(run_name, evaluated, device, out_path)
+        _log_done(result["run_name"], evaluated, device, out_path)
     return result
 
 
 # ---------------------------------------------------------------------------------------
-# evaluate_checkpoint's pieces
+# the entry points' pieces
 
 
 def _preflight(suite, corruptions: list[str], options: EvalOptions) -> tuple[list[Cell], dict[str, str]]:
@@ -250,27 +388,45 @@ def _preflight(suite, corruptions: list[str], options: EvalOptions) -> tuple[lis
     return [clean] + cells, skipped
 
 
-def _new_result(checkpoint_path, run_name: str, cfg, classes, info: dict, suite, options: EvalOptions,
-                skipped: dict[str, str]) -> dict:
-    from apr.config import config_to_dict
+def _preflight_shift(suites: list, clean_suite, options: EvalOptions) -> tuple[list[Cell], dict[str, str]]:
+    """The shift suites' cells, all found and checked before any forward pass (``suite: cell`` names
+    what is missing or empty; ``--allow-partial`` evaluates the rest)."""
+    cells, problems = [], {}
+    if clean_suite is not None:
+        clean = clean_suite.clean()
+        if clean.empty_reason:
+            raise EvalError(f"the clean set has no readable image: {clean.empty_reason}")
+        cells.append(clean)
+    for suite in suites:
+        found, missing = suite.cells([int(s) for s in options.severities])
+        problems.update({f"{suite.name}: {name}": "missing" for name in missing})
+        problems.update({f"{suite.name}: {c.name}": c.empty_reason for c in found if c.empty_reason})
+        cells += [c for c in found if not c.empty_reason]
+    if problems and not options.allow_partial:
+        raise EvalError(f"{len(problems)} cell(s) of the distribution-shift suites are missing or hold no readable "
+                        "image: " + "; ".join(f"{name} ({why})" for name, why in problems.items())
+                        + ". Complete the folders or pass --allow-partial to evaluate what is there")
+    if not any(c.suite for c in cells):
+        raise EvalError("no distribution-shift cell to evaluate: every asked-for cell is missing or empty")
+    return cells, problems
 
-    checkpoint_path = Path(checkpoint_path)
-    settings = {"precision": options.precision,
-                "backend": options.backend if suite.source()["suite"] == "folder-c" else "tensor",
-                "image_size": int(cfg.data.image_size), "val_resize": int(cfg.data.val_resize)}
+
+def _new_result(model: EvalModel, run_name: str, dataset: str | None, source: dict, options: EvalOptions,
+                skipped: dict[str, str]) -> dict:
+    backend = options.backend if source.get("suite") != "cifar-c" else "tensor"
+    settings = {"precision": options.precision, "backend": backend, "image_size": model.image_size,
+                "val_resize": model.val_resize, "mean": list(model.mean), "std": list(model.std)}
     return {
-        "schema": SCHEMA, "run_name": run_name, "checkpoint": str(checkpoint_path.resolve()),
-        "checkpoint_sha256": file_sha256(checkpoint_path), "config": config_to_dict(cfg), "aug": cfg.aug.name,
-        "extra_roots": list(cfg.data.extra_roots), "dataset": suite.dataset, "source": suite.source(),
-        "clean": None, "corruptions": {}, "skipped": skipped, "finished": False,
-        "asked": {"corruptions": options.corruption_list(), "severities": [int(s) for s in options.severities]},
-        "versions": collect_versions(), "throughput_images_per_s": 0.0, "created": _now(),
-        "eval": {**settings, "classes": len(classes), "epoch": info.get("epoch"), "step": info.get("step"),
-                 "timing": {"images": 0, "seconds": 0.0}},
+        "schema": SCHEMA, "run_name": run_name, **model.describe(), "dataset": dataset, "source": source,
+        "skipped": skipped, "finished": False, "versions": collect_versions(), "throughput_images_per_s": 0.0,
+        "created": _now(),
+        "eval": {**settings, "classes": len(model.classes), "epoch": model.info.get("epoch"),
+                 "step": model.info.get("step"), "timing": {"images": 0, "seconds": 0.0}},
     }
 
 
 _SETTINGS = ("precision", "backend", "image_size", "val_resize")
+_NORMALISATION = ("mean", "std")  # recorded since third-party weights; absent in older files (then in the config)
 
 
 def _load_previous(out_path: Path, result: dict) -> dict | None:
@@ -278,7 +434,7 @@ def _load_previous(out_path: Path, result: dict) -> dict | None:
     if not out_path.is_file():
         return None
     try:
-        previous = load_result(out_path)
+        previous = _read_previous(out_path, result["schema"])
     except EvalError as exc:
         warnings.warn(f"{exc}; starting the evaluation over", stacklevel=3)
         return None
@@ -289,8 +445,10 @@ def _load_previous(out_path: Path, result: dict) -> dict | None:
                        f"!= {sha[:12]}...)")
     if previous.get("dataset") != result["dataset"]:
         reasons.append(f"it is for dataset {previous.get('dataset')!r}, not {result['dataset']!r}")
-    old = {k: previous.get("eval", {}).get(k) for k in _SETTINGS}
-    new = {k: result["eval"][k] for k in _SETTINGS}
+    old_eval = previous.get("eval", {})
+    keys = _SETTINGS + tuple(k for k in _NORMALISATION if old_eval.get(k) is not None)
+    old = {k: old_eval.get(k) for k in keys}
+    new = {k: result["eval"][k] for k in keys}
     if old != new:
         reasons.append(f"its settings {old} differ from {new}")
     if reasons:
@@ -299,17 +457,36 @@ def _load_previous(out_path: Path, result: dict) -> dict | None:
     return previous
 
 
+def _read_previous(path: Path, schema: str) -> dict:
+    if schema == SCHEMA:
+        return load_result(path)
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EvalError(f"{path}: not a readable JSON file ({exc})") from None
+    if not isinstance(data, dict) or data.get("schema") != schema or not isinstance(data.get("suites"), dict):
+        raise EvalError(f"{path}: not an {schema} results file")
+    return data
+
+
 def _keep_unchanged_cells(result: dict, previous: dict | None, cells: list[Cell], log: bool) -> None:
-    """Copy the earlier cells whose files are unchanged (same fingerprint); say which are evaluated again."""
+    """Copy the earlier cells whose files are unchanged (same fingerprint); say which are evaluated again.
+    Shift suites evaluated earlier but not asked now are kept whole."""
     if previous is None:
         return
     result["created"] = previous.get("created", result["created"])
     result["eval"]["timing"] = dict(previous.get("eval", {}).get("timing", result["eval"]["timing"]))
     result["throughput_images_per_s"] = previous.get("throughput_images_per_s", 0.0)
+    if "suites" in result:
+        for name, block in previous["suites"].items():
+            result["suites"].setdefault(name, block)
+        if previous.get("corruption"):  # the same model's ImageNet-C link (clean error, mCE) stays
+            result["corruption"] = previous["corruption"]
     changed = []
     for cell in cells:
-        old = previous["clean"] if cell.corruption == "clean" else \
-            (previous.get("corruptions") or {}).get(cell.corruption, {}).get(str(cell.severity))
+        old = _stored_cell(previous, cell)
         if old is None:
             continue
         if old.get("fingerprint") != cell.fingerprint:
@@ -324,13 +501,17 @@ def _keep_unchanged_cells(result: dict, previous: dict | None, cells: list[Cell]
 
 
 def _stored_cell(result: dict, cell: Cell) -> dict | None:
+    if cell.suite is not None:
+        return (((result.get("suites") or {}).get(cell.suite) or {}).get("cells") or {}).get(cell.name)
     if cell.corruption == "clean":
-        return result["clean"]
-    return result["corruptions"].get(cell.corruption, {}).get(str(cell.severity))
+        return result.get("clean")
+    return (result.get("corruptions") or {}).get(cell.corruption, {}).get(str(cell.severity))
 
 
 def _store_cell(result: dict, cell: Cell, value: dict) -> None:
-    if cell.corruption == "clean":
+    if cell.suite is not None:
+        result["suites"][cell.suite]["cells"][cell.name] = value
+    elif cell.corruption == "clean":
         result["clean"] = value
     else:
         result["corruptions"].setdefault(cell.corruption, {})[str(cell.severity)] = value
@@ -341,14 +522,17 @@ def _run_cell(classifier, cell: Cell, loader_options: LoaderOptions, world: Worl
 
     loader = cell.make_loader(loader_options)
     total = int(getattr(loader, "num_samples", 0))
-    with tqdm(total=total, desc=cell.name, unit="img", disable=not show, leave=False) as bar:
-        return evaluate_loader(classifier, loader, loader_options.device, world, bar)
+    desc = f"{cell.suite}: {cell.name}" if cell.suite and cell.suite != cell.name else cell.name
+    with tqdm(total=total, desc=desc, unit="img", disable=not show, leave=False) as bar:
+        return evaluate_loader(classifier, loader, loader_options.device, world, bar, cell.logit_subset)
 
 
 def _record(result: dict, cell: Cell, stats: CellStats, evaluated: list) -> None:
     value = {**stats.as_cell(), "unreadable": len(cell.unreadable), "fingerprint": cell.fingerprint}
-    if cell.corruption == "clean":
+    if cell.corruption == "clean" or (cell.suite and cell.severity == 0):
         value["top5_error"] = 1.0 - stats.correct5 / stats.count
+    if cell.logit_subset is not None:
+        value["scored_classes"] = len(cell.logit_subset)
     if cell.unreadable:
         warnings.warn(f"{cell.name}: {len(cell.unreadable)} unreadable file(s) skipped, the cell is scored on the "
                       f"other {stats.count}: {', '.join(cell.unreadable[:3])}", stacklevel=3)
@@ -365,10 +549,13 @@ def _record(result: dict, cell: Cell, stats: CellStats, evaluated: list) -> None
 def _finish(result: dict) -> None:
     """Cells in the canonical order (resumed runs insert in another order); the result is complete."""
     order = {c: i for i, c in enumerate(ALL_CORRUPTIONS)}
-    result["corruptions"] = {
-        c: {str(s): cells[str(s)] for s in sorted(int(k) for k in cells)}
-        for c, cells in sorted(result["corruptions"].items(), key=lambda kv: order.get(kv[0], len(order)))
-    }
+    if "corruptions" in result:
+        result["corruptions"] = {
+            c: {str(s): cells[str(s)] for s in sorted(int(k) for k in cells)}
+            for c, cells in sorted(result["corruptions"].items(), key=lambda kv: order.get(kv[0], len(order)))
+        }
+    for block in (result.get("suites") or {}).values():
+        block["cells"] = dict(sorted(block["cells"].items()))
     result["finished"] = True
 
 
@@ -381,12 +568,12 @@ def _log_done(run_name: str, evaluated: list, device, out_path: Path) -> None:
               "(same checkpoint, settings and fingerprints); nothing evaluated")
 
 
-def plan_run_names(checkpoints: list[str | Path]) -> list[str]:
-    """Run names (JSON file names) for checkpoints evaluated together.
+def plan_run_names(checkpoints: list[str | Path], weights: Sequence[str | Path] = ()) -> list[str]:
+    """Run names (JSON file names) for checkpoints (then third-party weights files) evaluated together.
 
-    The name comes from the training config (``train.run_name``) or the file stem. Several
-    checkpoints of one run (e.g. epochs 30 and 90) would share a name and overwrite each
-    other's JSON, so clashing names get the file stem appended.
+    The name comes from the training config (``train.run_name``) or the file stem (see
+    :func:`weights_run_name` for weights). Several checkpoints of one run (e.g. epochs 30 and 90)
+    would share a name and overwrite each other's JSON, so clashing names get the file stem appended.
     """
     from apr.checkpoint import load_checkpoint
 
@@ -394,5 +581,7 @@ def plan_run_names(checkpoints: list[str | Path]) -> list[str]:
     for path in checkpoints:
         config = load_checkpoint(path)["config"]
         names.append((config.get("train") or {}).get("run_name") or Path(path).stem)
-    names = [f"{name}-{Path(path).stem}" if names.count(name) > 1 else name for name, path in zip(names, checkpoints)]
+    names += [weights_run_name(path) for path in weights]
+    paths = list(checkpoints) + list(weights)
+    names = [f"{name}-{Path(path).stem}" if names.count(name) > 1 else name for name, path in zip(names, paths)]
     return [f"{name}-{i}" if names.count(name) > 1 else name for i, name in enumerate(names)]

@@ -635,3 +635,76 @@ def test_partly_unreadable_cell_is_scored_on_the_rest(full_eval, tiny_checkpoint
 
     md = write_report([tmp_path / "out" / "tiny.json"], tmp_path / "report", plots=False).read_text()
     assert "**Unreadable files** (DeepAugment + APR-P, skipped; each cell scored on the rest): fog/1: 1." in md
+
+
+# ----------------------------------------------------------------------------- third-party weights, shift suites
+
+
+def _script_main():
+    sys.path.insert(0, str(REPO))
+    try:
+        from eval_imagenet_c import main
+    finally:
+        sys.path.remove(str(REPO))
+    return main
+
+
+def test_checkpoint_and_released_weights_in_one_command(full_eval, tiny_checkpoint, tiny_config, c_tree,
+                                                         imagenet_tree, tmp_path, capsys):
+    """A project checkpoint, an AugMix-style release ({"state_dict": {"module.…"}} in a .pth.tar) and a
+    safetensors file of the same weights: one command, ImageNet-C cells + a shift suite, one report."""
+    from safetensors.torch import save_file
+
+    from apr.report import format_percent
+
+    state = tiny_checkpoint[1].state_dict()
+    released = tmp_path / "augmix_release" / "checkpoint.pth.tar"
+    released.parent.mkdir()
+    torch.save({"epoch": 90, "arch": "cnn_tiny", "best_acc1": torch.tensor(77.5),
+                "state_dict": {f"module.{k}": v for k, v in state.items()}}, released)
+    plain = tmp_path / "tiny_weights.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(plain))
+    sketch = shutil.copytree(imagenet_tree / "val", tmp_path / "sketch")  # wnid folders, as ImageNet-Sketch
+    out = tmp_path / "out"
+    cfg = tiny_config.data
+    rc = _script_main()([
+        "--checkpoint", str(tiny_checkpoint[0]), "--model", "cnn_tiny", "--weights", str(released), str(plain),
+        "--mean", *map(str, cfg.mean), "--std", *map(str, cfg.std), "--image-size", "32", "--resize", "32",
+        "--imagenet-c", str(c_tree), "--val", str(imagenet_tree / "val"), "--corruptions", "snow", "--severities", "1",
+        "--suite", f"imagenet-sketch={sketch}", "--out", str(out), "--backend", "torchvision", "--workers", "0",
+        "--precision", "fp32", "--device", "cpu", "--quiet", "--batch-size", "16"])
+    assert rc == 0, capsys.readouterr().err
+    names = ["tiny", "augmix_release-checkpoint", "tiny_weights"]
+    corruption = {n: load_result(out / f"{n}.json") for n in names}
+    shift = {n: json.loads((out / f"{n}.shift.json").read_text()) for n in names}
+    reference = full_eval[0]
+    for name in names:  # the same weights give the checkpoint's counts, whichever file they came from
+        assert corruption[name]["corruptions"]["snow"]["1"]["correct"] == reference["corruptions"]["snow"]["1"]["correct"]
+        assert corruption[name]["clean"]["correct"] == reference["clean"]["correct"]
+        sketch_cell = shift[name]["suites"]["imagenet-sketch"]["cells"]["imagenet-sketch"]
+        # the Sketch tree is a copy of val, preprocessed as val: its error is the clean error
+        assert (sketch_cell["count"], sketch_cell["correct"]) == (reference["clean"]["count"], reference["clean"]["correct"])
+        assert shift[name]["corruption"]["mce"] == pytest.approx(corruption[name]["metrics"]["mce"])
+    assert corruption["augmix_release-checkpoint"]["config"] is None
+    assert corruption["augmix_release-checkpoint"]["aug"] == "cnn_tiny weights"
+    assert corruption["augmix_release-checkpoint"]["checkpoint_sha256"] == file_sha256(released)
+    assert corruption["augmix_release-checkpoint"]["weights"]["mean"] == pytest.approx(list(cfg.mean))
+    report = (out / "report.md").read_text()
+    assert "## Distribution shift" in report
+    sketch_error = format_percent(100 * shift["tiny_weights"]["suites"]["imagenet-sketch"]["cells"]["imagenet-sketch"]["error"])
+    row = next(line for line in report.splitlines() if line.startswith("| cnn_tiny weights (tiny_weights)"))
+    assert sketch_error in row and format_percent(corruption["tiny_weights"]["metrics"]["mce"]) in row
+
+
+def test_weights_of_another_architecture_are_refused_naming_the_tensor(imagenet_tree, tmp_path, capsys):
+    torch.save(create_model("cnn_small", 4).state_dict(), tmp_path / "small.pth")
+    common = ["--suite", f"imagenet-sketch={imagenet_tree / 'val'}", "--out", str(tmp_path / "out"),
+              "--backend", "torchvision", "--workers", "0", "--device", "cpu", "--quiet"]
+    rc = _script_main()(["--model", "cnn_tiny", "--weights", str(tmp_path / "small.pth"),
+                         "--val", str(imagenet_tree / "val"), *common])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert "tensor features.0.0.weight has shape (32, 3, 3, 3) in the file but (16, 3, 3, 3)" in err
+    rc = _script_main()(["--model", "cnn_tiny", "--weights", str(tmp_path / "small.pth"), *common])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--classes" in err  # no --val and no --classes: the class list is unknown

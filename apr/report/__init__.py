@@ -23,8 +23,10 @@ from apr.report.corruption import (PARTIAL_MARK, PUBLISHED_MCE, PUBLISHED_TITLE,
                                    SUMMARY_SCHEMA, check_result, corruption_report, load_result, load_results,
                                    metrics_for, resolve_baseline, summarize)
 from apr.report.sections import registered
-from apr.report import ood as _ood_section  # noqa: E402,F401  registers the OOD section
-from apr.report import adversarial as _adversarial_section  # noqa: E402,F401  registers the adversarial section
+# importing a section registers it; the order here is the order of the sections in report.md
+from apr.report import shift as _shift_section  # noqa: E402,F401
+from apr.report import ood as _ood_section  # noqa: E402,F401
+from apr.report import adversarial as _adversarial_section  # noqa: E402,F401
 
 __all__ = [
     "RESULTS_SCHEMA", "SUMMARY_SCHEMA", "SHORT_NAMES", "AUG_LABELS", "PUBLISHED_TITLE", "PUBLISHED_MCE",
