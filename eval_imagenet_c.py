@@ -95,8 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="if some corruption/severity folders (or cells of a --suite) are missing, evaluate the rest and mark "
                         "the mCE (C-bar mean) partial instead of stopping with the list of what is missing")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass on each GPU (default: %(default)s)")
-    p.add_argument("--backend", choices=("dali", "torchvision"), default="dali",
-                   help="JPEG decoding: dali (fast, GPU decode when a GPU is there) or torchvision (PIL in worker processes); default: %(default)s")
+    p.add_argument("--backend", choices=("auto", "dali", "gpu", "torchvision"), default="auto",
+                   help="JPEG decoding: auto (default) = dali where installed, else gpu (torchvision.io decoding on "
+                        "the GPU) on a GPU, else torchvision (PIL in worker processes)")
     p.add_argument("--workers", type=int, default=4, help="decoding threads (DALI) or worker processes (torchvision, 0 = decode in the main process) per GPU "
                         "(default: %(default)s)")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",

@@ -26,12 +26,13 @@ import hashlib
 import platform
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
 
+from apr.data import BACKENDS, resolve_backend
 from apr.data.suites import Cell, EvalError, LoaderOptions
 from apr.distributed import World, all_reduce_sum, broadcast_object, join_world, resolve_device
 from apr.inference import ImageClassifier, predict_batches
@@ -59,18 +60,24 @@ class EvalOptions:
     severities: Sequence[int] = SEVERITIES
     allow_partial: bool = False  # evaluate what is there when cells are missing or empty
     batch_size: int = 256
-    backend: str = "dali"
+    backend: str = "auto"  # apr.data.BACKENDS; resolved for this machine by resolved()
     num_workers: int = 4
     precision: str = "bf16"
     device: str | torch.device | None = None
     progress: bool = True
 
+    def resolved(self) -> "EvalOptions":
+        """These options with ``auto`` replaced by the backend it means here, so the JSON records what ran."""
+        if self.backend not in BACKENDS:
+            raise EvalError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        return replace(self, backend=resolve_backend(self.backend, resolve_device(self.device)))
+
     def corruption_list(self) -> list[str]:
         """The asked-for corruptions, after checking every option (one error naming the bad value)."""
         if self.precision not in ("bf16", "fp32"):
             raise EvalError(f"precision must be 'bf16' or 'fp32', got {self.precision!r}")
-        if self.backend not in ("dali", "torchvision"):
-            raise EvalError(f"backend must be 'dali' or 'torchvision', got {self.backend!r}")
+        if self.backend not in BACKENDS:
+            raise EvalError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.batch_size < 1:
             raise EvalError(f"batch_size must be >= 1, got {self.batch_size}")
         if not self.severities or any(int(s) not in SEVERITIES for s in self.severities):
@@ -293,6 +300,7 @@ def evaluate_checkpoint(checkpoint_path: str | Path | EvalModel, suite, out_dir:
     ``suite`` (``apr.data.suites``); write ``<out_dir>/<run_name>.json`` (rank 0, after every cell) and
     return the raw results. Missing or empty cells stop the run before the first forward pass unless
     ``options.allow_partial`` (then they are skipped and listed)."""
+    options = options.resolved()
     corruptions = options.corruption_list()
     model = _as_eval_model(checkpoint_path)
     suite.bind(model.classes, model.data_cfg)
@@ -312,6 +320,7 @@ def evaluate_shift(source: str | Path | EvalModel, suites: Sequence, out_dir: st
     (schema ``apr.shift/1``, rank 0, after every cell; resumable per cell like the corruption JSON).
     Suites of an earlier evaluation of the same model that are not asked again are kept."""
     model = _as_eval_model(source)
+    options = options.resolved()
     suites = list(suites)
     if not suites:
         raise EvalError("no distribution-shift suite given (--suite NAME=FOLDER)")

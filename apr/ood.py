@@ -36,6 +36,7 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 import torch
 
+from apr.data import BACKENDS, resolve_backend
 from apr.data.cifar import cifar_name_for
 from apr.data.ood_sets import ImageSet, check_disjoint, open_in_distribution, open_ood_set, parse_set_spec
 from apr.distributed import World, all_gather_cat, broadcast_object, join_world, resolve_device
@@ -218,7 +219,7 @@ def _new_result(checkpoint_path: Path, run_name: str, cfg, info: dict, identity:
 
 def evaluate_ood(checkpoint_path: str | Path, *, ood: Mapping[str, str], out_dir: str | Path,
                  in_folder: str | Path | None = None, in_cifar: str | Path | None = None,
-                 precision: str | None = None, batch_size: int = 256, backend: str = "dali", num_workers: int = 4,
+                 precision: str | None = None, batch_size: int = 256, backend: str = "auto", num_workers: int = 4,
                  device: str | torch.device | None = None, max_images: int | None = None,
                  run_name: str | None = None, progress: bool = True, on_set_done: SetCallback | None = None) -> dict:
     """Score one checkpoint on the in-distribution set and every OOD set (``name -> path``); write and
@@ -229,10 +230,11 @@ def evaluate_ood(checkpoint_path: str | Path, *, ood: Mapping[str, str], out_dir
 
     if batch_size < 1:
         raise OODError(f"batch_size must be >= 1, got {batch_size}")
-    if backend not in ("dali", "torchvision"):
-        raise OODError(f"backend must be dali or torchvision, got {backend!r}")
+    if backend not in BACKENDS:
+        raise OODError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     world = join_world(device)
     device = resolve_device(device, world)
+    backend = resolve_backend(backend, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     precision = check_precision(precision or default_precision(device))
@@ -297,8 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("bf16", "fp32"), default=None,
                    help="bf16 autocast or fp32 (default: bf16 on a GPU, fp32 on a CPU)")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass per process (default: 256)")
-    p.add_argument("--backend", choices=("dali", "torchvision"), default="dali",
-                   help="JPEG decoding for image folders (default: dali; CIFAR and .mat sets are in memory)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="JPEG decoding for image folders: auto (default) = DALI where installed, else GPU decoding "
+                        "on a GPU, else torchvision; CIFAR and .mat sets are in memory")
     p.add_argument("--workers", type=int, default=4, help="decoding threads (DALI) or worker processes per process")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: this process's GPU, else the CPU)")
     p.add_argument("--max-images", type=int, default=None, metavar="N",

@@ -16,6 +16,7 @@ from apr.adversarial.attacks import BF16_ATTACK_WARNING, AdversarialError, NORMS
 from apr.adversarial.run import ATTACKS, EPS_SWEEP_FACTORS, build_attacks, evaluate_attacks, pgd_spec
 from apr.adversarial.data import load_eval_subset
 from apr.cli import run_main
+from apr.data import BACKENDS
 from apr.distributed import join_world, resolve_device
 from apr.inference import ImageClassifier
 
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "must fall as eps grows, or gradients are masked")
     p.add_argument("--sweep-n", type=int, default=500, help="images for --eps-sweep (the first of the --n subset)")
     p.add_argument("--sweep-steps", type=int, default=10, help="PGD iterations for --eps-sweep")
-    p.add_argument("--backend", default=None, choices=("dali", "torchvision"),
+    p.add_argument("--backend", default=None, choices=BACKENDS,
                    help="image decoding for --val (default: the checkpoint's data.backend)")
     p.add_argument("--workers", type=int, default=4, help="decoding threads for --val")
     return p

@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from apr.data import BACKENDS
 from apr.inference import default_precision
 from apr.io import atomic_write_text
 
@@ -197,8 +198,9 @@ def _add_common(p: argparse.ArgumentParser, max_images: int) -> None:
     p.add_argument("--precision", choices=("bf16", "fp32"), default=None,
                    help="bf16 autocast or full float32 (default: bf16 on a GPU, float32 on the CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed for image choice, random signs and pairing")
-    p.add_argument("--backend", choices=("torchvision", "dali"), default="torchvision",
-                   help="image decoding for --data (default torchvision; DALI needs its package)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="image decoding for --data: auto (default) = DALI where installed, else GPU decoding on a "
+                        "GPU, else torchvision")
     p.add_argument("--workers", type=int, default=4, help="decoding workers for --data (default 4)")
     p.add_argument("--resize", type=int, default=None,
                    help="resize the shorter side to this before the centre crop (default: the checkpoint's "

@@ -71,7 +71,7 @@ class ImageSet:
         return {"kind": self.kind, "path": self.path, "fingerprint": dict(self.fingerprint), "count": len(self),
                 "skipped_count": self.skipped_count, "skipped": list(self.skipped)}
 
-    def loader(self, *, batch_size: int, image_size: int, resize: int, backend: str = "dali", num_workers: int = 2,
+    def loader(self, *, batch_size: int, image_size: int, resize: int, backend: str = "auto", num_workers: int = 2,
                rank: int = 0, world_size: int = 1, local_rank: int = 0, device: torch.device | str = "cpu"):
         """Batch-contract loader over this rank's share (``eval_shard``), preprocessed like evaluation."""
         if self.files is not None:

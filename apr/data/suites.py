@@ -41,7 +41,7 @@ class LoaderOptions:
     """How the evaluator wants its batches: the same for every cell of a run."""
 
     batch_size: int = 256
-    backend: str = "dali"
+    backend: str = "auto"
     num_workers: int = 4
     image_size: int = 224
     val_resize: int = 256
