@@ -1,5 +1,13 @@
 """Optimizer and learning-rate schedule of a run: SGD, the batch-scaled lr, warmup + decay.
 
+``schedule: cyclic`` is the one-cycle triangle of the reference's fast adversarial training
+(autoattacks/train_fgsm.py: ``CyclicLR(base_lr=0, max_lr=lr_max, step_size_up=T/2,
+step_size_down=T/2)`` stepped once per batch, T = epochs x batches per epoch): optimizer step ``i``
+(from 0) uses ``lr_max x (1 - |2i/T - 1|)``, i.e. 0 at the first step, lr_max at step T/2, back
+towards 0 at the last. (Wong et al.'s own CIFAR script peaks at 2/5 of the run instead.) The reference's
+CyclicLR also cycles SGD's momentum 0.9 -> 0.8 -> 0.9 against the lr (its default ``cycle_momentum``);
+this schedule keeps ``optim.momentum`` constant.
+
 The schedule is a ``LambdaLR`` over optimizer steps whose multiplier comes from
 :func:`make_lr_lambda`. It is always built by :func:`build_scheduler` at a given step, so a run
 resumed on another number of processes gets a fresh scheduler at the new world's step and lr
@@ -15,7 +23,7 @@ import torch
 
 from apr.config import Config
 
-__all__ = ["scaled_lr", "build_optimizer", "make_lr_lambda", "build_scheduler"]
+__all__ = ["scaled_lr", "build_optimizer", "make_lr_lambda", "cyclic_factor", "build_scheduler"]
 
 
 def scaled_lr(cfg: Config, world_size: int) -> float:
@@ -45,10 +53,18 @@ def make_lr_lambda(cfg: Config, steps_per_epoch: int) -> Callable[[int], float]:
             return o.gamma ** int(epoch // o.step_size)
         if o.schedule == "multistep":
             return o.gamma ** sum(int(epoch) >= m for m in o.milestones)
+        if o.schedule == "cyclic":
+            return cyclic_factor(step, epochs * steps_per_epoch)
         progress = (step - warmup_steps) / max(1.0, epochs * steps_per_epoch - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # cosine
 
     return factor
+
+
+def cyclic_factor(step: int, total_steps: int) -> float:
+    """The triangle 0 -> 1 (at ``total_steps / 2``) -> 0, as torch's ``CyclicLR`` with equal up and
+    down half-cycles computes it; 0 past the end (a resumed run never steps beyond ``total_steps``)."""
+    return max(0.0, 1.0 - abs(2.0 * step / total_steps - 1.0))
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, steps_per_epoch: int, base_lr: float,
