@@ -52,7 +52,8 @@ from apr.optim import build_optimizer, build_scheduler, make_lr_lambda, scaled_l
 PREEMPT_CHECK_EVERY = 10  # steps between cross-rank checks for SIGTERM/SIGUSR1 (slurm warns 120 s ahead)
 
 __all__ = ["train", "train_step", "run_epoch", "apr_inputs", "apr_loss", "TrainResult", "TrainingDiverged",
-           "RunLog", "LossMeter", "make_lr_lambda", "run_dir_for", "evaluate_top_k", "resolve_num_threads"]
+           "RunLog", "LossMeter", "make_lr_lambda", "run_dir_for", "evaluate_top_k", "resolve_num_threads",
+           "build_perturbation", "robustness_check", "overfitting_warning"]
 
 
 @dataclass
