@@ -104,6 +104,9 @@ class OptimConfig:
     milestones: list[int] = field(default_factory=list)  # multistep: epochs at which lr *= gamma
     gamma: float = 0.1
     warmup_epochs: float = 0.0  # linear warmup from 0 over this many epochs
+    # cyclic only: [low, high] momentum moving against the lr, high at the ends, low at the lr peak (torch
+    # CyclicLR's cycle_momentum, on in the reference's FGSM training: [0.8, 0.9]); []: optim.momentum throughout
+    cyclic_momentum: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -174,6 +177,10 @@ class Config:
             raise ConfigError(f"aug.s_prob must lie in [0, 1], got {self.aug.s_prob}")
         if self.optim.schedule == "cyclic" and self.optim.warmup_epochs > 0:
             raise ConfigError("optim.schedule=cyclic ramps up from 0 by itself: set optim.warmup_epochs=0")
+        if self.optim.cyclic_momentum and (self.optim.schedule != "cyclic" or len(self.optim.cyclic_momentum) != 2
+                                           or not 0 <= self.optim.cyclic_momentum[0] <= self.optim.cyclic_momentum[1] < 1):
+            raise ConfigError(f"optim.cyclic_momentum must be [] or [low, high] with 0 <= low <= high < 1, and needs "
+                              f"optim.schedule=cyclic; got {self.optim.cyclic_momentum} with {self.optim.schedule}")
         if self.aug.s_severity < 0.1:
             raise ConfigError(f"aug.s_severity must be >= 0.1, got {self.aug.s_severity}")
         if len(self.data.crop_scale) != 2 or not 0 < self.data.crop_scale[0] <= self.data.crop_scale[1] <= 1:

@@ -47,7 +47,7 @@ from apr.checkpoint import (
 from apr.config import Config, config_to_dict, save_config
 from apr.inference import ImageClassifier, predict_batches
 from apr.models import create_model
-from apr.optim import build_optimizer, build_scheduler, make_lr_lambda, scaled_lr
+from apr.optim import build_optimizer, build_scheduler, make_lr_lambda, scaled_lr, set_cyclic_momentum
 
 PREEMPT_CHECK_EVERY = 10  # steps between cross-rank checks for SIGTERM/SIGUSR1 (slurm warns 120 s ahead)
 
@@ -502,6 +502,7 @@ def run_epoch(run: Run, epoch: int, start: ResumePoint | None = None) -> tuple[s
         loss = train_step(run.classifier, run.optimizer, images, labels, policy=run.policy,
                           generator=run.generator, backward=backward, perturb=run.perturb, halves=cfg.aug.loss)
         run.scheduler.step()
+        set_cyclic_momentum(run.raw_optimizer, cfg, run.steps_per_epoch, run.scheduler.last_epoch)
         step, run.global_step, seen = step + 1, run.global_step + 1, seen + len(labels)
         meter.add(loss)
         bar.update(1)

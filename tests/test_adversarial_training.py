@@ -103,7 +103,8 @@ def adversarial_config(root: Path, out: Path, *extra: str):
     return load_config(overrides=[
         "data.dataset=cifar10", f"data.root={root}", "data.image_size=32", "data.num_workers=1",
         "data.mean=[0.4914, 0.4822, 0.4465]", "data.std=[0.2471, 0.2435, 0.2616]", "model.name=cnn_tiny",
-        "optim.lr=0.05", "optim.lr_base_batch=0", "optim.schedule=cyclic", "train.epochs=2",
+        "optim.lr=0.05", "optim.lr_base_batch=0", "optim.schedule=cyclic", "optim.cyclic_momentum=[0.8, 0.9]",
+        "train.epochs=2",
         "train.batch_size=16", "train.precision=fp32", "train.deterministic=true", "train.log_every=1",
         f"train.output_dir={out}", "train.run_name=run", "aug.name=apr_sp", "aug.s_prob=0.5", "aug.p_prob=0.5",
         "aug.loss=mean", "adversarial.method=fgsm", "adversarial.eps=8/255", "adversarial.alpha=10/255", *extra,

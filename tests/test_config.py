@@ -79,6 +79,9 @@ def test_int_is_accepted_where_a_float_is_expected():
     (["aug.s_prob=1.5"], "aug.s_prob must lie in [0, 1]"),
     (["aug.loss=avg"], "aug.loss must be one of sum, mean"),
     (["optim.schedule=cyclic", "optim.warmup_epochs=1"], "set optim.warmup_epochs=0"),
+    (["optim.cyclic_momentum=[0.8, 0.9]"], "needs optim.schedule=cyclic"),
+    (["optim.schedule=cyclic", "optim.cyclic_momentum=[0.9, 0.8]"], "optim.cyclic_momentum must be []"),
+    (["optim.schedule=cyclic", "optim.cyclic_momentum=[0.9]"], "optim.cyclic_momentum must be []"),
 ])
 def test_bad_values_fail_naming_the_key(override, message):
     with pytest.raises(ConfigError) as err:
@@ -182,4 +185,5 @@ def test_fgsm_recipes_carry_the_reference_numbers(name, lr, epochs, aug, p_prob,
     assert cfg.model.name == "preact_resnet18" and cfg.optim.schedule == "cyclic" and cfg.aug.loss == "mean"
     assert (cfg.optim.momentum, cfg.optim.weight_decay, cfg.train.batch_size) == (0.9, 5e-4, 128)
     assert cfg.adversarial.method == "fgsm" and cfg.train.precision == "bf16"
+    assert cfg.optim.cyclic_momentum == [0.8, 0.9]  # the reference's CyclicLR default cycle_momentum
     assert cfg.adversarial.eps == pytest.approx(8 / 255) and cfg.adversarial.alpha == pytest.approx(10 / 255)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from apr.config import load_config
-from apr.optim import build_optimizer, build_scheduler, cyclic_factor, scaled_lr
+from apr.optim import build_optimizer, build_scheduler, cyclic_factor, scaled_lr, set_cyclic_momentum
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,3 +80,27 @@ def test_cyclic_schedule_is_the_reference_triangle_per_step():
         reference.step()
     assert used == pytest.approx(expected, abs=1e-9)
     assert cyclic_factor(5, 10) == 1.0 and cyclic_factor(0, 10) == 0.0 and cyclic_factor(12, 10) == 0.0
+
+
+def test_cyclic_momentum_moves_against_the_lr_as_the_reference_cycliclr():
+    cfg = load_config(overrides=["optim.schedule=cyclic", "train.epochs=2", "optim.cyclic_momentum=[0.8, 0.9]"])
+    optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg, 0.2)
+    scheduler = build_scheduler(optimizer, cfg, 5, 0.2)
+    reference_optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.2, momentum=0.9)
+    reference = torch.optim.lr_scheduler.CyclicLR(reference_optimizer, base_lr=0.0, max_lr=0.2, step_size_up=5,
+                                                  step_size_down=5, base_momentum=0.8, max_momentum=0.9)
+    used, expected = [], []
+    for _ in range(10):
+        used.append(optimizer.param_groups[0]["momentum"])
+        expected.append(reference_optimizer.param_groups[0]["momentum"])
+        optimizer.step()
+        scheduler.step()
+        set_cyclic_momentum(optimizer, cfg, 5, scheduler.last_epoch)
+        reference_optimizer.step()
+        reference.step()
+    by_hand = [0.9 - 0.1 * f for f in (0, .2, .4, .6, .8, 1, .8, .6, .4, .2)]
+    assert used == pytest.approx(by_hand, abs=1e-12)
+    assert used == pytest.approx(expected, abs=1e-9)
+    rebuilt_optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg, 0.2)
+    build_scheduler(rebuilt_optimizer, cfg, 5, 0.2, global_step=5)  # a resume on another world size
+    assert rebuilt_optimizer.param_groups[0]["momentum"] == pytest.approx(0.8)
