@@ -81,6 +81,8 @@ def apr_inputs(images: torch.Tensor, policy: APRPolicy, generator: torch.Generat
 def apr_loss(model, inputs: torch.Tensor, labels: torch.Tensor, halves: str = "sum") -> torch.Tensor:
     """``CE(first half) + CE(second half)``, both halves with ``labels`` (one half: plain CE);
     ``halves="mean"``: their mean, the CE over the whole 2N batch (the reference's FGSM training)."""
+    if halves not in ("sum", "mean"):
+        raise ValueError(f"halves must be 'sum' or 'mean', got {halves!r}")
     logits = model(inputs)
     n = len(labels)
     loss = F.cross_entropy(logits[:n], labels)
