@@ -175,13 +175,17 @@ def adversarial_comparison(args) -> None:
         sync(device)
         return (time.perf_counter() - t0) / args.steps
 
+    print(f"device {device}, torch {torch.__version__}, model {args.model}, {args.image_size}px, batch {args.batch}, "
+          f"precision {args.precision}, {torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps",
+          flush=True)
     times = {key: [] for key in variants}
-    for _ in range(args.rounds):
+    for round_index in range(args.rounds):
         for key, (policy, perturb) in variants.items():
             times[key].append(seconds_per_step(policy, perturb))
+        print(f"round {round_index + 1}: " + ", ".join(f"{'FGSM-AT' if adv else 'standard'}/{aug} "
+                                                      f"{1000 * times[(aug, adv)][-1]:.0f} ms" for aug, adv in times),
+              flush=True)
     median = {key: statistics.median(values) for key, values in times.items()}
-    print(f"device {device}, torch {torch.__version__}, model {args.model}, {args.image_size}px, batch {args.batch}, "
-          f"precision {args.precision}, {torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps")
     for (aug, adversarial), value in median.items():
         name = f"{'FGSM-AT' if adversarial else 'standard'} step, aug {aug}"
         print(f"{name:<32} {1000 * value:9.1f} ms/step {args.batch / value:9.1f} img/s")
