@@ -733,6 +733,7 @@ class APRPolicy:
     s_overflow: str = "clamp"  # clamp | wrap (the reference's uint8 cast) | none
     p_clamp: bool = True  # False: APR-P's result unclipped (the reference)
     compile: bool = False  # torch.compile the Fourier elementwise kernel (falls back to eager)
+    s_prob: float = 1.0  # apr_s / apr_sp: chance that APR-S replaces each image (reference FGSM-AT's prob_s)
 
     def __post_init__(self):
         if self.name not in POLICY_NAMES:
@@ -750,6 +751,8 @@ class APRPolicy:
             raise ValueError("APRPolicy p_space='normalized' needs mean and std (3 values each, std > 0): "
                              "pass the data's, e.g. APRPolicy.from_config(cfg.aug, cfg.data.mean, cfg.data.std)")
         _check_overflow(self.s_overflow, "APRPolicy s_overflow")
+        if not 0.0 <= self.s_prob <= 1.0:
+            raise ValueError(f"APRPolicy s_prob must lie in [0, 1], got {self.s_prob}")
 
     @classmethod
     def from_config(cls, aug, mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> "APRPolicy":
@@ -767,6 +770,7 @@ class APRPolicy:
             s_overflow=getattr(aug, "s_overflow", "clamp"),
             p_clamp=bool(getattr(aug, "p_clamp", True)),
             compile=bool(getattr(aug, "compile", False)),
+            s_prob=float(getattr(aug, "s_prob", 1.0)),
         )
 
     @property
@@ -792,13 +796,29 @@ class APRPolicy:
             params = sample_apr_p_params(n, self.p_prob, generator, self.p_per_sample)
             return images, apply_apr_p(images, params, self.dim, self.p_clamp, mean, std, compile=self.compile)
         if self.name == "apr_s":
-            return images, apr_s(images, generator, self.s_severity, self.dim, self.s_overflow)
-        s_params = sample_apr_s_params(n, generator, self.s_severity)
+            s_params, keep = sample_apr_s_params(n, generator, self.s_severity), self._s_coins(n, generator)
+            return images, self._partial_s(images, s_params, keep)
+        s_params, keep = sample_apr_s_params(n, generator, self.s_severity), self._s_coins(n, generator)
         p_params = sample_apr_p_params(n, self.p_prob, generator, self.p_per_sample)
-        s, sp = apply_apr_sp(images, s_params, p_params, self.dim, self.s_overflow, self.p_clamp, mean, std,
-                             compile=self.compile)
+        if keep is None:
+            s, sp = apply_apr_sp(images, s_params, p_params, self.dim, self.s_overflow, self.p_clamp, mean, std,
+                                 compile=self.compile)
+        else:
+            s = self._partial_s(images, s_params, keep)
+            sp = apply_apr_p(s, p_params, self.dim, self.p_clamp, mean, std, compile=self.compile)
         return (images if self.sp_clean_first else s), sp
 
+    def _s_coins(self, n: int, generator: Optional[torch.Generator]) -> Optional[torch.Tensor]:
+        """Which images APR-S replaces (``s_prob < 1``); None: all of them, and no number drawn, so
+        ``s_prob: 1`` keeps the generator's sequence of the runs before the option existed."""
+        return None if self.s_prob >= 1.0 else _rand(n, generator) < self.s_prob
+
+    def _partial_s(self, images: torch.Tensor, s_params: "APRSParams", keep: Optional[torch.Tensor]) -> torch.Tensor:
+        """APR-S of ``images``, kept only where ``keep`` (as the reference's loader ``RandomApply``)."""
+        s = apply_apr_s(images, s_params, self.dim, self.s_overflow)
+        if keep is None:
+            return s
+        return torch.where(keep.to(images.device).view(-1, 1, 1, 1), s, images)
 
 # ---------------------------------------------------------------------------------------
 # reference CIFAR pipeline: APR-S in the loader, before the crop (data.apr_s_before_crop)

@@ -27,6 +27,7 @@ __all__ = [
     "OptimConfig",
     "TrainConfig",
     "CheckpointConfig",
+    "AdversarialConfig",
     "Config",
     "load_config",
     "apply_overrides",
@@ -74,6 +75,9 @@ class AugConfig:
     p_space: str = "unit"  # APR-P on [0,1] images (ours, reference CIFAR) | normalized: on (x-mean)/std (reference ImageNet)
     s_overflow: str = "clamp"  # APR-S result: clamp to [0,1] | wrap (reference: uint8 cast, x mod 256) | none (unclipped)
     p_clamp: bool = True  # APR-P result clamped to [0,1]; false: unclipped floats (the reference)
+    s_prob: float = 1.0  # apr_s/apr_sp: probability that APR-S replaces each image (reference FGSM-AT's prob_s)
+    loss: str = "sum"  # sum: CE(first half) + CE(second half) (reference core/train.py) | mean: their mean,
+    #                    i.e. CE over the 2N batch (reference autoattacks/train_fgsm.py)
     compile: bool = False  # torch.compile the Fourier elementwise kernel (falls back to eager where it fails)
 
 
@@ -97,11 +101,14 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 1e-4
-    schedule: str = "step"  # step | multistep | cosine | constant
+    schedule: str = "step"  # step | multistep | cosine | constant | cyclic (per step 0 -> lr at mid-run -> 0)
     step_size: int = 30  # step: epochs between decays
     milestones: list[int] = field(default_factory=list)  # multistep: epochs at which lr *= gamma
     gamma: float = 0.1
     warmup_epochs: float = 0.0  # linear warmup from 0 over this many epochs
+    # cyclic only: [low, high] momentum moving against the lr, high at the ends, low at the lr peak (torch
+    # CyclicLR's cycle_momentum, on in the reference's FGSM training: [0.8, 0.9]); []: optim.momentum throughout
+    cyclic_momentum: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -127,6 +134,24 @@ class CheckpointConfig:
 
 
 @dataclass
+class AdversarialConfig:
+    """Adversarial training (fast FGSM-AT, Wong et al. 2020, as the reference's autoattacks/train_fgsm.py).
+
+    ``eps``/``alpha`` are in pixel units of [0, 1] images (the reference divides them by the std because
+    it perturbs normalised tensors); a fraction like "8/255" is accepted and stored as a float.
+    """
+
+    method: str = "none"  # none | fgsm
+    eps: float | str = 8 / 255  # Linf radius
+    alpha: float | str = 10 / 255  # FGSM step size
+    random_start: bool = True  # delta ~ U(-eps, eps) before the step (fast FGSM); false: classic FGSM start at 0
+    check_every_epoch: bool = True  # 5-step PGD accuracy on one training batch per epoch (overfitting guard)
+    check_alpha: float | str = 2 / 255  # that PGD's step size (reference: 2/255)
+    check_steps: int = 5
+    overfit_drop: float = 0.2  # warn when that accuracy falls by more than this below the best epoch's
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     aug: AugConfig = field(default_factory=AugConfig)
@@ -134,6 +159,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
     def validate(self) -> "Config":
         _check_finite(self, "")
@@ -145,10 +171,20 @@ class Config:
         _choice("aug.fourier_dims", self.aug.fourier_dims, ("chw", "hw"))
         _choice("aug.p_space", self.aug.p_space, ("unit", "normalized"))
         _choice("aug.s_overflow", self.aug.s_overflow, ("clamp", "wrap", "none"))
-        _choice("optim.schedule", self.optim.schedule, ("step", "multistep", "cosine", "constant"))
+        _choice("optim.schedule", self.optim.schedule, ("step", "multistep", "cosine", "constant", "cyclic"))
+        _choice("aug.loss", self.aug.loss, ("sum", "mean"))
+        _validate_adversarial(self.adversarial)
         _choice("train.precision", self.train.precision, ("bf16", "fp32"))
         if not 0.0 <= self.aug.p_prob <= 1.0:
             raise ConfigError(f"aug.p_prob must lie in [0, 1], got {self.aug.p_prob}")
+        if not 0.0 <= self.aug.s_prob <= 1.0:
+            raise ConfigError(f"aug.s_prob must lie in [0, 1], got {self.aug.s_prob}")
+        if self.optim.schedule == "cyclic" and self.optim.warmup_epochs > 0:
+            raise ConfigError("optim.schedule=cyclic ramps up from 0 by itself: set optim.warmup_epochs=0")
+        if self.optim.cyclic_momentum and (self.optim.schedule != "cyclic" or len(self.optim.cyclic_momentum) != 2
+                                           or not 0 <= self.optim.cyclic_momentum[0] <= self.optim.cyclic_momentum[1] < 1):
+            raise ConfigError(f"optim.cyclic_momentum must be [] or [low, high] with 0 <= low <= high < 1, and needs "
+                              f"optim.schedule=cyclic; got {self.optim.cyclic_momentum} with {self.optim.schedule}")
         if self.aug.s_severity < 0.1:
             raise ConfigError(f"aug.s_severity must be >= 0.1, got {self.aug.s_severity}")
         if len(self.data.crop_scale) != 2 or not 0 < self.data.crop_scale[0] <= self.data.crop_scale[1] <= 1:
@@ -200,6 +236,31 @@ def _check_reference_data(data: DataConfig, aug: AugConfig) -> None:
         raise ConfigError("data.apr_s_before_crop needs aug.name=apr_sp with aug.sp_clean_first=false: the loader "
                           "then yields APR-S images and the loop adds APR-P, as the reference's --aug aprs (it has "
                           f"no APR-S-only mode); got aug.name={aug.name}, sp_clean_first={aug.sp_clean_first}")
+
+
+def _pixel_size(key: str, value: float | str) -> float:
+    """A perturbation size in (0, 1]: a number or a fraction written as text ("8/255")."""
+    from fractions import Fraction
+
+    try:
+        number = float(Fraction(value.strip())) if isinstance(value, str) else float(value)
+    except (ValueError, ZeroDivisionError):
+        raise ConfigError(f"{key} must be a number or a fraction like 8/255, got {value!r}") from None
+    if not (math.isfinite(number) and 0.0 < number <= 1.0):
+        raise ConfigError(f"{key} must lie in (0, 1] in pixel units of [0, 1] images (e.g. 8/255), got {value!r}")
+    return number
+
+
+def _validate_adversarial(adv: AdversarialConfig) -> None:
+    """Checks ``adversarial`` and turns its sizes into floats (so the saved config holds numbers)."""
+    _choice("adversarial.method", adv.method, ("none", "fgsm"))
+    adv.eps = _pixel_size("adversarial.eps", adv.eps)
+    adv.alpha = _pixel_size("adversarial.alpha", adv.alpha)
+    adv.check_alpha = _pixel_size("adversarial.check_alpha", adv.check_alpha)
+    if adv.check_steps < 1:
+        raise ConfigError(f"adversarial.check_steps must be >= 1, got {adv.check_steps}")
+    if not 0.0 < adv.overfit_drop <= 1.0:
+        raise ConfigError(f"adversarial.overfit_drop must lie in (0, 1] (an accuracy drop), got {adv.overfit_drop}")
 
 
 def _check_finite(node: Any, prefix: str) -> None:

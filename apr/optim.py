@@ -1,5 +1,14 @@
 """Optimizer and learning-rate schedule of a run: SGD, the batch-scaled lr, warmup + decay.
 
+``schedule: cyclic`` is the one-cycle triangle of the reference's fast adversarial training
+(autoattacks/train_fgsm.py: ``CyclicLR(base_lr=0, max_lr=lr_max, step_size_up=T/2,
+step_size_down=T/2)`` stepped once per batch, T = epochs x batches per epoch): optimizer step ``i``
+(from 0) uses ``lr_max x (1 - |2i/T - 1|)``, i.e. 0 at the first step, lr_max at step T/2, back
+towards 0 at the last. (Wong et al.'s own CIFAR script peaks at 2/5 of the run instead.) The reference's
+CyclicLR also cycles SGD's momentum 0.9 -> 0.8 -> 0.9 against the lr (its default ``cycle_momentum``):
+``optim.cyclic_momentum: [0.8, 0.9]`` does the same through :func:`set_cyclic_momentum`, which sets the
+documented ``momentum`` key of each param group, as CyclicLR itself does.
+
 The schedule is a ``LambdaLR`` over optimizer steps whose multiplier comes from
 :func:`make_lr_lambda`. It is always built by :func:`build_scheduler` at a given step, so a run
 resumed on another number of processes gets a fresh scheduler at the new world's step and lr
@@ -15,7 +24,8 @@ import torch
 
 from apr.config import Config
 
-__all__ = ["scaled_lr", "build_optimizer", "make_lr_lambda", "build_scheduler"]
+__all__ = ["scaled_lr", "build_optimizer", "make_lr_lambda", "cyclic_factor", "set_cyclic_momentum",
+           "build_scheduler"]
 
 
 def scaled_lr(cfg: Config, world_size: int) -> float:
@@ -45,10 +55,30 @@ def make_lr_lambda(cfg: Config, steps_per_epoch: int) -> Callable[[int], float]:
             return o.gamma ** int(epoch // o.step_size)
         if o.schedule == "multistep":
             return o.gamma ** sum(int(epoch) >= m for m in o.milestones)
+        if o.schedule == "cyclic":
+            return cyclic_factor(step, epochs * steps_per_epoch)
         progress = (step - warmup_steps) / max(1.0, epochs * steps_per_epoch - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # cosine
 
     return factor
+
+
+def cyclic_factor(step: int, total_steps: int) -> float:
+    """The triangle 0 -> 1 (at ``total_steps / 2``) -> 0, as torch's ``CyclicLR`` with equal up and
+    down half-cycles computes it; 0 past the end (a resumed run never steps beyond ``total_steps``)."""
+    return max(0.0, 1.0 - abs(2.0 * step / total_steps - 1.0))
+
+
+def set_cyclic_momentum(optimizer: torch.optim.Optimizer, cfg: Config, steps_per_epoch: int, step: int) -> None:
+    """Momentum for optimizer step ``step`` (= the scheduler's ``last_epoch``) under ``optim.cyclic_momentum``:
+    ``high - (high - low) x cyclic_factor`` (CyclicLR's formula); nothing without that option. The optimizer's
+    state_dict carries it, so a resumed run continues with the saved value."""
+    if not cfg.optim.cyclic_momentum:
+        return
+    low, high = cfg.optim.cyclic_momentum
+    momentum = high - (high - low) * cyclic_factor(step, cfg.train.epochs * steps_per_epoch)
+    for group in optimizer.param_groups:
+        group["momentum"] = momentum
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, steps_per_epoch: int, base_lr: float,
@@ -61,5 +91,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, steps_per_epo
     for group in optimizer.param_groups:
         group["initial_lr"] = base_lr
         group["lr"] = base_lr
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, make_lr_lambda(cfg, steps_per_epoch),
-                                             last_epoch=global_step - 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, make_lr_lambda(cfg, steps_per_epoch),
+                                                  last_epoch=global_step - 1)
+    set_cyclic_momentum(optimizer, cfg, steps_per_epoch, scheduler.last_epoch)
+    return scheduler

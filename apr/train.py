@@ -7,6 +7,10 @@ One optimizer step is :func:`train_step`; everything else is a small helper.
 Loss, as in the reference (iCGY96/APR core/train.py): the clean batch and the APR batch are
 concatenated into one forward pass and ``CE(first half) + CE(second half)`` with the same
 labels is minimised; with ``aug: none`` only the clean batch is used.
+
+Adversarial training (``adversarial.method: fgsm``, the reference's autoattacks/train_fgsm.py): the
+same step, with that batch replaced by its fast-FGSM version before the forward (see :func:`train_step`);
+once per epoch a 5-step PGD check on a training batch guards against catastrophic overfitting.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from apr.adversarial.attacks import FGSMPerturbation, catastrophic_overfitting_check
 from apr.augment import APRPolicy, training_policy
 from apr.checkpoint import (
     CheckpointManager,
@@ -42,12 +47,13 @@ from apr.checkpoint import (
 from apr.config import Config, config_to_dict, save_config
 from apr.inference import ImageClassifier, predict_batches
 from apr.models import create_model
-from apr.optim import build_optimizer, build_scheduler, make_lr_lambda, scaled_lr
+from apr.optim import build_optimizer, build_scheduler, make_lr_lambda, scaled_lr, set_cyclic_momentum
 
 PREEMPT_CHECK_EVERY = 10  # steps between cross-rank checks for SIGTERM/SIGUSR1 (slurm warns 120 s ahead)
 
 __all__ = ["train", "train_step", "run_epoch", "apr_inputs", "apr_loss", "TrainResult", "TrainingDiverged",
-           "RunLog", "LossMeter", "make_lr_lambda", "run_dir_for", "evaluate_top_k", "resolve_num_threads"]
+           "RunLog", "LossMeter", "make_lr_lambda", "run_dir_for", "evaluate_top_k", "resolve_num_threads",
+           "build_perturbation", "robustness_check", "overfitting_warning"]
 
 
 @dataclass
@@ -72,26 +78,35 @@ def apr_inputs(images: torch.Tensor, policy: APRPolicy, generator: torch.Generat
     return first if second is None else torch.cat([first, second])
 
 
-def apr_loss(model, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``CE(first half) + CE(second half)``, both halves with ``labels`` (one half: plain CE)."""
+def apr_loss(model, inputs: torch.Tensor, labels: torch.Tensor, halves: str = "sum") -> torch.Tensor:
+    """``CE(first half) + CE(second half)``, both halves with ``labels`` (one half: plain CE);
+    ``halves="mean"``: their mean, the CE over the whole 2N batch (the reference's FGSM training)."""
+    if halves not in ("sum", "mean"):
+        raise ValueError(f"halves must be 'sum' or 'mean', got {halves!r}")
     logits = model(inputs)
     n = len(labels)
     loss = F.cross_entropy(logits[:n], labels)
     if len(logits) > n:
         loss = loss + F.cross_entropy(logits[n:], labels)
+        if halves == "mean":
+            loss = loss / 2
     return loss
 
 
 def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, *, policy: APRPolicy,
-               generator: torch.Generator, backward: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+               generator: torch.Generator, backward: Callable[[torch.Tensor], None] | None = None,
+               perturb: FGSMPerturbation | None = None, halves: str = "sum") -> torch.Tensor:
     """One optimizer step on ``images`` ([0, 1], on the device); returns the detached loss.
 
     ``model`` is an :class:`~apr.inference.ImageClassifier` (possibly DDP-wrapped): normalisation and
-    precision happen inside it. The scheduler is the caller's. A batch perturbation (FGSM, stage 2)
-    slots in between :func:`apr_inputs` and :func:`apr_loss`, reusing the latter for its gradient.
+    precision happen inside it. The scheduler is the caller's. ``perturb`` (adversarial training)
+    replaces the whole (clean ‖ APR) batch by its perturbed version, attacked with the labels repeated,
+    before the forward; its random start draws from ``generator`` after APR, so resume stays exact.
     """
     inputs = apr_inputs(images, policy, generator)
-    loss = apr_loss(model, inputs, labels)
+    if perturb is not None:
+        inputs = perturb(model, inputs, labels.repeat(len(inputs) // len(labels)), generator)
+    loss = apr_loss(model, inputs, labels, halves)
     optimizer.zero_grad(set_to_none=True)
     if backward is None:
         loss.backward()
@@ -167,15 +182,19 @@ class RunLog:
     """Append-only ``metrics.csv`` (rank 0) surviving resumes, mirrored to TensorBoard when installed."""
 
     COLUMNS = ["time", "epoch", "step", "global_step", "lr", "loss", "images_per_s",
-               "val_top1_error", "val_top5_error"]
+               "val_top1_error", "val_top5_error", "pgd_accuracy"]
 
     def __init__(self, run_dir: Path, enabled: bool):
         self.path, self.enabled, self.tensorboard = run_dir / "metrics.csv", enabled, None
+        self.columns = list(self.COLUMNS)
         if not enabled:
             return
         if not self.path.exists():
             with open(self.path, "w", newline="") as f:
                 csv.writer(f).writerow(self.COLUMNS)
+        else:  # a resumed run keeps the header its file was started with (older runs: fewer columns)
+            with open(self.path, newline="") as f:
+                self.columns = next(csv.reader(f), None) or self.columns
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -188,9 +207,9 @@ class RunLog:
             return
         row.setdefault("time", time.strftime("%Y-%m-%dT%H:%M:%S"))
         with open(self.path, "a", newline="") as f:
-            csv.writer(f).writerow([row.get(c, "") for c in self.COLUMNS])
+            csv.writer(f).writerow([row.get(c, "") for c in self.columns])
         if self.tensorboard is not None:
-            for key in ("lr", "loss", "images_per_s", "val_top1_error", "val_top5_error"):
+            for key in ("lr", "loss", "images_per_s", "val_top1_error", "val_top5_error", "pgd_accuracy"):
                 if row.get(key) not in (None, ""):
                     self.tensorboard.add_scalar(key, float(row[key]), row["global_step"])
 
@@ -209,6 +228,7 @@ class LossMeter:
         self.steps = int(state["steps"])
         self.bad = torch.zeros((), dtype=torch.bool, device=device)
         self.images_per_s = 0.0  # this session's throughput, set at the epoch end
+        self.pgd_accuracy: float | None = None  # adversarial training: the epoch-end overfitting check
 
     def add(self, loss: torch.Tensor) -> None:
         self.sum += loss
@@ -241,6 +261,7 @@ class Run:
     base_lr: float
     policy: APRPolicy
     generator: torch.Generator  # CPU: APR's per-sample choices are drawn on the host, no GPU sync per batch
+    perturb: FGSMPerturbation | None  # adversarial training's batch perturbation (None: standard training)
     checkpoints: CheckpointManager
     log: RunLog
     progress: bool = True
@@ -299,9 +320,55 @@ def build_run(cfg: Config, accelerator, run_dir: Path, progress: bool, on_step_e
     generator = torch.Generator()
     generator.manual_seed(cfg.train.seed * 1000 + rank)
     return Run(cfg, run_dir, accelerator, train_loader, val_loader, classes, steps_per_epoch, model, prepared,
-               optimizer, raw_optimizer, scheduler, base_lr, training_policy(cfg), generator,
+               optimizer, raw_optimizer, scheduler, base_lr, training_policy(cfg), generator, build_perturbation(cfg),
                CheckpointManager(run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best),
                RunLog(run_dir, enabled=accelerator.is_main_process), progress, on_step_end)
+
+
+def build_perturbation(cfg: Config) -> FGSMPerturbation | None:
+    """``adversarial.method: fgsm`` -> the FGSM hook of :func:`train_step`; ``none`` -> None."""
+    adv = cfg.adversarial
+    if adv.method == "none":
+        return None
+    return FGSMPerturbation(eps=float(adv.eps), alpha=float(adv.alpha), random_start=adv.random_start)
+
+
+# ---------------------------------------------------------------------------------------
+# adversarial training's guard against catastrophic overfitting
+
+
+def robustness_check(run: Run, epoch: int, images: torch.Tensor, labels: torch.Tensor) -> float | None:
+    """PGD accuracy (``check_steps`` steps of ``check_alpha``, radius ``eps``) on ``images``, averaged
+    over the processes; None unless adversarial training with ``check_every_epoch``.
+
+    The reference (train_fgsm.py) checks the epoch's first batch; this takes its last clean batch,
+    which a run resumed mid-epoch also has, so a resumed run logs the same number as a straight one.
+    Its random start comes from a generator of its own (seed, epoch, rank): the check never moves
+    the training trajectory, and it runs in eval mode (BatchNorm statistics untouched).
+    """
+    adv = run.cfg.adversarial
+    if run.perturb is None or not adv.check_every_epoch:
+        return None
+    generator = torch.Generator().manual_seed(run.cfg.train.seed * 1_000_003 + epoch * 1009 + run.rank)
+    accuracy = catastrophic_overfitting_check(run.classifier, images, labels, float(adv.eps),
+                                              alpha=float(adv.check_alpha), steps=adv.check_steps,
+                                              generator=generator)
+    if run.world > 1:
+        total = torch.tensor([accuracy * len(labels), len(labels)], dtype=torch.float64, device=run.device)
+        total = run.accelerator.reduce(total, reduction="sum")
+        accuracy = (total[0] / total[1]).item()
+    return accuracy
+
+
+def overfitting_warning(history: list[dict], accuracy: float, drop: float) -> str | None:
+    """The warning when ``accuracy`` fell more than ``drop`` below the best earlier epoch's, else None."""
+    earlier = [h["pgd_accuracy"] for h in history if h.get("pgd_accuracy") is not None]
+    if not earlier or max(earlier) - accuracy <= drop:
+        return None
+    return (f"PGD accuracy on a training batch fell to {accuracy:.3f} from a best of {max(earlier):.3f} "
+            f"(more than adversarial.overfit_drop={drop:g}): catastrophic overfitting of FGSM training is "
+            f"likely. Training goes on; the previous epochs' checkpoints hold the weights before the drop (the "
+            f"reference stops here and keeps them)")
 
 
 # ---------------------------------------------------------------------------------------
@@ -431,10 +498,12 @@ def run_epoch(run: Run, epoch: int, start: ResumePoint | None = None) -> tuple[s
     run.train_loader.set_epoch(epoch)
     seen, t0, bar = 0, time.perf_counter(), _progress(run, step, epoch)
     backward = run.accelerator.backward
+    images = labels = None
     for images, labels in run.train_loader:
         loss = train_step(run.classifier, run.optimizer, images, labels, policy=run.policy,
-                          generator=run.generator, backward=backward)
+                          generator=run.generator, backward=backward, perturb=run.perturb, halves=cfg.aug.loss)
         run.scheduler.step()
+        set_cyclic_momentum(run.raw_optimizer, cfg, run.steps_per_epoch, run.scheduler.last_epoch)
         step, run.global_step, seen = step + 1, run.global_step + 1, seen + len(labels)
         meter.add(loss)
         bar.update(1)
@@ -459,6 +528,8 @@ def run_epoch(run: Run, epoch: int, start: ResumePoint | None = None) -> tuple[s
             return "preempted", step, meter
     bar.close()
     meter.images_per_s = seen * run.world / max(1e-9, time.perf_counter() - t0)
+    if images is not None:
+        meter.pgd_accuracy = robustness_check(run, epoch, images, labels)
     return "done", step, meter
 
 
@@ -466,6 +537,8 @@ def finish_epoch(run: Run, epoch: int, step: int, meter: LossMeter) -> dict:
     """Validate when due, record the epoch in the history, save ``(epoch + 1, 0)``."""
     cfg = run.cfg
     record = {"epoch": epoch + 1, "train_loss": meter.mean(), "images_per_s": meter.images_per_s}
+    if meter.pgd_accuracy is not None:
+        log_robustness(run, epoch, step, meter.pgd_accuracy, record)
     if epoch + 1 == cfg.train.epochs or (cfg.train.val_every > 0 and (epoch + 1) % cfg.train.val_every == 0):
         top1, top5, count = evaluate_top_k(run.classifier, run.val_loader, run.accelerator)
         record.update(val_top1_error=top1, val_top5_error=top5, val_count=count)
@@ -479,6 +552,19 @@ def finish_epoch(run: Run, epoch: int, step: int, meter: LossMeter) -> dict:
     return record
 
 
+def log_robustness(run: Run, epoch: int, step: int, accuracy: float, record: dict) -> None:
+    """The overfitting check into the epoch's record, metrics.csv and the log; a warning on a collapse."""
+    warning = overfitting_warning(run.history, accuracy, run.cfg.adversarial.overfit_drop)
+    record.update(pgd_accuracy=accuracy, overfitting_warning=warning is not None)
+    run.log.write(epoch=epoch + 1, step=step, global_step=run.global_step, pgd_accuracy=f"{accuracy:.5f}")
+    if run.is_main:
+        adv = run.cfg.adversarial
+        print(f"epoch {epoch + 1}: PGD-{adv.check_steps} accuracy {100 * accuracy:.2f}% on a training batch "
+              f"(eps {adv.eps:.4g})", file=sys.stderr)
+        if warning is not None:
+            print(f"warning: {warning}", file=sys.stderr)
+
+
 def _announce(run: Run, threads: int) -> None:
     if not run.is_main:
         return
@@ -486,6 +572,10 @@ def _announce(run: Run, threads: int) -> None:
     print(f"run folder: {run.run_dir}\n{run.world} process(es), global batch {run.cfg.train.batch_size * run.world}, "
           f"base lr {run.base_lr:g}, {len(run.classes)} classes, {run.steps_per_epoch} steps/epoch, "
           f"aug {run.cfg.aug.name}, {threads} CPU thread(s) per process", file=sys.stderr)
+    if run.perturb is not None:
+        p = run.perturb
+        print(f"adversarial training: FGSM eps {p.eps:.4g}, alpha {p.alpha:.4g}, "
+              f"random start {'on' if p.random_start else 'off'}", file=sys.stderr)
     if run.world > 1 and run.cfg.optim.lr_base_batch == 0:
         print(f"note: optim.lr_base_batch=0: lr {run.base_lr:g} is not scaled to the global batch of "
               f"{run.cfg.train.batch_size * run.world} ({run.world} processes)", file=sys.stderr)

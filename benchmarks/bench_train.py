@@ -2,6 +2,8 @@
 
     python benchmarks/bench_train.py                         # CPU defaults (small model, 64 px)
     python benchmarks/bench_train.py --model resnet50 --image-size 224 --batch 256 --precision bf16  # GPU
+    python benchmarks/bench_train.py --adversarial fgsm --model preact_resnet18 --image-size 32 --batch 128
+        # FGSM adversarial training step vs standard step (synthetic data, no loader), ratio printed
 
 All variants run side by side in one process on the same JPEG folder (written once from
 scikit-image's photos), so the printed ratios compare like with like on a noisy machine.
@@ -43,7 +45,13 @@ def main() -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--folder", type=Path, help="use this ImageNet-layout folder instead of generating one")
+    p.add_argument("--adversarial", choices=["fgsm"],
+                   help="only compare an FGSM adversarial-training step with a standard one (synthetic data)")
+    p.add_argument("--rounds", type=int, default=3, help="--adversarial: alternating timing rounds (median kept)")
     args = p.parse_args()
+    if args.adversarial:
+        adversarial_comparison(args)
+        return
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tmp = tempfile.TemporaryDirectory()
@@ -132,6 +140,58 @@ def main() -> None:
     print(f"  torchvision loader / synthetic          {r_tv / r_syn:6.3f}")
     if has_dali:
         print(f"  DALI / torchvision (loader alone)       {l_dali / l_tv:6.3f}")
+
+
+def adversarial_comparison(args) -> None:
+    """Standard vs FGSM-AT training steps (apr.train.train_step with and without ``perturb``), aug none
+    and APR-SP, timed in alternating rounds on the same synthetic batch; medians and their ratios."""
+    import statistics
+
+    from apr.adversarial import FGSMPerturbation
+    from apr.augment import APRPolicy
+    from apr.inference import ImageClassifier
+    from apr.models import create_model
+    from apr.train import train_step
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = create_model(args.model, 10)
+    classifier = ImageClassifier(model, [0.4914, 0.4822, 0.4465], [0.2471, 0.2435, 0.2616],
+                                 precision=args.precision, channels_last=True).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(args.batch, 3, args.image_size, args.image_size, device=device)
+    labels = torch.randint(0, 10, (args.batch,), device=device)
+    fgsm = FGSMPerturbation(eps=8 / 255, alpha=10 / 255)
+    variants = {(aug, perturb is not None): (APRPolicy(name=aug), perturb)
+                for aug in ("none", "apr_sp") for perturb in (None, fgsm)}
+
+    def seconds_per_step(policy, perturb) -> float:
+        for _ in range(2):  # warm-up
+            train_step(classifier, optimizer, images, labels, policy=policy, generator=generator, perturb=perturb)
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            train_step(classifier, optimizer, images, labels, policy=policy, generator=generator, perturb=perturb)
+        sync(device)
+        return (time.perf_counter() - t0) / args.steps
+
+    print(f"device {device}, torch {torch.__version__}, model {args.model}, {args.image_size}px, batch {args.batch}, "
+          f"precision {args.precision}, {torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps",
+          flush=True)
+    times = {key: [] for key in variants}
+    for round_index in range(args.rounds):
+        for key, (policy, perturb) in variants.items():
+            times[key].append(seconds_per_step(policy, perturb))
+        print(f"round {round_index + 1}: " + ", ".join(f"{'FGSM-AT' if adv else 'standard'}/{aug} "
+                                                      f"{1000 * times[(aug, adv)][-1]:.0f} ms" for aug, adv in times),
+              flush=True)
+    median = {key: statistics.median(values) for key, values in times.items()}
+    for (aug, adversarial), value in median.items():
+        name = f"{'FGSM-AT' if adversarial else 'standard'} step, aug {aug}"
+        print(f"{name:<32} {1000 * value:9.1f} ms/step {args.batch / value:9.1f} img/s")
+    for aug in ("none", "apr_sp"):
+        print(f"ratio FGSM-AT / standard, aug {aug:<7} {median[(aug, True)] / median[(aug, False)]:6.3f}"
+              "   (one extra forward + backward to the input)")
 
 
 if __name__ == "__main__":

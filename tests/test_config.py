@@ -65,6 +65,23 @@ def test_int_is_accepted_where_a_float_is_expected():
     (["model.drop_rate=1.0"], "model.drop_rate must lie in [0, 1)"),
     (["data.std=[0.2, 0.0, 0.2]"], "data.std must be positive"),
     (["data.num_workers=-1"], "data.num_workers must be >= 0"),
+    (["adversarial.method=pgd"], "adversarial.method must be one of none, fgsm"),
+    (["adversarial.eps=0"], "adversarial.eps must lie in (0, 1]"),
+    (["adversarial.eps=-8/255"], "adversarial.eps must lie in (0, 1]"),
+    (["adversarial.eps=8"], "adversarial.eps must lie in (0, 1] in pixel units"),
+    (["adversarial.eps=eight"], "adversarial.eps must be a number or a fraction like 8/255"),
+    (["adversarial.eps=8/0"], "adversarial.eps must be a number or a fraction like 8/255"),
+    (["adversarial.eps=.nan"], "adversarial.eps must be a finite number"),
+    (["adversarial.alpha=0.0"], "adversarial.alpha must lie in (0, 1]"),
+    (["adversarial.alpha=inf"], "adversarial.alpha must be a number or a fraction"),
+    (["adversarial.check_steps=0"], "adversarial.check_steps must be >= 1"),
+    (["adversarial.overfit_drop=0"], "adversarial.overfit_drop must lie in (0, 1]"),
+    (["aug.s_prob=1.5"], "aug.s_prob must lie in [0, 1]"),
+    (["aug.loss=avg"], "aug.loss must be one of sum, mean"),
+    (["optim.schedule=cyclic", "optim.warmup_epochs=1"], "set optim.warmup_epochs=0"),
+    (["optim.cyclic_momentum=[0.8, 0.9]"], "needs optim.schedule=cyclic"),
+    (["optim.schedule=cyclic", "optim.cyclic_momentum=[0.9, 0.8]"], "optim.cyclic_momentum must be []"),
+    (["optim.schedule=cyclic", "optim.cyclic_momentum=[0.9]"], "optim.cyclic_momentum must be []"),
 ])
 def test_bad_values_fail_naming_the_key(override, message):
     with pytest.raises(ConfigError) as err:
@@ -145,3 +162,28 @@ def test_num_threads_is_a_non_negative_train_key():
     assert load_config(overrides=["train.num_threads=3"]).train.num_threads == 3
     with pytest.raises(ConfigError, match="train.num_threads must be >= 0"):
         load_config(overrides=["train.num_threads=-1"])
+
+
+def test_adversarial_sizes_read_as_fractions_or_numbers_and_are_saved_as_numbers(tmp_path):
+    cfg = load_config(overrides=["adversarial.method=fgsm", "adversarial.eps=8/255", "adversarial.alpha=0.04"])
+    assert cfg.adversarial.eps == pytest.approx(8 / 255, rel=1e-12) and cfg.adversarial.alpha == 0.04
+    assert load_config().adversarial.method == "none"  # standard training unless asked
+    save_config(cfg, tmp_path / "c.yaml")
+    again = load_config(tmp_path / "c.yaml")
+    assert isinstance(again.adversarial.eps, float)
+    assert again.adversarial.eps == pytest.approx(8 / 255, rel=1e-12)
+
+
+@pytest.mark.parametrize("name, lr, epochs, aug, p_prob, s_prob", [
+    ("baseline", 0.2, 30, "none", None, None), ("apr_p", 0.22, 55, "apr_p", 0.16, None),
+    ("apr_s", 0.23, 65, "apr_sp", 0.0, 1.0), ("apr_sp", 0.2, 90, "apr_sp", 0.16, 0.9)])
+def test_fgsm_recipes_carry_the_reference_numbers(name, lr, epochs, aug, p_prob, s_prob):
+    cfg = load_config(ROOT / f"configs/cifar/cifar10_preact18_fgsm_{name}.yaml")
+    assert (cfg.optim.lr, cfg.train.epochs, cfg.aug.name) == (lr, epochs, aug)
+    assert p_prob is None or cfg.aug.p_prob == p_prob
+    assert s_prob is None or cfg.aug.s_prob == s_prob
+    assert cfg.model.name == "preact_resnet18" and cfg.optim.schedule == "cyclic" and cfg.aug.loss == "mean"
+    assert (cfg.optim.momentum, cfg.optim.weight_decay, cfg.train.batch_size) == (0.9, 5e-4, 128)
+    assert cfg.adversarial.method == "fgsm" and cfg.train.precision == "bf16"
+    assert cfg.optim.cyclic_momentum == [0.8, 0.9]  # the reference's CyclicLR default cycle_momentum
+    assert cfg.adversarial.eps == pytest.approx(8 / 255) and cfg.adversarial.alpha == pytest.approx(10 / 255)

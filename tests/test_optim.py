@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from apr.config import load_config
-from apr.optim import build_optimizer, build_scheduler, scaled_lr
+from apr.optim import build_optimizer, build_scheduler, cyclic_factor, scaled_lr, set_cyclic_momentum
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,8 @@ def test_cifar_recipe_keeps_the_reference_lr_on_one_process_and_scales_on_two():
 
 
 @pytest.mark.parametrize("schedule", [["optim.schedule=step", "optim.step_size=2"],
-                                      ["optim.schedule=cosine", "optim.warmup_epochs=1"]])
+                                      ["optim.schedule=cosine", "optim.warmup_epochs=1"],
+                                      ["optim.schedule=cyclic"]])
 def test_scheduler_built_at_a_step_matches_one_stepped_there(schedule):
     cfg = load_config(overrides=["train.epochs=6", "optim.gamma=0.5", *schedule])
     steps_per_epoch, base_lr = 3, 0.4
@@ -50,3 +51,56 @@ def test_scheduler_built_at_a_step_matches_one_stepped_there(schedule):
         rebuilt.step()
         stepped_next = stepped.lr_lambdas[0](global_step + 1) * base_lr
         assert rebuilt.get_last_lr()[0] == pytest.approx(stepped_next, rel=1e-12)
+
+
+def test_cyclic_schedule_is_the_reference_triangle_per_step():
+    """0 -> lr_max at mid-run -> 0, per optimizer step: by hand, and against torch's CyclicLR as the
+    reference builds it (base_lr 0, step_size_up = step_size_down = half the steps; momentum not cycled)."""
+    cfg = load_config(overrides=["optim.schedule=cyclic", "train.epochs=2", "optim.lr=0.2"])
+    steps_per_epoch, lr_max = 5, 0.2
+    optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg, lr_max)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch, lr_max)
+    used = []
+    for _ in range(10):
+        used.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    by_hand = [0.0, 0.04, 0.08, 0.12, 0.16, 0.2, 0.16, 0.12, 0.08, 0.04]  # lr_max * 2i/10, then 2(10-i)/10
+    assert used == pytest.approx(by_hand, abs=1e-12)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # after the last step
+
+    reference_optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=lr_max, momentum=0.9)
+    reference = torch.optim.lr_scheduler.CyclicLR(reference_optimizer, base_lr=0.0, max_lr=lr_max,
+                                                  step_size_up=10 / 2, step_size_down=10 / 2,
+                                                  cycle_momentum=False)
+    expected = []
+    for _ in range(10):
+        expected.append(reference_optimizer.param_groups[0]["lr"])
+        reference_optimizer.step()
+        reference.step()
+    assert used == pytest.approx(expected, abs=1e-9)
+    assert cyclic_factor(5, 10) == 1.0 and cyclic_factor(0, 10) == 0.0 and cyclic_factor(12, 10) == 0.0
+
+
+def test_cyclic_momentum_moves_against_the_lr_as_the_reference_cycliclr():
+    cfg = load_config(overrides=["optim.schedule=cyclic", "train.epochs=2", "optim.cyclic_momentum=[0.8, 0.9]"])
+    optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg, 0.2)
+    scheduler = build_scheduler(optimizer, cfg, 5, 0.2)
+    reference_optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.2, momentum=0.9)
+    reference = torch.optim.lr_scheduler.CyclicLR(reference_optimizer, base_lr=0.0, max_lr=0.2, step_size_up=5,
+                                                  step_size_down=5, base_momentum=0.8, max_momentum=0.9)
+    used, expected = [], []
+    for _ in range(10):
+        used.append(optimizer.param_groups[0]["momentum"])
+        expected.append(reference_optimizer.param_groups[0]["momentum"])
+        optimizer.step()
+        scheduler.step()
+        set_cyclic_momentum(optimizer, cfg, 5, scheduler.last_epoch)
+        reference_optimizer.step()
+        reference.step()
+    by_hand = [0.9 - 0.1 * f for f in (0, .2, .4, .6, .8, 1, .8, .6, .4, .2)]
+    assert used == pytest.approx(by_hand, abs=1e-12)
+    assert used == pytest.approx(expected, abs=1e-9)
+    rebuilt_optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg, 0.2)
+    build_scheduler(rebuilt_optimizer, cfg, 5, 0.2, global_step=5)  # a resume on another world size
+    assert rebuilt_optimizer.param_groups[0]["momentum"] == pytest.approx(0.8)

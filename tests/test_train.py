@@ -263,16 +263,18 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def test_torchrun_two_cpu_ranks_keep_identical_weights(imagenet_tree, tmp_path):
+@pytest.mark.parametrize("adversarial, port", [([], 29517), (["adversarial.method=fgsm"], 29527)],
+                         ids=["standard", "fgsm"])
+def test_torchrun_two_cpu_ranks_keep_identical_weights(imagenet_tree, tmp_path, adversarial, port):
     overrides = [f"data.root={imagenet_tree}", "data.image_size=32", "data.val_resize=32", "data.num_workers=1",
                  "model.name=cnn_tiny", "aug.name=apr_sp", "train.epochs=1", "train.batch_size=8",
                  "train.precision=fp32", f"train.output_dir={tmp_path / 'runs'}", "train.run_name=ddp",
-                 "optim.lr_base_batch=0"]
+                 "optim.lr_base_batch=0", *adversarial]
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(root=str(ROOT), overrides=overrides, out=str(tmp_path), setup="", resume=None))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           "--master_port=29517", str(script)], capture_output=True, text=True, env=env,
+                           f"--master_port={port}", str(script)], capture_output=True, text=True, env=env,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     hashes = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
@@ -280,6 +282,9 @@ def test_torchrun_two_cpu_ranks_keep_identical_weights(imagenet_tree, tmp_path):
     run = tmp_path / "runs" / "ddp"
     state = load_checkpoint(find_latest_checkpoint(run))
     assert state["global_step"] == 4  # 64 images / (2 ranks x 8)
+    if adversarial:  # the PGD check, averaged over both ranks' batches (8 images each)
+        accuracy = state["history"][-1]["pgd_accuracy"]
+        assert 0.0 <= accuracy <= 1.0 and abs(accuracy * 16 - round(accuracy * 16)) < 1e-9
     assert len(state["loader_state"]) == 2 and len(state["rng"]) == 2
     assert len(list(run.glob("metrics.csv"))) == 1
     assert not list(run.glob("*.tmp"))
