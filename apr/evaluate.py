@@ -21,9 +21,6 @@ CE / mCE / relative mCE against AlexNet or a baseline run are derived by ``apr.r
 
 from __future__ import annotations
 
-import datetime as _dt
-import hashlib
-import platform
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -37,6 +34,7 @@ from apr.data.suites import Cell, EvalError, LoaderOptions
 from apr.distributed import World, all_reduce_sum, broadcast_object, join_world, resolve_device
 from apr.inference import ImageClassifier, predict_batches
 from apr.io import atomic_write_json
+from apr.results import collect_versions, file_sha256, now, reusable
 from apr.metrics import ALL_CORRUPTIONS, CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITIES, CalibrationBins
 from apr.report import RESULTS_SCHEMA as SCHEMA
 from apr.report import ReportError, load_result as _load_report_result
@@ -95,41 +93,12 @@ class EvalOptions:
 # small helpers
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    """Identity of a checkpoint: resume is only safe if the weights are byte-identical."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def collect_versions() -> dict:
-    """Library versions, so a number in a report can be traced to the stack that made it."""
-    import torchvision
-
-    import apr
-
-    def version(module: str) -> str | None:
-        try:
-            return __import__(module, fromlist=["__version__"]).__version__
-        except ImportError:
-            return None
-
-    return {"apr": apr.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "timm": version("timm"), "dali": version("nvidia.dali"), "python": platform.python_version()}
-
-
 def load_result(path: str | Path) -> dict:
     """Read a results JSON (the one loader lives in ``apr.report``; EvalError for the evaluator's callers)."""
     try:
         return _load_report_result(path)
     except ReportError as exc:
         raise EvalError(str(exc)) from None
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 # ---------------------------------------------------------------------------------------
@@ -428,7 +397,7 @@ def _new_result(model: EvalModel, run_name: str, dataset: str | None, source: di
     return {
         "schema": SCHEMA, "run_name": run_name, **model.describe(), "dataset": dataset, "source": source,
         "skipped": skipped, "finished": False, "versions": collect_versions(), "throughput_images_per_s": 0.0,
-        "created": _now(),
+        "created": now(),
         "eval": {**settings, "classes": len(model.classes), "epoch": model.info.get("epoch"),
                  "step": model.info.get("step"), "timing": {"images": 0, "seconds": 0.0}},
     }
@@ -440,13 +409,11 @@ _NORMALISATION = ("mean", "std")  # recorded since third-party weights; absent i
 
 def _load_previous(out_path: Path, result: dict) -> dict | None:
     """An earlier result of the same checkpoint, dataset and settings, or None (with a warning why not)."""
-    if not out_path.is_file():
-        return None
-    try:
-        previous = _read_previous(out_path, result["schema"])
-    except EvalError as exc:
-        warnings.warn(f"{exc}; starting the evaluation over", stacklevel=3)
-        return None
+    return reusable(out_path, lambda path: _read_previous(path, result["schema"]),
+                    lambda previous: _differences(previous, result))
+
+
+def _differences(previous: dict, result: dict) -> list[str]:
     reasons = []
     sha = result["checkpoint_sha256"]
     if previous.get("checkpoint_sha256") != sha:
@@ -460,10 +427,7 @@ def _load_previous(out_path: Path, result: dict) -> dict | None:
     new = {k: result["eval"][k] for k in keys}
     if old != new:
         reasons.append(f"its settings {old} differ from {new}")
-    if reasons:
-        warnings.warn(f"{out_path} exists but {'; '.join(reasons)}: starting the evaluation over", stacklevel=3)
-        return None
-    return previous
+    return reasons
 
 
 def _read_previous(path: Path, schema: str) -> dict:
@@ -552,7 +516,7 @@ def _record(result: dict, cell: Cell, stats: CellStats, evaluated: list) -> None
     evaluated[0] += stats.count
     evaluated[1] += stats.seconds
     result["throughput_images_per_s"] = timing["images"] / timing["seconds"] if timing["seconds"] > 0 else 0.0
-    result["created"] = _now()
+    result["created"] = now()
 
 
 def _finish(result: dict) -> None:

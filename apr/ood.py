@@ -24,12 +24,10 @@ Under torchrun each set is split over the ranks and the scores are gathered; ran
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
@@ -43,6 +41,7 @@ from apr.distributed import World, all_gather_cat, broadcast_object, join_world,
 from apr.errors import UserError
 from apr.inference import ImageClassifier, check_precision, default_precision, predict_batches
 from apr.io import atomic_write_json
+from apr.results import changed_keys, collect_versions, file_sha256, now, reusable
 from apr.metrics import (OOD_METRICS, adaptive_rms_calibration_error, expected_calibration_error, ood_metrics,
                          rms_calibration_error)
 
@@ -150,25 +149,11 @@ def load_ood_result(path: str | Path) -> dict:
     return data
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
 def _reusable(out_path: Path, identity: dict) -> dict | None:
     """The previous results for this checkpoint, ID set and settings, or None (with a warning why)."""
-    if not out_path.is_file():
-        return None
-    try:
-        previous = load_ood_result(out_path)
-    except OODError as exc:
-        warnings.warn(f"{exc}; starting over", stacklevel=3)
-        return None
-    old = {k: previous.get(k) for k in identity}
-    if old != identity:
-        changed = [k for k in identity if old[k] != identity[k]]
-        warnings.warn(f"{out_path} exists but its {', '.join(changed)} changed: starting over", stacklevel=3)
-        return None
-    return previous
+    return reusable(out_path, load_ood_result,
+                    lambda previous: [f"its {', '.join(keys)} changed" for keys in [changed_keys(previous, identity)]
+                                      if keys])
 
 
 # ----------------------------------------------------------------------------- the run
@@ -204,8 +189,6 @@ def _score_set(image_set: ImageSet, classifier, cfg, opts: dict, world: World, d
 
 def _new_result(checkpoint_path: Path, run_name: str, cfg, info: dict, identity: dict, previous: dict | None) -> dict:
     from apr.config import config_to_dict
-    from apr.evaluate import collect_versions
-
     previous = previous or {}
     return {"schema": SCHEMA, "run_name": run_name, "checkpoint": str(checkpoint_path.resolve()), **identity,
             "aug": cfg.aug.name, "extra_roots": list(cfg.data.extra_roots), "model_name": info.get("model_name"),
@@ -214,7 +197,7 @@ def _new_result(checkpoint_path: Path, run_name: str, cfg, info: dict, identity:
                                   "energy": "logsumexp(logits), T = 1"},
             "in_distribution": previous.get("in_distribution"), "ood_sets": dict(previous.get("ood_sets", {})),
             "summary": None, "complete": False, "config": config_to_dict(cfg), "versions": collect_versions(),
-            "created": previous.get("created", _now())}
+            "created": previous.get("created", now())}
 
 
 def evaluate_ood(checkpoint_path: str | Path, *, ood: Mapping[str, str], out_dir: str | Path,
@@ -226,8 +209,6 @@ def evaluate_ood(checkpoint_path: str | Path, *, ood: Mapping[str, str], out_dir
     return ``<out_dir>/<run_name>.ood.json``. Sets already in that file for the same checkpoint, ID set
     and settings are kept, not recomputed."""
     from apr.checkpoint import load_model_for_eval
-    from apr.evaluate import file_sha256
-
     if batch_size < 1:
         raise OODError(f"batch_size must be >= 1, got {batch_size}")
     if backend not in BACKENDS:

@@ -70,7 +70,7 @@ def evaluate_checkpoint(path: str, run_name: str, args, attacks, world, device) 
     """One checkpoint: model behind its normalisation, the subset, the attacks -> the JSON."""
     from apr.checkpoint import load_model_for_eval
     from apr.config import config_to_dict
-    from apr.evaluate import collect_versions, file_sha256
+    from apr.results import collect_versions, file_sha256
 
     model, cfg, classes, info = load_model_for_eval(path, map_location="cpu")
     classifier = ImageClassifier(model, cfg.data.mean, cfg.data.std, precision=args.precision,

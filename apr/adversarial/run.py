@@ -20,6 +20,7 @@ from apr.adversarial.attacks import AdversarialError, autoattack, autoattack_set
 from apr.data.base import mix_seed
 from apr.distributed import World, all_reduce_sum
 from apr.io import atomic_write_json
+from apr.results import changed_keys, reusable
 
 __all__ = ["SCHEMA", "ATTACKS", "AttackSpec", "pgd_spec", "build_attacks", "stratified_subset", "evaluate_attacks",
            "masking_flags", "load_adv_result", "EPS_SWEEP_FACTORS"]
@@ -170,18 +171,9 @@ def load_adv_result(path: str | Path) -> dict:
 
 def _previous(out_path: Path, identity: dict) -> dict | None:
     """An earlier result of the same checkpoint, data and precision, or None (with a warning if it differs)."""
-    if not out_path.is_file():
-        return None
-    try:
-        previous = load_adv_result(out_path)
-    except AdversarialError as exc:
-        warnings.warn(f"{exc}; starting over", stacklevel=3)
-        return None
-    differs = [k for k, v in identity.items() if previous.get(k) != v]
-    if differs:
-        warnings.warn(f"{out_path} was made with other {', '.join(differs)}; starting over", stacklevel=3)
-        return None
-    return previous
+    return reusable(out_path, load_adv_result,
+                    lambda previous: [f"it was made with other {', '.join(keys)}"
+                                      for keys in [changed_keys(previous, identity)] if keys])
 
 
 def evaluate_attacks(classifier, make_batches: Callable[[], Iterable], *, attacks: list[AttackSpec],
