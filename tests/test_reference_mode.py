@@ -209,7 +209,7 @@ def test_reference_recipes_hold_the_references_values():
     assert (r.optim.schedule, r.optim.step_size, r.optim.gamma, r.train.epochs) == ("step", 30, 0.1, 100)
     assert r.train.batch_size * 8 == 256 and r.train.precision == "fp32"
     # the other CIFAR recipes no longer call themselves the reference's recipe while using another std
-    for path in sorted((ROOT / "configs/cifar").glob("*.yaml")):
+    for path in sorted((ROOT / "configs/cifar").glob("*wrn*.yaml")):  # the FGSM recipes use autoattacks/ own std
         if not path.name.endswith("_reference.yaml"):
             text = path.read_text()
             assert "the original APR repo's recipe" not in text and "0.2023/0.1994/0.2010" in text
