@@ -362,6 +362,7 @@ def _demo(argv=None) -> int:
         ood_folders = build_demo_ood_sets(out / f"ood-{per_set}", image_size=32, per_set=per_set, seed=0)
     with contextlib.ExitStack() as stack:
         recipe = Path(args.config) if args.config else stack.enter_context(packaged_recipe())
+        print(f"recipe: {recipe}", flush=True)
         per_seed = {seed: run_seed(args, seed, recipe, data_root, c_root, ood_folders, out) for seed in args.seeds}
     report_root = out / "report"
     atomic_write_text(report_root / "summary.md", summary_markdown(per_seed, args.augs, report_root))
