@@ -53,9 +53,9 @@ def results_table(report_md: str) -> dict[str, list[str]]:
 
 
 def drop_seconds(node):
-    """A results block without its timings (the only field that differs run to run)."""
+    """A results block without what differs between two output folders: timings and paths."""
     if isinstance(node, dict):
-        return {k: drop_seconds(v) for k, v in node.items() if k != "seconds"}
+        return {k: drop_seconds(v) for k, v in node.items() if k not in ("seconds", "path", "fingerprint")}
     return node
 
 
