@@ -170,8 +170,8 @@ def write_seed_report(report_dir: Path, corruption: list[dict], extra: list[dict
     from apr.report import write_report
     from apr.report.sections import registered
 
-    # TODO(lead): apr.report's OOD / adversarial sections register their schemas when merged; until
-    # then their JSONs stay beside report.md and only summary.md shows them.
+    # apr.report's OOD / adversarial sections register their schemas at import (apr/report/ood.py,
+    # adversarial.py); a results file whose section is not there stays beside report.md, in summary.md only.
     known = [r for r in extra if r.get("schema") in registered()]
     return write_report(corruption + known, report_dir, baseline=corruption[0])
 
