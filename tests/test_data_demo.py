@@ -71,3 +71,63 @@ def test_refuses_foreign_folder(tmp_path):
         build_demo_dataset(tmp_path / "mine")
     with pytest.raises(ValueError, match="val_fraction"):
         build_demo_dataset(tmp_path / "x", val_fraction=1.5)
+
+
+# ----------------------------------------------------------------------------- OOD sets (apr.data.demo_ood)
+
+
+def test_ood_sets_are_crops_of_the_shipped_pictures(tmp_path):
+    from skimage import data as skdata
+
+    from apr.data.demo_ood import MARKER as OOD_MARKER
+    from apr.data.demo_ood import OOD_SOURCES, build_demo_ood_sets
+
+    folders = build_demo_ood_sets(tmp_path / "ood", image_size=16, per_set=6, seed=3)
+    assert set(folders) == set(OOD_SOURCES) == {"photos", "textures"}
+    for folder in folders.values():
+        files = sorted(folder.iterdir())
+        assert [p.name for p in files] == [f"{k:04d}.JPEG" for k in range(6)]
+        assert all(Image.open(p).size == (16, 16) and Image.open(p).mode == "RGB" for p in files)
+    # re-derive the draws from the documented rule: one generator, photos first, then textures, sources in
+    # turn; side in [short/8, short/2], top-left uniform; crop resized bicubically (PIL) to 16 x 16
+    rng = np.random.default_rng(3)
+
+    def draw(h, w):
+        side = int(rng.integers(min(h, w) // 8, min(h, w) // 2 + 1))
+        return side, int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+
+    photo_shapes = [(427, 640), (427, 640), (512, 512), (400, 600), (300, 451), (427, 640)]  # china, flower, ...
+    for k in range(6):  # the photos' draws come first
+        draw(*photo_shapes[k % 6])
+    textures = [getattr(skdata, name)() for name in ("brick", "grass", "gravel")]
+    for k in range(6):
+        source = textures[k % 3]
+        side, top, left = draw(*source.shape)
+        expected = np.asarray(Image.fromarray(source[top:top + side, left:left + side]).resize((16, 16), Image.BICUBIC),
+                              np.float32)
+        written = np.asarray(Image.open(folders["textures"] / f"{k:04d}.JPEG").convert("L"), np.float32)
+        assert np.abs(written - expected).mean() < 6, k  # JPEG (quality 95) and RGB->L rounding only
+    stamp = (tmp_path / "ood" / OOD_MARKER).stat().st_mtime_ns
+    assert build_demo_ood_sets(tmp_path / "ood", image_size=16, per_set=6, seed=3) == folders
+    assert (tmp_path / "ood" / OOD_MARKER).stat().st_mtime_ns == stamp  # cached
+
+
+def test_ood_sets_are_deterministic_and_seeded(tmp_path):
+    from apr.data.demo_ood import build_demo_ood_sets
+
+    a = build_demo_ood_sets(tmp_path / "a", image_size=8, per_set=4, seed=0)
+    b = build_demo_ood_sets(tmp_path / "b", image_size=8, per_set=4, seed=0)
+    c = build_demo_ood_sets(tmp_path / "c", image_size=8, per_set=4, seed=1)
+    for name in a:
+        for k in range(4):
+            file = f"{k:04d}.JPEG"
+            assert (a[name] / file).read_bytes() == (b[name] / file).read_bytes()  # same code path twice
+        assert any((a[name] / f"{k:04d}.JPEG").read_bytes() != (c[name] / f"{k:04d}.JPEG").read_bytes()
+                   for k in range(4))
+    with pytest.raises(ValueError, match="per_set"):
+        build_demo_ood_sets(tmp_path / "d", per_set=0)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not an apr demo OOD folder"):
+        build_demo_ood_sets(tmp_path / "mine", image_size=8, per_set=2)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"

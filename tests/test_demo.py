@@ -1,25 +1,46 @@
 """The embedded demo, reduced (1 epoch, 4 corrupted images per class): the whole mission end to
-end through the real entry scripts, its report consistent with its JSON, deterministic per seed."""
+end through the library, its report consistent with its JSON, deterministic per seed.
+
+The end-to-end runs use a copy of the ``apr`` package alone (as ``pip install .`` puts it in
+site-packages) and run from another folder: a demo that reads a repo-root script or recipe fails."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import apr
 from apr.metrics import CORRUPTIONS, SEVERITIES
 from apr.report import format_percent
 
-pytestmark = pytest.mark.slow
+PACKAGE = Path(apr.__file__).resolve().parent
 
 
-def run_demo(out: Path) -> str:
-    proc = subprocess.run([sys.executable, "-m", "apr.demo", "--quick", "--out", str(out)],
+@pytest.fixture(scope="module")
+def installed_copy(tmp_path_factory) -> Path:
+    """Only the apr package (with its package data), as an install puts it: no repo around it."""
+    site = tmp_path_factory.mktemp("site")
+    shutil.copytree(PACKAGE, site / "apr", ignore=shutil.ignore_patterns("__pycache__"))
+    return site
+
+
+def run_demo(out: Path, site: Path) -> str:
+    """``python -m apr.demo --quick`` with the copied package first on the path, from a folder of its own."""
+    cwd = out.parent / f"{out.name}-cwd"
+    cwd.mkdir(exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    proc = subprocess.run([sys.executable, "-m", "apr.demo", "--quick", "--out", str(out)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    # the recipe came from the package copy (importlib.resources), not from a configs/ folder
+    assert f"recipe: {site / 'apr' / 'configs' / 'demo.yaml'}" in proc.stdout, proc.stdout[:2000]
+    assert not list(cwd.iterdir())  # nothing written outside --out
     return proc.stdout
 
 
@@ -31,12 +52,20 @@ def results_table(report_md: str) -> dict[str, list[str]]:
     return {cells[1].strip(): dict(zip(header, (c.strip() for c in cells))) for cells in rows[1:]}
 
 
+def drop_seconds(node):
+    """A results block without what differs between two output folders: timings and paths."""
+    if isinstance(node, dict):
+        return {k: drop_seconds(v) for k, v in node.items() if k not in ("seconds", "path", "fingerprint")}
+    return node
+
+
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    return out, run_demo(out)
+def demo_run(tmp_path_factory, installed_copy):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    return out, run_demo(out, installed_copy)
 
 
+@pytest.mark.slow
 def test_demo_writes_a_complete_consistent_report(demo_run):
     out, stdout = demo_run
     seed_dir = out / "report" / "seed0"
@@ -64,24 +93,106 @@ def test_demo_writes_a_complete_consistent_report(demo_run):
 
     for png in ("ce_per_corruption.png", "error_vs_severity.png", "heatmap/heatmaps_side_by_side.png"):
         assert (seed_dir / png).stat().st_size > 5000, png
+    # OOD and PGD: the summary carries what their JSONs hold
+    rows = {r["run"]: r for r in json.loads((out / "report" / "summary.json").read_text())["0"]}
+    for name in results:
+        ood = json.loads((seed_dir / f"{name}.ood.json").read_text())
+        assert set(ood["ood_sets"]) == {"photos", "textures"} and ood["in_distribution"]["count"] == 450
+        for set_name, record in ood["ood_sets"].items():
+            assert record["count"] == 100
+            for score in ("max_logit", "msp", "energy"):
+                assert rows[name]["ood"][set_name][score]["auroc"] == pytest.approx(100 * record["metrics"][score]["auroc"])
+        adv = json.loads((seed_dir / f"{name}.adv.json").read_text())
+        assert adv["clean"]["n"] == 50 and adv["finished"]
+        for eps in (2, 4):
+            attack = adv["attacks"][f"pgd_{eps}/255"]
+            assert attack["settings"]["eps"] == pytest.approx(eps / 255) and attack["settings"]["steps"] == 10
+            assert attack["correct"] <= adv["clean"]["correct"]  # an attack never helps (same images)
+            assert rows[name]["adversarial"][f"pgd_{eps}/255"] == pytest.approx(100 * attack["robust_accuracy"])
+        assert f"PGD robust accuracy (50 images, clean {100 * adv['clean']['accuracy']:5.2f}%)" in stdout
     summary = (out / "report" / "summary.md").read_text()
+    assert "## Out-of-distribution detection" in summary and "## Adversarial robustness" in summary
     assert "| baseline | 1 |" in summary and "| APR-SP | 1 |" in summary
     assert f"report: {out / 'report'}" in stdout
 
 
-def test_demo_is_deterministic_and_reuses_its_cache(demo_run, tmp_path):
+@pytest.mark.slow
+def test_demo_is_deterministic_and_reuses_its_cache(demo_run, installed_copy, tmp_path):
     out, _ = demo_run
     # a second run in a new folder: same dataset, same corruptions, same training -> same numbers
-    stdout = run_demo(tmp_path)
+    second = tmp_path / "out"
+    stdout = run_demo(second, installed_copy)
     for name in ("demo_none_s0", "demo_apr_sp_s0"):
         a = json.loads((out / "report" / "seed0" / f"{name}.json").read_text())
-        b = json.loads((tmp_path / "report" / "seed0" / f"{name}.json").read_text())
+        b = json.loads((second / "report" / "seed0" / f"{name}.json").read_text())
         assert a["clean"] == b["clean"] and a["corruptions"] == b["corruptions"], name
+        for kind, keys in ((".ood.json", ("in_distribution", "ood_sets")), (".adv.json", ("clean", "attacks"))):
+            a = json.loads((out / "report" / "seed0" / f"{name}{kind}").read_text())
+            b = json.loads((second / "report" / "seed0" / f"{name}{kind}").read_text())
+            for key in keys:
+                assert drop_seconds(a[key]) == drop_seconds(b[key]), (name, kind, key)
     # rerunning in place resumes: nothing is regenerated, trained or evaluated again
-    products = [p for p in tmp_path.rglob("*") if p.suffix in (".pt", ".JPEG")]
+    products = [p for p in second.rglob("*") if p.suffix in (".pt", ".JPEG")]
     stamps = {p: p.stat().st_mtime_ns for p in products}
-    results = {p: json.loads(p.read_text())["corruptions"] for p in tmp_path.rglob("demo_*_s0.json")}
-    again = run_demo(tmp_path)
+    results = {p: json.loads(p.read_text())["corruptions"] for p in second.rglob("demo_*_s0.json")}
+    again = run_demo(second, installed_copy)
     assert "demo finished" in again and "demo finished" in stdout
     assert len(products) > 3000 and {p: p.stat().st_mtime_ns for p in products} == stamps
     assert {p: json.loads(p.read_text())["corruptions"] for p in results} == results
+
+
+# ----------------------------------------------------------------------------- fast checks
+
+
+def test_recipe_ships_in_the_package_and_is_the_only_copy():
+    from apr.config import load_config
+    from apr.demo import packaged_recipe
+
+    with packaged_recipe() as recipe:
+        assert recipe.resolve().parent == PACKAGE / "configs"
+        cfg = load_config(recipe, ["aug.name=apr_sp", "train.epochs=2"])
+    assert cfg.model.name == "cnn_small" and cfg.data.image_size == 32 and cfg.train.epochs == 2
+    repo_copy = PACKAGE.parent / "configs" / "demo.yaml"
+    if repo_copy.exists():  # a source checkout: configs/demo.yaml is a link to the packaged file, not a copy
+        assert repo_copy.resolve() == recipe.resolve()
+
+
+def test_pyproject_ships_the_recipe():
+    pyproject = PACKAGE.parent / "pyproject.toml"
+    if not pyproject.is_file():
+        pytest.skip("not a source checkout")
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    data = tomllib.loads(pyproject.read_text())
+    patterns = data["tool"]["setuptools"]["package-data"]["apr"]
+    assert any(Path("configs/demo.yaml").match(p) for p in patterns)
+    assert data["project"]["scripts"]["apr-demo"] == "apr.demo:main"
+
+
+def _row(run, aug, clean, mean_ce, mce, auroc, fpr, robust):
+    return {"run": run, "aug": aug, "clean_error": clean, "mean_corruption_error": mean_ce, "mce_vs_baseline": mce,
+            "ood": {"photos": {s: {"auroc": auroc, "fpr95": fpr} for s in ("max_logit", "msp", "energy")}},
+            "adversarial": {"n": 40, "clean_accuracy": 100 - clean, "pgd_2/255": robust, "pgd_4/255": robust / 2}}
+
+
+def test_summary_tables_mean_and_std_over_seeds(tmp_path):
+    from apr.demo import adversarial_table, corruption_table, ood_table, summary_markdown
+
+    per_seed = {0: [_row("b0", "none", 10.0, 50.0, 100.0, 60.0, 80.0, 30.0),
+                    _row("a0", "apr_sp", 12.0, 40.0, 80.0, 70.0, 60.0, 40.0)],
+                1: [_row("b1", "none", 14.0, 54.0, 100.0, 64.0, 84.0, 34.0),
+                    _row("a1", "apr_sp", 12.0, 44.0, 90.0, 74.0, 70.0, 50.0)]}
+    # hand-computed: mean and sample std of two values x, y are (x+y)/2 and |x-y|/sqrt(2)
+    corr = corruption_table(per_seed, ["none", "apr_sp"])
+    assert "| baseline | 2 | 12.00 ± 2.83 | 52.00 ± 2.83 | 100.00 ± 0.00 |" in corr
+    assert "| APR-SP | 2 | 12.00 ± 0.00 | 42.00 ± 2.83 | 85.00 ± 7.07 |" in corr
+    ood = ood_table(per_seed, ["none", "apr_sp"])
+    assert "| APR-SP | max logit | 2 | 72.00 ± 2.83 | 65.00 ± 7.07 |" in ood
+    assert "| baseline | energy | 2 | 62.00 ± 2.83 | 82.00 ± 2.83 |" in ood
+    adv = adversarial_table(per_seed, ["none", "apr_sp"])
+    assert "| APR-SP | 2 | 40 | 88.00 ± 0.00 | 45.00 ± 7.07 | 22.50 ± 3.54 |" in adv
+    text = summary_markdown(per_seed, ["none", "apr_sp"], tmp_path)
+    assert corr in text and ood in text and adv in text
+    # runs without OOD / PGD: those sections are left out, not filled with zeros
+    bare = {0: [{k: v for k, v in r.items() if k not in ("ood", "adversarial")} for r in per_seed[0]]}
+    assert ood_table(bare, ["none"]) is None and adversarial_table(bare, ["none"]) is None
+    assert "Out-of-distribution" not in summary_markdown(bare, ["none", "apr_sp"], tmp_path)

@@ -15,10 +15,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-__all__ = ["build_demo_dataset", "MARKER"]
+__all__ = ["build_demo_dataset", "build_cached", "MARKER"]
 
 MARKER = ".apr_demo.json"
 _FORMAT = 1
@@ -29,11 +30,43 @@ def _params(image_size: int, seed: int, val_fraction: float) -> dict:
             "seed": int(seed), "val_fraction": float(val_fraction), "jpeg_quality": 95}
 
 
-def _read_marker(root: Path) -> dict | None:
+def _read_marker(root: Path, marker: str) -> dict | None:
     try:
-        return json.loads((root / MARKER).read_text())
+        return json.loads((root / marker).read_text())
     except (OSError, ValueError):
         return None
+
+
+def build_cached(root: str | os.PathLike, params: dict, marker: str, write: Callable[[Path], None],
+                 what: str = "apr demo dataset") -> Path:
+    """Run ``write(tmp)`` into a temporary sibling of ``root`` and rename it into place, unless ``root``
+    already holds a build with the same ``params`` (recorded in ``root/marker``, written last).
+
+    An interrupted build leaves nothing behind; an older build with other parameters is replaced;
+    a folder without the marker is never touched."""
+    root = Path(root)
+    if root.exists():
+        found = _read_marker(root, marker)
+        if found == params:
+            return root
+        if found is None and any(root.iterdir()):
+            raise FileExistsError(f"{root} exists and is not an {what} (no {marker}); choose an empty or new folder")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    try:
+        write(tmp)
+        (tmp / marker).write_text(json.dumps(params))  # written last: its presence means "complete"
+        if root.exists():  # an older build (marker checked above): replace it
+            old = root.with_name(f".{root.name}.old-{os.getpid()}")
+            os.replace(root, old)
+            os.replace(tmp, root)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
 
 
 def build_demo_dataset(root: str | os.PathLike, image_size: int = 32, seed: int = 0,
@@ -48,38 +81,21 @@ def build_demo_dataset(root: str | os.PathLike, image_size: int = 32, seed: int 
         raise ValueError(f"image_size must be >= 8 (the digits are 8x8), got {image_size}")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
-    root = Path(root)
     params = _params(image_size, seed, val_fraction)
-    if root.exists():
-        marker = _read_marker(root)
-        if marker == params:
-            return root
-        if marker is None and any(root.iterdir()):
-            raise FileExistsError(f"{root} exists and is not an apr demo dataset (no {MARKER}); "
-                                  "choose an empty or new folder")
+    if _read_marker(Path(root), MARKER) == params:
+        return Path(root)  # cached: skip loading scikit-learn's digits
     digits = load_digits()
     grey = (digits.images / 16.0 * 255.0).clip(0, 255).astype(np.uint8)
     targets = digits.target.astype(np.int64)
     idx_train, idx_val = train_test_split(np.arange(len(grey)), test_size=val_fraction, random_state=seed,
                                           stratify=targets)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         for split, indices in (("train", idx_train), ("val", idx_val)):
             for k in range(10):
                 (tmp / split / f"digit_{k}").mkdir(parents=True)
             for i in tqdm(sorted(indices.tolist()), desc=f"demo {split}", disable=not progress):
                 img = Image.fromarray(grey[i]).resize((image_size, image_size), Image.BICUBIC).convert("RGB")
                 img.save(tmp / split / f"digit_{targets[i]}" / f"{i:04d}.JPEG", quality=95)
-        (tmp / MARKER).write_text(json.dumps(params))  # written last: its presence means "complete"
-        if root.exists():  # an older demo build (marker checked above): replace it
-            old = root.with_name(f".{root.name}.old-{os.getpid()}")
-            os.replace(root, old)
-            os.replace(tmp, root)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return root
+
+    return build_cached(root, params, MARKER, write)
