@@ -31,7 +31,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from apr.data import build_folder_eval_loader  # noqa: E402
-from apr.evaluate import collect_versions, evaluate_loader  # noqa: E402
+from apr.data.dali import dali_available  # noqa: E402
+from apr.evaluate import evaluate_loader  # noqa: E402
+from apr.results import collect_versions  # noqa: E402
 from apr.inference import ImageClassifier  # noqa: E402
 from apr.models import create_model  # noqa: E402
 from photos import write_photo_jpegs  # benchmarks/photos.py
@@ -64,8 +66,9 @@ def main(argv=None) -> int:
     p.add_argument("--image-size", type=int, default=224 if cuda else 112, help="JPEG and input size in pixels")
     p.add_argument("--images", type=int, default=4096 if cuda else 768, help="images per measurement")
     p.add_argument("--batch-size", type=int, default=256 if cuda else 32)
-    p.add_argument("--backends", nargs="+", default=["dali", "torchvision"], choices=["dali", "torchvision"],
-                   help="decode paths to measure (DALI is skipped with a note where it is not installed)")
+    p.add_argument("--backends", nargs="+", default=["dali", "gpu", "torchvision"], choices=["dali", "gpu", "torchvision"],
+                   help="decode paths to measure: dali, gpu (torchvision.io decoding on the device), torchvision "
+                        "(DALI is skipped with a note where it is not installed)")
     p.add_argument("--workers", type=int, default=8 if cuda else 2, help="DALI threads / DataLoader workers")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16" if cuda else "fp32",
                    help="bf16 autocast (GPU default) or float32 (CPU default: bf16 is slower than fp32 on most CPUs)")
@@ -91,12 +94,9 @@ def main(argv=None) -> int:
         rows.append(("model only (synthetic on-device input)", model_rate, 1.0))
 
         for backend in args.backends:
-            if backend == "dali":
-                try:
-                    import nvidia.dali  # noqa: F401
-                except ImportError:
-                    rows.append(("dali: not installed on this machine", float("nan"), float("nan")))
-                    continue
+            if backend == "dali" and not dali_available():
+                rows.append(("dali: not installed on this machine", float("nan"), float("nan")))
+                continue
 
             def make_loader():
                 return build_folder_eval_loader(folder, classes, batch_size=args.batch_size,

@@ -16,7 +16,7 @@ from apr.errors import UserError
 
 __all__ = ["mix_seed", "train_shard_size", "epoch_permutation", "eval_shard", "to_device_batch",
            "check_loader_state", "LoaderStateError", "data_changed_message", "loader_length", "LoaderBase",
-           "SeededPosition"]
+           "SkipList", "SeededPosition"]
 
 
 def mix_seed(*values: int) -> int:
@@ -130,6 +130,24 @@ class LoaderBase:
 
     def _num_items(self) -> int:
         raise NotImplementedError
+
+
+class SkipList:
+    """The undecodable files a decoding loader met (path -> reason), each warned about once: the header
+    check before training cannot see a scrambled JPEG body, so the backends that decode per sample
+    (torchvision, GPU decode) skip such a file where they meet it and list it here."""
+
+    def __init__(self, train: bool):
+        self.files: dict[str, str] = {}
+        self.train = train
+
+    def add(self, path: str, reason: str) -> None:
+        if path in self.files:
+            return
+        self.files[path] = reason
+        what = "replaced by another sample" if self.train else "left out of the evaluation"
+        warnings.warn(f"skipped undecodable image {path} ({reason}): {what}; {len(self.files)} skipped so far",
+                      stacklevel=4)
 
 
 class SeededPosition(LoaderBase):

@@ -29,14 +29,13 @@ import contextlib
 import math
 import queue
 import threading
-import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import torch
 
-from .base import SeededPosition, epoch_permutation, eval_shard, mix_seed, train_shard_size
+from .base import SeededPosition, SkipList, epoch_permutation, eval_shard, mix_seed, train_shard_size
 from .layout import ImageDecodeError
 
 __all__ = ["GpuDecodeLoader", "crop_box", "read_bytes", "decode_batch"]
@@ -191,7 +190,8 @@ class GpuDecodeLoader(SeededPosition):
         self.files, self.labels = list(files), [int(x) for x in labels]
         self.image_size, self.crop_scale, self.resize = int(image_size), tuple(crop_scale), resize
         self.num_workers, self.prefetch = max(1, int(num_workers)), max(1, int(prefetch))
-        self.skipped_files: dict[str, str] = {}  # undecodable file -> reason, met while iterating
+        self.skips = SkipList(self.train)  # undecodable files met while iterating
+        self.skipped_files = self.skips.files  # path -> reason
 
     def _indices(self) -> list[int]:
         """This rank's samples of the current pass, in order (the torchvision backend's order)."""
@@ -213,7 +213,7 @@ class GpuDecodeLoader(SeededPosition):
                 break
             self._pos += 1
             for path, reason in bad:
-                self._report_skipped(path, reason)
+                self.skips.add(path, reason)
             if out is not None:
                 if device.type == "cuda":  # made on the decode thread's stream, used on this one
                     for tensor in out:
@@ -292,14 +292,6 @@ class GpuDecodeLoader(SeededPosition):
             bad.append((self.files[source], reason))
         raise ImageDecodeError(f"cannot decode image {self.files[index]} nor {MAX_REPLACEMENTS} stand-ins drawn from "
                                f"the data set: check it with `python -m apr.data.layout <root> --decode`")
-
-    def _report_skipped(self, path: str, reason: str) -> None:
-        """Count and list each undecodable file once (the header check cannot see a scrambled body)."""
-        if path not in self.skipped_files:
-            self.skipped_files[path] = reason
-            what = "replaced by another sample" if self.train else "left out of the evaluation"
-            warnings.warn(f"skipped undecodable image {path} ({reason}): {what}; "
-                          f"{len(self.skipped_files)} skipped so far", stacklevel=3)
 
     def _num_items(self) -> int:
         return len(self.files)

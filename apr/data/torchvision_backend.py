@@ -16,13 +16,13 @@ a seeded stand-in sample (same size, same resume), an evaluation batch leaves th
 
 from __future__ import annotations
 
-import warnings
 from typing import Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .base import SeededPosition, epoch_permutation, eval_shard, mix_seed, to_device_batch, train_shard_size
+from .base import (SeededPosition, SkipList, epoch_permutation, eval_shard, mix_seed, to_device_batch,
+                   train_shard_size)
 from .layout import ImageDecodeError
 
 __all__ = ["TorchvisionImageLoader", "build_transform"]
@@ -118,7 +118,8 @@ class TorchvisionImageLoader(SeededPosition):
                             world_size=world_size, seed=seed, device=device)
         self.files, self.labels = list(files), [int(x) for x in labels]
         self.num_workers = max(0, int(num_workers))
-        self.skipped_files: dict[str, str] = {}  # undecodable file -> reason, met while iterating
+        self.skips = SkipList(self.train)  # undecodable files met while iterating
+        self.skipped_files = self.skips.files  # path -> reason
         self._dataset = _ImageFiles(self.files, self.labels, build_transform(train, image_size, crop_scale, resize),
                                     self.seed, self.train)
 
@@ -142,18 +143,10 @@ class TorchvisionImageLoader(SeededPosition):
             if self.epoch != epoch:
                 break
             self._pos += 1
-            self._report_skipped(bad)
+            for path, reason in bad:
+                self.skips.add(path, reason)
             if images is not None:
                 yield to_device_batch(images, labels, self.device)
-
-    def _report_skipped(self, bad) -> None:
-        """Count and list each undecodable file once (the header check cannot see a scrambled body)."""
-        for path, reason in bad:
-            if path not in self.skipped_files:
-                self.skipped_files[path] = reason
-                what = "replaced by another sample" if self.train else "left out of the evaluation"
-                warnings.warn(f"skipped undecodable image {path} ({reason}): {what}; "
-                              f"{len(self.skipped_files)} skipped so far", stacklevel=3)
 
     def _num_items(self) -> int:
         return len(self.files)

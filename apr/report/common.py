@@ -89,7 +89,7 @@ def colours(n: int) -> list:
 def name_runs(runs: list[dict]) -> list[dict]:
     """Run summaries (with ``label``, ``run_name``, ``source``) in method order, each given its
     ``display_name``: the method label, plus the run name where two runs share a recipe (and the
-    file name where they share that too). Used by the OOD and adversarial sections."""
+    file name where they share that too). Every section names its runs this way."""
     order = {label: i for i, label in enumerate(LABEL_ORDER)}
     runs = [run for _, run in sorted(enumerate(runs), key=lambda t: (order.get(t[1]["label"], len(order)), t[0]))]
     counts: dict[str, int] = {}

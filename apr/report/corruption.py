@@ -21,7 +21,7 @@ import numpy as np
 
 from apr.metrics import (ALEXNET_CLEAN_ERROR_SOURCE, CORRUPTION_FAMILIES, CORRUPTIONS, EXTRA_CORRUPTIONS,
                          SEVERITIES, MetricsError, compute_metrics, normalize_errors)
-from apr.report.common import (AUG_LABELS, LABEL_ORDER, ReportError, colours, format_percent, markdown_table,
+from apr.report.common import (AUG_LABELS, ReportError, colours, format_percent, markdown_table, name_runs,
                                new_figure, pct, recipe, run_label, save_png)
 
 __all__ = [
@@ -260,17 +260,7 @@ def summarize(results: Iterable[Any], baseline: Any = None) -> dict[str, Any]:
     base = resolve_baseline(baseline, loaded)
     warnings: list[str] = []
     runs = [_run_summary(r, src, base, warnings) for r, src in loaded]
-    order = {label: i for i, label in enumerate(LABEL_ORDER)}
-    runs = [run for _, run in sorted(enumerate(runs), key=lambda t: (order.get(t[1]["label"], len(order)), t[0]))]
-    counts: dict[str, int] = {}
-    for run in runs:
-        counts[run["label"]] = counts.get(run["label"], 0) + 1
-    for run in runs:
-        run["display_name"] = run["label"] if counts[run["label"]] == 1 else f"{run['label']} ({run['run_name']})"
-    names = [run["display_name"] for run in runs]
-    if len(set(names)) != len(names):  # same recipe and same run name: fall back to the file
-        for run in runs:
-            run["display_name"] = f"{run['label']} ({run['run_name']}, {Path(run['source']).name})"
+    runs = name_runs(runs)
 
     dataset = datasets[0]
     normalisation = runs[0]["normalisation"]
