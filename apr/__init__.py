@@ -1,10 +1,12 @@
-"""apr: Amplitude-Phase Recombination training and ImageNet-C robustness evaluation.
+"""apr: Amplitude-Phase Recombination training and robustness evaluation (corruptions, OOD, adversarial).
 
 The public API, imported lazily so that ``import apr`` stays cheap (no DALI, no timm):
 
 - ``apr.recombine``: amplitude of one image, phase of another (``apr.fourier``)
 - ``apr.apr_p``, ``apr.apr_s``, ``apr.apr_sp``, ``apr.APRPolicy``: the augmentations (``apr.augment``)
-- ``apr.metrics``: CE, mCE, relative mCE, ECE (pure functions of numbers)
+- ``apr.metrics``: CE, mCE, relative mCE, ECE / RMS calibration, OOD metrics (pure functions of numbers)
+- ``apr.inference``: the one inference path (``ImageClassifier``, ``predict_batches``)
+- ``apr.ood``, ``apr.adversarial``: OOD detection and adversarial attacks / training hook
 - ``apr.load_config``: typed run configuration (``apr.config``)
 - ``apr.fourier_heatmap``, ``apr.amplitude_follow_fraction``: frequency analysis (``apr.analysis``)
 - ``apr.make_corrupted_tree``: ImageNet-C-style corruptions of any ImageFolder (``apr.corrupt``)
@@ -32,7 +34,8 @@ _EXPORTS = {
     "make_corrupted_tree": "apr.corrupt",
 }
 _SUBMODULES = ("metrics", "report", "fourier", "augment", "config", "models", "checkpoint", "data",
-               "train", "evaluate", "corrupt", "analysis", "demo")
+               "train", "optim", "inference", "evaluate", "ood", "adversarial", "corrupt", "analysis", "demo",
+               "results", "distributed")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 
