@@ -22,7 +22,6 @@ import argparse
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +41,7 @@ from apr.augment import (  # noqa: E402
     sample_apr_s_params,
 )
 from apr.fourier import recombine  # noqa: E402
+from timing import time_fn  # noqa: E402  benchmarks/timing.py
 
 # ---------------------------------------------------------------------------------------
 # reference path: AugMix op definitions on PIL images, NumPy FFT recombination, per image
@@ -148,32 +148,6 @@ def make_images(batch: int, size: int, seed: int = 0) -> list[Image.Image]:
         crop = ph.crop((x0, y0, x0 + side, y0 + side)).resize((size, size), Image.BILINEAR)
         out.append(crop.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else crop)
     return out
-
-
-def _sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_fn(fn, device: torch.device, repeats: int, warmup: int) -> list[float]:
-    """Seconds per call; CUDA events on a GPU (the launch queue is drained before and after)."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end) / 1000.0)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return times
 
 
 def warm_fft_plans(x: torch.Tensor) -> None:

@@ -26,7 +26,6 @@ import datetime
 import os
 import platform
 import re
-import statistics
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # photos.py, timing.py (also when loaded by path)
 
 from apr.augment import (  # noqa: E402
     APRPolicy,
@@ -49,6 +49,8 @@ from apr.augment import (  # noqa: E402
 from apr.fourier import recombine  # noqa: E402
 from apr.inference import ImageClassifier  # noqa: E402
 from apr.io import atomic_write_json, atomic_write_text  # noqa: E402
+from photos import write_photo_jpegs  # noqa: E402
+from timing import median_seconds, sync  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -84,32 +86,6 @@ def run_section(table: Table, section: str, fn, *args) -> None:
     except Exception as exc:  # noqa: BLE001 - isolate every section
         table.add(section, "error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
                   traceback.format_exc(limit=3).splitlines()[-1][:200].replace("|", "/"))
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_seconds(fn, device: torch.device, repeats: int, warmup: int) -> float:
-    """Median seconds per call: CUDA events on a GPU, ``perf_counter`` on a CPU; warm-up untimed."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def peak_extra_mib(fn, device: torch.device) -> float | None:
@@ -233,31 +209,8 @@ def section_train_step(table: Table, args, device: torch.device) -> None:
 
 
 def jpeg_folder(root: Path, n: int, size: int) -> Path:
-    """``n`` real-photo JPEGs of ``size`` x ``size`` in ImageFolder layout: ``benchmarks/photos.py`` (crops of
-    scikit-image's photos), or where scikit-image is missing (the lent GPU box) crops of scikit-learn's two
-    sample photos, the same way."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("photos", ROOT / "benchmarks" / "photos.py")
-    photos = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(photos)
-    try:
-        return photos.write_photo_jpegs(root, n, size)
-    except ImportError:
-        import numpy as np
-        from PIL import Image
-        from sklearn.datasets import load_sample_images
-
-        rng, pool = np.random.default_rng(0), load_sample_images().images  # china, flower: 427 x 640
-        for i in range(n):
-            photo = pool[i % len(pool)]
-            h, w = photo.shape[:2]
-            side = int(rng.integers(min(h, w) // 2, min(h, w) + 1))
-            y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-            (root / f"n{i % 10:08d}").mkdir(parents=True, exist_ok=True)
-            Image.fromarray(photo[y:y + side, x:x + side]).resize((size, size), Image.BILINEAR).save(
-                root / f"n{i % 10:08d}" / f"img_{i:06d}.JPEG", quality=90)
-        return root
+    """``n`` real-photo JPEGs of ``size`` x ``size`` in ImageFolder layout (``benchmarks/photos.py``)."""
+    return write_photo_jpegs(root, n, size)
 
 
 def section_data_step(table: Table, args, device: torch.device) -> None:

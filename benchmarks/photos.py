@@ -1,4 +1,5 @@
-"""The benchmarks' JPEG folders: random crops of scikit-image's bundled real photos.
+"""The benchmarks' JPEG folders: random crops of scikit-image's bundled real photos (scikit-learn's
+two sample photos where scikit-image is not installed).
 
 Real photos (not noise) so JPEG decode costs what it costs on natural images; written once per
 benchmark run into a temporary folder, ImageFolder layout ``<root>/<n0000000k>/img_*.JPEG``.
@@ -16,9 +17,8 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")
 def write_photo_jpegs(root: Path, n: int, size: int, classes: int = 10, quality: int = 90, seed: int = 0) -> Path:
     """``n`` random square crops resized to ``size`` x ``size``, spread round-robin over ``classes``."""
     from PIL import Image
-    from skimage import data
 
-    photos = [np.asarray(getattr(data, name)()) for name in PHOTOS]
+    photos = _source_photos()
     rng = np.random.default_rng(seed)
     for k in range(classes):
         (root / f"n{k:08d}").mkdir(parents=True, exist_ok=True)
@@ -30,3 +30,14 @@ def write_photo_jpegs(root: Path, n: int, size: int, classes: int = 10, quality:
         img = Image.fromarray(photo[y:y + side, x:x + side]).resize((size, size), Image.BILINEAR)
         img.save(root / f"n{i % classes:08d}" / f"img_{i:06d}.JPEG", quality=quality)
     return root
+
+
+def _source_photos() -> list[np.ndarray]:
+    """scikit-image's photos, or where scikit-image is missing (the lent GPU box) scikit-learn's two."""
+    try:
+        from skimage import data
+    except ImportError:
+        from sklearn.datasets import load_sample_images
+
+        return list(load_sample_images().images)  # china, flower: 427 x 640
+    return [np.asarray(getattr(data, name)()) for name in PHOTOS]
