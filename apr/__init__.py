@@ -34,7 +34,7 @@ _EXPORTS = {
     "make_corrupted_tree": "apr.corrupt",
 }
 _SUBMODULES = ("metrics", "report", "fourier", "augment", "config", "models", "checkpoint", "data",
-               "train", "optim", "inference", "evaluate", "ood", "adversarial", "corrupt", "analysis", "demo",
+               "train", "optim", "inference", "evaluation", "ood", "adversarial", "corrupt", "analysis", "demo",
                "results", "distributed")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)

@@ -7,7 +7,7 @@
 2. an ImageNet-C-style tree of its val split: 15 corruptions x 5 severities (apr.corrupt), and two
    out-of-distribution sets made from pictures that ship with scikit-learn / scikit-image (cached);
 3. trains each augmentation with apr.train (DALI on CPU + accelerate), recipe apr/configs/demo.yaml;
-4. evaluates every checkpoint on clean + corrupted images (apr.evaluate; CE normalised by the
+4. evaluates every checkpoint on clean + corrupted images (apr.evaluation; CE normalised by the
    baseline run, since AlexNet's ImageNet numbers mean nothing on digits), OOD detection
    (apr.ood: digits val = in, photos / textures = out) and PGD robust accuracy (apr.adversarial),
    and writes the report (apr.report);
@@ -115,7 +115,7 @@ def evaluate_corruptions(checkpoints: dict[str, Path], c_root: Path, val_root: P
                          progress: bool) -> list[dict]:
     """Clean + corruption cells per checkpoint (baseline = the first), CE normalised by the baseline."""
     from apr.data.suites import make_suite
-    from apr.evaluate import EvalOptions, evaluate_checkpoint
+    from apr.evaluation import EvalOptions, evaluate_checkpoint
     from apr.io import atomic_write_json
     from apr.report import metrics_for
 

@@ -3,7 +3,7 @@
 Everything here works on plain numbers (floats, dicts, NumPy arrays), so a report can be
 rebuilt from saved results JSON without a model, a GPU or torch.
 
-Conventions (shared with ``apr.evaluate`` and ``apr.report``):
+Conventions (shared with ``apr.evaluation`` and ``apr.report``):
 
 - error rates given to these functions are fractions in [0, 1];
 - CE, mCE, relative mCE and the unnormalised mean corruption error come back in percent;

@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         if name in ood:
             raise OODError(f"OOD set name {name!r} is given twice: give each set its own name")
         ood[name] = path
-    from apr.evaluate import plan_run_names
+    from apr.evaluation import plan_run_names
 
     for checkpoint, run_name in zip(args.checkpoint, plan_run_names(args.checkpoint)):
         result = evaluate_ood(checkpoint, ood=ood, out_dir=args.out, in_folder=args.in_folder, in_cifar=args.in_cifar,

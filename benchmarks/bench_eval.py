@@ -2,7 +2,7 @@
 """Evaluation throughput: the real JPEG decode path vs the model alone, side by side.
 
 ImageNet-C is 3.75 M JPEGs per checkpoint, so the question is whether evaluation is bound by
-decoding or by the network. Three numbers through the same loop apr.evaluate uses per cell
+decoding or by the network. Three numbers through the same loop apr.evaluation uses per cell
 (``evaluate_loader``: normalise, channels_last, autocast, softmax, counts, ECE bins):
 
 - model only: synthetic [0,1] batches already on the device (the ceiling);
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from apr.data import build_folder_eval_loader  # noqa: E402
 from apr.data.dali import dali_available  # noqa: E402
-from apr.evaluate import evaluate_loader  # noqa: E402
+from apr.evaluation import evaluate_loader  # noqa: E402
 from apr.results import collect_versions  # noqa: E402
 from apr.inference import ImageClassifier  # noqa: E402
 from apr.models import create_model  # noqa: E402

@@ -43,6 +43,6 @@ srun --kill-on-bad-exit=1 torchrun \
     --rdzv_id "$SLURM_JOB_ID" \
     --rdzv_backend c10d \
     --rdzv_endpoint "$HEAD_NODE:$PORT" \
-    train_imagenet.py --config "$CONFIG" --resume auto --no-progress "$@" &
+    -m apr.commands.train --config "$CONFIG" --resume auto --no-progress "$@" &
 SRUN_PID=$!
 wait "$SRUN_PID"

@@ -1,4 +1,4 @@
-"""apr.evaluate and eval_imagenet_c.py on a real (tiny) ImageNet-C tree and a tiny trained model.
+"""apr.evaluation and eval_imagenet_c.py on a real (tiny) ImageNet-C tree and a tiny trained model.
 
 The corrupted tree is generated from the shared digit photos with apr.corrupt (all 15
 corruptions x 5 severities), the checkpoint is a cnn_tiny trained here for a few steps. The
@@ -26,7 +26,7 @@ from apr.checkpoint import CheckpointError, save_checkpoint
 from apr.config import Config, config_to_dict
 from apr.data import DatasetLayoutError
 from apr.data.suites import make_suite
-from apr.evaluate import EvalError, EvalOptions, evaluate_checkpoint, file_sha256, load_result
+from apr.evaluation import EvalError, EvalOptions, evaluate_checkpoint, file_sha256, load_result
 from apr.metrics import ALEXNET_ERRORS, CORRUPTIONS
 from apr.models import create_model
 from apr.report import metrics_for

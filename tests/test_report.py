@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def make_result(run_name: str, aug: str, extra_roots=(), scale: float = 0.8, clean: float = 0.24,
                 dataset: str = "imagenet-c", seed: int = 0, drop=(), extras: bool = True) -> dict:
-    """A results dict shaped like apr.evaluate's output, with errors that grow with severity."""
+    """A results dict shaped like apr.evaluation's output, with errors that grow with severity."""
     rng = np.random.default_rng(seed)
     names = list(CORRUPTIONS) + (list(EXTRA_CORRUPTIONS) if extras else [])
     corruptions = {}

@@ -1,4 +1,4 @@
-"""Distribution-shift suites (apr.data.suites + apr.evaluate.evaluate_shift) on tiny trees built here
+"""Distribution-shift suites (apr.data.suites + apr.evaluation.evaluate_shift) on tiny trees built here
 in each suite's published layout, scored by a constructed model whose logits are a fixed function of
 a marker (the red level of a flat-colour image): the expected errors are counted by hand below.
 
@@ -21,7 +21,7 @@ from torch import nn
 
 from apr.data.suites import (C_BAR_SEVERITIES, CIFAR10_CLASSES, EvalError, make_clean_suite, make_shift_suite,
                              parse_suite_args, read_class_list)
-from apr.evaluate import SHIFT_SCHEMA, EvalModel, EvalOptions, evaluate_shift
+from apr.evaluation import SHIFT_SCHEMA, EvalModel, EvalOptions, evaluate_shift
 
 WNIDS = [f"n{k:08d}" for k in range(1000)]
 SUBSET = WNIDS[::5]  # 200 classes, as ImageNet-R / -A

@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         warnings.warn(BF16_ATTACK_WARNING, stacklevel=1)
     world = join_world(args.device)
     device = resolve_device(args.device, world)
-    from apr.evaluate import plan_run_names
+    from apr.evaluation import plan_run_names
 
     for path, run_name in zip(args.checkpoint, plan_run_names(args.checkpoint)):
         result = evaluate_checkpoint(path, run_name, args, attacks, world, device)
