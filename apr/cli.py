@@ -4,17 +4,23 @@
 
 ``--debug`` on the command line (removed before ``main`` sees it) or ``APR_DEBUG=1`` re-raises
 everything with its full traceback.
+
+The command vocabulary: every command adds its common flags with :func:`add_common` (or :func:`add_flag`
+for one flag in an argument group), so the same idea has one spelling, one type and one help text in
+every ``--help``. Old spellings stay as hidden aliases that print a one-line deprecation note.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import Callable, Sequence
 
 from apr.errors import UserError
 
-__all__ = ["run_main", "format_user_error", "DEBUG_ENV"]
+__all__ = ["run_main", "format_user_error", "DEBUG_ENV", "VOCABULARY", "DEPRECATED", "PRECISION_CHOICES",
+           "add_common", "add_flag", "add_deprecated"]
 
 DEBUG_ENV = "APR_DEBUG"
 
@@ -56,3 +62,99 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
         print(f"error: {message}", file=sys.stderr)
         print(f"(run with --debug or {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
         return 2
+
+
+# ---------------------------------------------------------------------------------------
+# the one command vocabulary
+
+PRECISION_CHOICES = ("auto", "bf16", "fp16", "fp32")  # auto: apr.inference.default_precision of the device
+
+# name -> (flag, add_argument keywords). Help texts use %(default)s so a command may pick its own default.
+VOCABULARY: dict[str, tuple[str, dict]] = {
+    "checkpoint": ("--checkpoint", dict(nargs="+", metavar="CKPT",
+                                        help="one or more checkpoints (.pt) written by apr-train; each model gets "
+                                             "its own results file")),
+    "val": ("--val", dict(metavar="DIR", help="the clean / in-distribution image folder DIR/<class>/<image> "
+                                              "(e.g. /data/imagenet/val)")),
+    "cifar": ("--cifar", dict(metavar="DIR", help="CIFAR-10/100 python folder (cifar-10-batches-py or "
+                                                  "cifar-100-python); its test set is the clean set")),
+    "out": ("--out", dict(metavar="DIR", help="output folder (created if missing)")),
+    "max_images": ("--max-images", dict(type=int, metavar="N",
+                                        help="use a fixed, class-balanced subset of at most N images of every set "
+                                             "or cell (quick checks; default: %(default)s, None = every image)")),
+    "batch_size": ("--batch-size", dict(type=int, metavar="N",
+                                        help="images per forward pass per process (default: %(default)s)")),
+    "precision": ("--precision", dict(choices=PRECISION_CHOICES,
+                                      help="bf16 or fp16 autocast, or full fp32; auto = bf16 on a CUDA GPU, fp32 "
+                                           "on a CPU (default: %(default)s)")),
+    "device": ("--device", dict(help="cpu, cuda or cuda:N (default: this process's GPU when there is one, else "
+                                     "the CPU)")),
+    "workers": ("--workers", dict(type=int, metavar="N",
+                                  help="parallel workers reading / decoding images (DALI threads or loader "
+                                       "processes; 0 = in the main process) (default: %(default)s)")),
+    "progress": ("--progress", dict(action=argparse.BooleanOptionalAction,
+                                    help="progress bars on stderr (--no-progress for batch logs)")),
+    "debug": ("--debug", dict(action="store_true",
+                              help=f"show the full traceback of an error (or set {DEBUG_ENV}=1)")),
+}
+_DEFAULTS = {"precision": "auto", "progress": True}
+
+# old spelling -> (vocabulary name, value it stores; None: the option's argument). Hidden, one release.
+DEPRECATED: dict[str, tuple[str, object]] = {
+    "--in": ("val", None), "--data": ("val", None), "--in-cifar": ("cifar", None), "--n": ("max_images", None),
+    "--quiet": ("progress", False),
+}
+_KEEP = object()
+
+
+class _DeprecatedAlias(argparse.Action):
+    """An old spelling: stores into the new flag's dest and says, once per use, what to write instead."""
+
+    def __init__(self, option_strings, dest, new_flag: str, value=None, **kwargs):
+        self.new_flag, self.value = new_flag, value
+        super().__init__(option_strings, dest, nargs=0 if value is not None else None, help=argparse.SUPPRESS,
+                         **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        new = f"--no-{self.new_flag[2:]}" if self.value is False else self.new_flag
+        print(f"note: {option_string} is deprecated and goes in the next release; use {new}", file=sys.stderr)
+        setattr(namespace, self.dest, self.value if self.value is not None else values)
+
+
+def add_flag(container, name: str, *, required: bool = False, default=_KEEP, old: Sequence[str] = ()):
+    """Add the vocabulary flag ``name`` to ``container`` (a parser or argument group) with its one help text;
+    ``old``: deprecated spellings (keys of :data:`DEPRECATED`) accepted as hidden aliases."""
+    flag, spec = VOCABULARY[name]
+    kwargs = dict(spec, dest=name)
+    if required:
+        kwargs["required"] = True
+    if default is not _KEEP:
+        kwargs["default"] = default
+    elif name in _DEFAULTS:
+        kwargs["default"] = _DEFAULTS[name]
+    action = container.add_argument(flag, **kwargs)
+    for spelling in old:
+        target, value = DEPRECATED[spelling]
+        if target != name:
+            raise ValueError(f"{spelling} is an old spelling of --{VOCABULARY[target][0][2:]}, not of {flag}")
+        add_deprecated(container, spelling, name, flag, value)
+    return action
+
+
+def add_deprecated(container, spelling: str, dest: str, new_flag: str, value=None) -> None:
+    """A hidden old ``spelling`` of ``new_flag`` (stores into ``dest``; ``value``: a switch that stores it)."""
+    container.add_argument(spelling, dest=dest, action=_DeprecatedAlias, new_flag=new_flag, value=value)
+
+
+def add_common(parser, *names: str, required: Sequence[str] = (), defaults: dict | None = None,
+               old: Sequence[str] = ()) -> None:
+    """Add the vocabulary flags ``names`` (and ``--debug``, listed in every command's --help) to ``parser``.
+    ``required``: names the command cannot run without; ``defaults``: this command's defaults by name;
+    ``old``: deprecated spellings of these flags to accept."""
+    defaults = defaults or {}
+    for name in names:
+        if name != "debug":
+            add_flag(parser, name, required=name in required, default=defaults.get(name, _KEEP),
+                     old=[s for s in old if DEPRECATED[s][0] == name])
+    if not any("--debug" in a.option_strings for a in parser._actions):
+        add_flag(parser, "debug")

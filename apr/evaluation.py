@@ -32,7 +32,7 @@ import torch
 from apr.data import BACKENDS, resolve_backend
 from apr.data.suites import Cell, EvalError, LoaderOptions
 from apr.distributed import World, all_reduce_sum, broadcast_object, join_world, resolve_device
-from apr.inference import ImageClassifier, predict_batches
+from apr.inference import PRECISIONS, ImageClassifier, predict_batches, resolve_precision
 from apr.io import atomic_write_json
 from apr.results import collect_versions, file_sha256, now, reusable
 from apr.metrics import ALL_CORRUPTIONS, CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITIES, CalibrationBins
@@ -60,20 +60,27 @@ class EvalOptions:
     batch_size: int = 256
     backend: str = "auto"  # apr.data.BACKENDS; resolved for this machine by resolved()
     num_workers: int = 4
-    precision: str = "bf16"
+    precision: str = "auto"  # apr.inference.resolve_precision: bf16 on a CUDA GPU, fp32 on a CPU
     device: str | torch.device | None = None
     progress: bool = True
+    max_images: int | None = None  # a fixed class-balanced subset of every cell (quick checks)
 
     def resolved(self) -> "EvalOptions":
-        """These options with ``auto`` replaced by the backend it means here, so the JSON records what ran."""
+        """These options with ``auto`` replaced by what it means here, so the JSON records what ran."""
         if self.backend not in BACKENDS:
             raise EvalError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        return replace(self, backend=resolve_backend(self.backend, resolve_device(self.device)))
+        if self.precision not in ("auto",) + PRECISIONS:
+            raise EvalError(f"precision must be auto, {', '.join(PRECISIONS)}; got {self.precision!r}")
+        if self.max_images is not None and self.max_images < 1:
+            raise EvalError(f"max_images must be >= 1, got {self.max_images}")
+        device = resolve_device(self.device)
+        return replace(self, backend=resolve_backend(self.backend, device),
+                       precision=resolve_precision(self.precision, device))
 
     def corruption_list(self) -> list[str]:
         """The asked-for corruptions, after checking every option (one error naming the bad value)."""
-        if self.precision not in ("bf16", "fp32"):
-            raise EvalError(f"precision must be 'bf16' or 'fp32', got {self.precision!r}")
+        if self.precision not in ("auto",) + PRECISIONS:
+            raise EvalError(f"precision must be auto, {', '.join(PRECISIONS)}; got {self.precision!r}")
         if self.backend not in BACKENDS:
             raise EvalError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.batch_size < 1:
@@ -285,14 +292,15 @@ def evaluate_shift(source: str | Path | EvalModel, suites: Sequence, out_dir: st
                    options: EvalOptions = EvalOptions(), *, run_name: str | None = None, clean_suite=None,
                    on_cell_done: CellCallback | None = None) -> dict:
     """Evaluate one model on distribution-shift ``suites`` (``apr.data.suites.make_shift_suite``) and,
-    when ``clean_suite`` is given, on its clean test set; write ``<out_dir>/<run_name>.shift.json``
+    when ``clean_suite`` is given, on its clean test set (no suites: a clean-only evaluation); write ``<out_dir>/<run_name>.shift.json``
     (schema ``apr.shift/1``, rank 0, after every cell; resumable per cell like the corruption JSON).
     Suites of an earlier evaluation of the same model that are not asked again are kept."""
     model = _as_eval_model(source)
     options = options.resolved()
     suites = list(suites)
-    if not suites:
-        raise EvalError("no distribution-shift suite given (--suite NAME=FOLDER)")
+    if not suites and clean_suite is None:
+        raise EvalError("nothing to evaluate: no distribution-shift suite (--suite NAME=FOLDER) and no clean set "
+                        "(--val DIR or --cifar DIR)")
     for suite in suites:
         suite.bind(model.classes, model.data_cfg)
     if clean_suite is not None:
@@ -315,7 +323,8 @@ def _evaluate_cells(model: EvalModel, cells: list[Cell], result: dict, out_path:
     classifier = ImageClassifier(model.model.to(device), model.mean, model.std, options.precision,
                                  channels_last=model.channels_last)
     loader_options = LoaderOptions(options.batch_size, options.backend, options.num_workers, model.image_size,
-                                   model.val_resize, world.rank, world.world_size, world.local_rank, device)
+                                   model.val_resize, world.rank, world.world_size, world.local_rank, device,
+                                   options.max_images)
     previous = broadcast_object(_load_previous(out_path, result) if world.is_main else None, world)
     _keep_unchanged_cells(result, previous, cells, world.is_main)
 
@@ -384,7 +393,7 @@ def _preflight_shift(suites: list, clean_suite, options: EvalOptions) -> tuple[l
         raise EvalError(f"{len(problems)} cell(s) of the distribution-shift suites are missing or hold no readable "
                         "image: " + "; ".join(f"{name} ({why})" for name, why in problems.items())
                         + ". Complete the folders or pass --allow-partial to evaluate what is there")
-    if not any(c.suite for c in cells):
+    if suites and not any(c.suite for c in cells):
         raise EvalError("no distribution-shift cell to evaluate: every asked-for cell is missing or empty")
     return cells, problems
 
@@ -393,7 +402,8 @@ def _new_result(model: EvalModel, run_name: str, dataset: str | None, source: di
                 skipped: dict[str, str]) -> dict:
     backend = options.backend if source.get("suite") != "cifar-c" else "tensor"
     settings = {"precision": options.precision, "backend": backend, "image_size": model.image_size,
-                "val_resize": model.val_resize, "mean": list(model.mean), "std": list(model.std)}
+                "val_resize": model.val_resize, "mean": list(model.mean), "std": list(model.std),
+                "max_images": options.max_images}
     return {
         "schema": SCHEMA, "run_name": run_name, **model.describe(), "dataset": dataset, "source": source,
         "skipped": skipped, "finished": False, "versions": collect_versions(), "throughput_images_per_s": 0.0,
@@ -403,7 +413,7 @@ def _new_result(model: EvalModel, run_name: str, dataset: str | None, source: di
     }
 
 
-_SETTINGS = ("precision", "backend", "image_size", "val_resize")
+_SETTINGS = ("precision", "backend", "image_size", "val_resize", "max_images")
 _NORMALISATION = ("mean", "std")  # recorded since third-party weights; absent in older files (then in the config)
 
 

@@ -3,7 +3,8 @@
 Every loop of the project (training, validation, corruption evaluation, OOD scoring, attacks,
 Fourier analysis, benchmarks) feeds models through :class:`ImageClassifier`, so normalisation,
 ``channels_last`` and mixed precision are decided in one place and an attack differentiates
-through exactly what evaluation runs. Precision has one vocabulary: ``bf16 | fp32``.
+through exactly what evaluation runs. Precision has one vocabulary, ``bf16 | fp16 | fp32``, and one
+default, ``auto`` (:func:`resolve_precision`): bf16 on a CUDA GPU, fp32 on a CPU, for every command.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-__all__ = ["PRECISIONS", "check_precision", "default_precision", "autocast", "Normaliser", "ImageClassifier",
+__all__ = ["PRECISIONS", "check_precision", "default_precision", "resolve_precision", "autocast", "Normaliser", "ImageClassifier",
            "eval_mode", "predict_batches"]
 
-PRECISIONS = ("bf16", "fp32")
+PRECISIONS = ("bf16", "fp16", "fp32")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def check_precision(precision: str) -> str:
@@ -31,11 +33,18 @@ def default_precision(device: torch.device | str) -> str:
     return "bf16" if torch.device(device).type == "cuda" else "fp32"
 
 
+def resolve_precision(precision: str | None, device: torch.device | str) -> str:
+    """``auto`` (or None) -> :func:`default_precision` of ``device``; any other value is checked and kept."""
+    if precision in (None, "auto"):
+        return default_precision(device)
+    return check_precision(precision)
+
+
 def autocast(device: torch.device | str, precision: str):
-    """bf16 autocast on ``device``, or nothing for fp32."""
+    """bf16 / fp16 autocast on ``device``, or nothing for fp32."""
     if check_precision(precision) == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=torch.device(device).type, dtype=_DTYPES[precision])
 
 
 class Normaliser(nn.Module):

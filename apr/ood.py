@@ -38,8 +38,9 @@ from apr.data import BACKENDS, resolve_backend
 from apr.data.cifar import cifar_name_for
 from apr.data.ood_sets import ImageSet, check_disjoint, open_in_distribution, open_ood_set, parse_set_spec
 from apr.distributed import World, all_gather_cat, broadcast_object, join_world, resolve_device
+from apr.cli import add_common, add_flag
 from apr.errors import UserError
-from apr.inference import ImageClassifier, check_precision, default_precision, predict_batches
+from apr.inference import ImageClassifier, predict_batches, resolve_precision
 from apr.io import atomic_write_json
 from apr.results import changed_keys, collect_versions, file_sha256, now, reusable
 from apr.metrics import (OOD_METRICS, adaptive_rms_calibration_error, expected_calibration_error, ood_metrics,
@@ -218,7 +219,7 @@ def evaluate_ood(checkpoint_path: str | Path, *, ood: Mapping[str, str], out_dir
     backend = resolve_backend(backend, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    precision = check_precision(precision or default_precision(device))
+    precision = resolve_precision(precision, device)
     checkpoint_path = Path(checkpoint_path)
     model, cfg, classes, info = load_model_for_eval(checkpoint_path, map_location="cpu")
     in_set, out_sets = _open_sets(cfg, classes, in_folder, in_cifar, ood, max_images)
@@ -267,27 +268,18 @@ def build_parser() -> argparse.ArgumentParser:
                     "max softmax probability, the max logit and the energy; write <out>/<run_name>.ood.json "
                     "(AUROC, FPR at 95%% TPR, AUPR-in/out, detection accuracy, histograms) per checkpoint. "
                     "Rerunning the same command resumes: finished OOD sets are skipped.")
-    p.add_argument("--checkpoint", nargs="+", required=True, metavar="CKPT", help="checkpoint(s) to score")
+    add_flag(p, "checkpoint", required=True)
     ind = p.add_mutually_exclusive_group(required=True)
-    ind.add_argument("--in", dest="in_folder", metavar="DIR",
-                     help="in-distribution set: an ImageNet-layout val folder (<DIR>/<class>/<image>)")
-    ind.add_argument("--in-cifar", metavar="DIR",
-                     help="in-distribution set: the CIFAR-10/100 python-pickle folder (its test split is used)")
+    add_flag(ind, "val", old=["--in"])
+    add_flag(ind, "cifar", old=["--in-cifar"])
     p.add_argument("--ood", nargs="+", required=True, metavar="NAME=PATH",
                    help="OOD sets: a folder of images (searched recursively), a CIFAR python-pickle folder "
                         "(test split) or SVHN's test_32x32.mat; NAME labels the set in the results")
-    p.add_argument("--out", required=True, metavar="DIR", help="where the <run_name>.ood.json files go")
-    p.add_argument("--precision", choices=("bf16", "fp32"), default=None,
-                   help="bf16 autocast or fp32 (default: bf16 on a GPU, fp32 on a CPU)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass per process (default: 256)")
+    add_common(p, "out", "precision", "batch_size", required=["out"], defaults={"batch_size": 256})
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="JPEG decoding for image folders: auto (default) = DALI where installed, else GPU decoding "
                         "on a GPU, else torchvision; CIFAR and .mat sets are in memory")
-    p.add_argument("--workers", type=int, default=4, help="decoding threads (DALI) or worker processes per process")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: this process's GPU, else the CPU)")
-    p.add_argument("--max-images", type=int, default=None, metavar="N",
-                   help="score at most N images per set (evenly spaced over each set's classes; deterministic)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_common(p, "workers", "device", "max_images", "progress", defaults={"workers": 4}, old=["--quiet"])
     return p
 
 
@@ -315,10 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     from apr.evaluation import plan_run_names
 
     for checkpoint, run_name in zip(args.checkpoint, plan_run_names(args.checkpoint)):
-        result = evaluate_ood(checkpoint, ood=ood, out_dir=args.out, in_folder=args.in_folder, in_cifar=args.in_cifar,
+        result = evaluate_ood(checkpoint, ood=ood, out_dir=args.out, in_folder=args.val, in_cifar=args.cifar,
                               precision=args.precision, batch_size=args.batch_size, backend=args.backend,
                               num_workers=args.workers, device=args.device, max_images=args.max_images,
-                              run_name=run_name, progress=not args.quiet)
+                              run_name=run_name, progress=args.progress)
         if int(os.environ.get("RANK", "0")) == 0:
             _print_summary(result)
     return 0

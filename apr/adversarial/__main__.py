@@ -1,7 +1,7 @@
 """``python -m apr.adversarial``: FGSM / PGD / AutoAttack robust accuracy of checkpoints -> JSON.
 
     python -m apr.adversarial --checkpoint A.pt B.pt --cifar /data/cifar-10-batches-py \\
-        --attack fgsm pgd autoattack --eps 8/255 --norm Linf --n 10000 --out report/
+        --attack fgsm pgd autoattack --eps 8/255 --norm Linf --max-images 10000 --out report/
     torchrun --nproc_per_node=8 -m apr.adversarial ...      # the n images split over the GPUs
 """
 
@@ -15,10 +15,17 @@ from pathlib import Path
 from apr.adversarial.attacks import BF16_ATTACK_WARNING, AdversarialError, NORMS, parse_eps
 from apr.adversarial.run import ATTACKS, EPS_SWEEP_FACTORS, build_attacks, evaluate_attacks, pgd_spec
 from apr.adversarial.data import load_eval_subset
-from apr.cli import run_main
+from apr.cli import add_common, add_flag, run_main
 from apr.data import BACKENDS
 from apr.distributed import join_world, resolve_device
-from apr.inference import ImageClassifier
+from apr.inference import ImageClassifier, resolve_precision
+
+# data -> (Linf eps, images attacked): RobustBench's ImageNet Linf protocol (4/255 on a fixed 5,000-image subset
+# of val) and its CIFAR one (8/255 on the 10,000 test images)
+DATA_DEFAULTS = {"imagenet": ("4/255", 5000), "cifar": ("8/255", 10000)}
+_DEFAULTS_HELP = "ImageNet folders 4/255, CIFAR 8/255"
+# standard AutoAttack, per image at most: APGD-CE 100 + APGD-T 9 x 100 + FAB-T 9 x 100 + Square 5,000 queries
+AUTOATTACK_STANDARD_PASSES = 100 + 900 + 900 + 5000
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,35 +33,67 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="FGSM / PGD / AutoAttack robust accuracy of checkpoints, one "
                                             "resumable JSON each (<out>/<run_name>.adv.json).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", nargs="+", required=True, help="checkpoints (.pt) written by the training loop")
+    add_flag(p, "checkpoint", required=True)
     data = p.add_mutually_exclusive_group(required=True)
-    data.add_argument("--cifar", help="CIFAR python folder (cifar-10-batches-py or cifar-100-python); its test set")
-    data.add_argument("--val", help="ImageFolder tree <val>/<class>/* (e.g. /data/imagenet/val)")
+    add_flag(data, "cifar")
+    add_flag(data, "val")
     p.add_argument("--attack", nargs="+", default=["fgsm", "pgd", "autoattack"], choices=ATTACKS,
                    help="fgsm: one signed step of eps from the image; pgd: Linf PGD; autoattack: the standard "
                         "AutoAttack ensemble (APGD-CE, APGD-T, FAB-T, Square) of pyautoattack")
-    p.add_argument("--eps", default="8/255", help="perturbation size in pixel units of [0, 1] images (8/255 or 0.031)")
+    p.add_argument("--eps", default=None,
+                   help="perturbation size in pixel units of [0, 1] images (8/255 or 0.031; default: follows the "
+                        f"data as RobustBench reports: {_DEFAULTS_HELP})")
     p.add_argument("--norm", default="Linf", choices=NORMS, help="threat model (L2 only with --attack autoattack)")
-    p.add_argument("--n", type=int, default=None, help="attack this many images: a fixed class-balanced subset "
-                                                       "(default: the whole set)")
     p.add_argument("--seed", type=int, default=0, help="picks the subset and seeds the attacks' random starts")
-    p.add_argument("--out", required=True, help="folder for <run_name>.adv.json")
-    p.add_argument("--batch-size", type=int, default=250, help="images per attack batch")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
-                   help="fp32 is the honest choice: bf16 gradients can mask robustness")
-    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: this rank's GPU, else the CPU)")
+    # fp32 by default here: bf16 / fp16 gradients can mask robustness (the attacks look weaker than they are)
+    add_common(p, "max_images", "out", "batch_size", "precision", "device", required=["out"],
+               defaults={"batch_size": 250, "precision": "fp32"}, old=["--n"])
     p.add_argument("--pgd-steps", type=int, default=50, help="PGD iterations")
     p.add_argument("--pgd-alpha", default=None, help="PGD step size (default eps/4)")
     p.add_argument("--pgd-restarts", type=int, default=1, help="PGD random restarts (per image the worst is kept)")
     p.add_argument("--eps-sweep", action="store_true", help="also run a short PGD at eps x "
                    f"{{{', '.join(str(f) for f in EPS_SWEEP_FACTORS)}}} on a small subset: robust accuracy "
                    "must fall as eps grows, or gradients are masked")
-    p.add_argument("--sweep-n", type=int, default=500, help="images for --eps-sweep (the first of the --n subset)")
+    p.add_argument("--sweep-n", type=int, default=500, help="images for --eps-sweep (the first of the --max-images subset)")
     p.add_argument("--sweep-steps", type=int, default=10, help="PGD iterations for --eps-sweep")
     p.add_argument("--backend", default=None, choices=BACKENDS,
                    help="image decoding for --val (default: the checkpoint's data.backend)")
-    p.add_argument("--workers", type=int, default=4, help="decoding threads for --val")
+    add_common(p, "workers", defaults={"workers": 4})
     return p
+
+
+def apply_data_defaults(args) -> str:
+    """Fill in --eps and --max-images from the data (ImageNet folder or CIFAR) and say what will run."""
+    eps, n = DATA_DEFAULTS["cifar" if args.cifar else "imagenet"]
+    given = []
+    if args.eps is None:
+        args.eps = eps
+    else:
+        given.append("--eps")
+    if args.max_images is None:
+        args.max_images, args.max_images_default = n, True
+    else:
+        given.append("--max-images")
+    data = "CIFAR" if args.cifar else "ImageNet (image folder)"
+    return (f"{data}: {args.norm} eps {args.eps} on a fixed class-balanced subset of {args.max_images} images"
+            + (f" ({', '.join(given)} as given)" if given else " (the data's defaults, as RobustBench reports)"))
+
+
+def attack_passes(spec) -> int:
+    """Forward/backward passes per image of one attack, at most (AutoAttack attacks only the still-robust images)."""
+    settings = spec.settings
+    if settings["name"] == "autoattack" and settings.get("version") == "standard":
+        return AUTOATTACK_STANDARD_PASSES
+    if settings["name"] == "autoattack":
+        return int(settings.get("apgd_iters", 100)) * max(1, len(settings.get("attacks") or [1]))
+    return int(settings["steps"]) * int(settings.get("restarts", 1))
+
+
+def cost_line(attacks, images: int) -> str:
+    per = {spec.name: attack_passes(spec) for spec in attacks}
+    total = images * sum(per.values())
+    return (f"estimated cost: {images} images x up to {sum(per.values())} forward/backward passes "
+            f"({', '.join(f'{k} {v}' for k, v in per.items())}) = {total:,} passes per checkpoint")
 
 
 def sweep_attacks(eps: float, steps: int) -> list:
@@ -76,6 +115,8 @@ def evaluate_checkpoint(path: str, run_name: str, args, attacks, world, device) 
     classifier = ImageClassifier(model, cfg.data.mean, cfg.data.std, precision=args.precision,
                                  channels_last=bool(cfg.model.channels_last)).to(device).eval()
     subset = load_eval_subset(args, cfg, classes, world, device)
+    if world.is_main:
+        print(f"{run_name}: {cost_line(attacks, subset.n)}", file=sys.stderr)
     identity = {"run_name": run_name, "checkpoint_sha256": file_sha256(path), "dataset": subset.info,
                 "precision": args.precision}
     extra = {"checkpoint": str(path), "model_name": info.get("model_name"), "config": config_to_dict(cfg),
@@ -88,6 +129,7 @@ def evaluate_checkpoint(path: str, run_name: str, args, attacks, world, device) 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    plan = apply_data_defaults(args)
     eps = parse_eps(args.eps)
     pgd_alpha = parse_eps(args.pgd_alpha) if args.pgd_alpha is not None else None
     if args.batch_size < 1:
@@ -99,10 +141,13 @@ def main(argv=None) -> int:
     missing = [c for c in args.checkpoint if not Path(c).is_file()]
     if missing:
         raise AdversarialError(f"checkpoint(s) not found: {', '.join(missing)}")
-    if args.precision == "bf16":
-        warnings.warn(BF16_ATTACK_WARNING, stacklevel=1)
     world = join_world(args.device)
     device = resolve_device(args.device, world)
+    args.precision = resolve_precision(args.precision, device)
+    if args.precision in ("bf16", "fp16"):
+        warnings.warn(BF16_ATTACK_WARNING, stacklevel=1)
+    if world.is_main:
+        print(f"attacks {', '.join(a.name for a in attacks)}: {plan}", file=sys.stderr)
     from apr.evaluation import plan_run_names
 
     for path, run_name in zip(args.checkpoint, plan_run_names(args.checkpoint)):

@@ -35,20 +35,22 @@ class EvalSubset:
         return tqdm(total=self.shard_size, desc=label, unit="img", dynamic_ncols=True)
 
 
-def _check_n(n: int | None, total: int) -> int:
-    n = total if n is None else int(n)
+def _check_n(n: int | None, total: int, clamp: bool = False) -> int:
+    """``n`` images of ``total``; ``clamp``: a default larger than the set means the whole set."""
+    n = total if n is None else min(int(n), total) if clamp else int(n)
     if not 0 < n <= total:
-        raise AdversarialError(f"--n {n} is not in 1..{total} (the number of images in the set); lower --n")
+        raise AdversarialError(f"--max-images {n} is not in 1..{total} (the number of images in the set); "
+                               "lower --max-images")
     return n
 
 
-def cifar_subset(images_uint8: np.ndarray, labels: np.ndarray, *, name: str, n: int | None, seed: int,
+def cifar_subset(images_uint8: np.ndarray, labels: np.ndarray, *, name: str, n: int | None, seed: int, clamp: bool = False,
                  batch_size: int, sweep_n: int, world: World, device) -> EvalSubset:
     """The first n of the seeded balanced order of an in-memory set (N x H x W x 3 uint8)."""
     from apr.data import TensorBatchLoader
 
     labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
-    n = _check_n(n, len(labels_t))
+    n = _check_n(n, len(labels_t), clamp)
     order = stratified_subset(labels_t, n, seed)
     images = np.ascontiguousarray(np.asarray(images_uint8)[order.numpy()])
     chosen = labels_t[order]
@@ -62,7 +64,7 @@ def cifar_subset(images_uint8: np.ndarray, labels: np.ndarray, *, name: str, n: 
     return EvalSubset(n, info, loader(n), loader(min(sweep_n, n)), len(eval_shard(n, world.rank, world.world_size)))
 
 
-def folder_subset(root: str, classes, *, n: int | None, seed: int, batch_size: int, sweep_n: int, world: World,
+def folder_subset(root: str, classes, *, n: int | None, seed: int, clamp: bool = False, batch_size: int, sweep_n: int, world: World,
                   device, image_size: int, resize: int | None, backend: str, workers: int,
                   verify: bool = True) -> EvalSubset:
     """The first n of the seeded balanced order of an ImageFolder tree, decoded by the chosen backend."""
@@ -71,7 +73,7 @@ def folder_subset(root: str, classes, *, n: int | None, seed: int, batch_size: i
 
     index = scan_image_folder(root, classes=classes, verify=verify, allow_missing_classes=True)
     labels_t = torch.as_tensor(list(index.labels), dtype=torch.int64)
-    n = _check_n(n, len(labels_t))
+    n = _check_n(n, len(labels_t), clamp)
     order = stratified_subset(labels_t, n, seed).tolist()
     files = [index.files[i] for i in order]
     labels = [int(labels_t[i]) for i in order]
@@ -90,7 +92,7 @@ def folder_subset(root: str, classes, *, n: int | None, seed: int, batch_size: i
 
 def load_eval_subset(args, cfg, classes, world: World, device) -> EvalSubset:
     """The subset named by the CLI options (``--cifar`` or ``--val``) for a checkpoint's config and classes."""
-    common = dict(n=args.n, seed=args.seed, batch_size=args.batch_size, sweep_n=args.sweep_n, world=world,
+    common = dict(n=args.max_images, clamp=getattr(args, "max_images_default", False), seed=args.seed, batch_size=args.batch_size, sweep_n=args.sweep_n, world=world,
                   device=device)
     if args.cifar:
         from apr.data import load_cifar

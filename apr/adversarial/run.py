@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 import torch
 
 from apr.adversarial.attacks import AdversarialError, autoattack, autoattack_settings, check_eps, pgd_attack
-from apr.data.base import mix_seed
+from apr.data.base import balanced_subset, mix_seed
 from apr.distributed import World, all_reduce_sum
 from apr.io import atomic_write_json
 from apr.results import changed_keys, reusable
@@ -88,23 +88,11 @@ def build_attacks(names: Iterable[str], *, eps: float, norm: str = "Linf", pgd_s
 
 
 def stratified_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    """The first ``n`` of a fixed seeded order that deals the classes round-robin (a balanced subset).
-
-    Order: a seeded permutation, then a stable sort by each image's rank within its class, so any
-    prefix holds the classes as evenly as they allow. Same (labels, seed) -> same indices everywhere.
-    """
-    labels = torch.as_tensor(labels).reshape(-1).cpu()
+    """The attacked images: :func:`apr.data.base.balanced_subset`, with ``n`` checked against the set."""
     if not 0 < n <= len(labels):
-        raise AdversarialError(f"--n {n} is not in 1..{len(labels)} (the number of images in the set); lower --n")
-    g = torch.Generator().manual_seed(int(seed))
-    order = torch.randperm(len(labels), generator=g)
-    permuted = labels[order]
-    rank_in_class = torch.zeros(len(labels), dtype=torch.int64)
-    for c in permuted.unique():
-        where = (permuted == c).nonzero().reshape(-1)
-        rank_in_class[where] = torch.arange(len(where))
-    dealt = torch.sort(rank_in_class, stable=True).indices
-    return order[dealt[:n]]
+        raise AdversarialError(f"--max-images {n} is not in 1..{len(labels)} (the number of images in the set); "
+                               "lower --max-images")
+    return balanced_subset(labels, n, seed)
 
 
 def fingerprint(*parts: bytes | str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -12,7 +13,8 @@ import numpy as np
 import torch
 
 from apr.data import BACKENDS
-from apr.inference import default_precision
+from apr.cli import DEBUG_ENV, add_common, add_deprecated, add_flag
+from apr.inference import resolve_precision
 from apr.io import atomic_write_text
 
 from .heatmap import fourier_heatmap
@@ -23,17 +25,14 @@ __all__ = ["build_parser", "main"]
 
 
 def _stratified_subset(labels: Sequence[int], max_images: int | None, seed: int) -> np.ndarray:
-    """Up to ``max_images`` indices spread evenly over the classes (random within each class).
-
-    Folder order is class by class, so "the first N images" would be one or two classes only.
+    """Up to ``max_images`` indices spread evenly over the classes (:func:`apr.data.base.balanced_subset`),
+    in folder order. Folder order is class by class, so "the first N images" would be one or two classes only.
     """
-    labels = np.asarray(labels).reshape(-1)
-    if max_images is None or max_images <= 0 or max_images >= labels.size:
-        return np.arange(labels.size)
-    rng = np.random.default_rng(seed)
-    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
-    order = [idx[r] for r in range(max(len(p) for p in per_class)) for idx in per_class if r < len(idx)]
-    return np.sort(np.asarray(order[:max_images], dtype=np.int64))
+    from apr.data.base import balanced_subset
+
+    if max_images is not None and max_images <= 0:
+        max_images = None
+    return np.sort(balanced_subset(labels, max_images, seed).numpy())
 
 
 def _run_name(path: Path, cfg, used: set[str]) -> str:
@@ -71,17 +70,17 @@ def _load_eval_images(args, cfg, classes: list[str]) -> tuple[torch.Tensor, torc
 
     from apr.data import build_image_loader, scan_image_folder
 
-    index = scan_image_folder(args.data, classes=classes, verify=True, allow_missing_classes=True, allow_empty=True,
+    index = scan_image_folder(args.val, classes=classes, verify=True, allow_missing_classes=True, allow_empty=True,
                               warn=False)
     if not index.files:
-        raise ValueError(f"no readable images under {args.data}")
+        raise ValueError(f"no readable images under {args.val}")
     keep = _stratified_subset(index.labels, args.max_images, args.seed)
     # the project's own eval loader (same resize + centre crop as validation) over the chosen files
     resize = args.resize if args.resize is not None else cfg.data.val_resize
     loader = build_image_loader([index.files[k] for k in keep], [index.labels[k] for k in keep], classes,
                                 backend=args.backend, batch_size=min(256, len(keep)), train=False,
                                 image_size=cfg.data.image_size, resize=resize, num_workers=args.workers,
-                                device=torch.device("cpu"), roots=[str(args.data)])
+                                device=torch.device("cpu"), roots=[str(args.val)])
     xs, ys = [], []
     for images, labels in loader:
         xs.append(images.cpu())
@@ -98,8 +97,8 @@ def _images_for(args, entry, cache: dict):
 
 
 def _cmd_heatmap(args) -> int:
-    device = torch.device(args.device)
-    precision = args.precision or default_precision(device)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    precision = resolve_precision(args.precision, device)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     entries = _load_models(args.checkpoint, device)
@@ -116,7 +115,7 @@ def _cmd_heatmap(args) -> int:
         print(f"[heatmap] {entry['name']}: {entry['path']} on {images.shape[0]} images "
               f"({images.shape[-2]}x{images.shape[-1]}), max_frequency={max_frequency}", file=sys.stderr)
         result = fourier_heatmap(
-            entry["model"], images, labels, mean=cfg.data.mean, std=cfg.data.std, eps=args.eps,
+            entry["model"], images, labels, mean=cfg.data.mean, std=cfg.data.std, eps=args.noise_norm,
             max_frequency=max_frequency, batch_size=args.batch_size, device=device, precision=precision,
             channels_last=cfg.model.channels_last and device.type == "cuda", seed=args.seed,
             progress=args.progress, resume_path=model_dir / "progress.npz")
@@ -143,8 +142,8 @@ def _cmd_heatmap(args) -> int:
 
 
 def _cmd_swap(args) -> int:
-    device = torch.device(args.device)
-    precision = args.precision or default_precision(device)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    precision = resolve_precision(args.precision, device)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     entries = _load_models(args.checkpoint, device)
@@ -183,36 +182,28 @@ def _cmd_swap(args) -> int:
 
 
 def _add_common(p: argparse.ArgumentParser, max_images: int) -> None:
-    p.add_argument("--checkpoint", nargs="+", required=True, metavar="CKPT",
-                   help="one or more checkpoints written by training (several: compared side by side)")
+    add_flag(p, "checkpoint", required=True)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", metavar="DIR", help="test images in ImageNet layout DIR/<class>/<image>, e.g. ROOT/val")
-    src.add_argument("--cifar", metavar="ROOT", help="CIFAR-10/100 python folder; the test split is used "
-                     "(which one follows the checkpoint's config)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
-    p.add_argument("--max-images", type=int, default=max_images, metavar="N",
-                   help=f"use at most N test images, spread evenly over the classes (default {max_images}; 0: all)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cuda, cuda:1 or cpu (default: cuda when available)")
-    p.add_argument("--precision", choices=("bf16", "fp32"), default=None,
-                   help="bf16 autocast or full float32 (default: bf16 on a GPU, float32 on the CPU)")
+    add_flag(src, "val", old=["--data"])
+    add_flag(src, "cifar")
+    add_common(p, "out", "max_images", "batch_size", "device", "precision", required=["out"],
+               defaults={"max_images": max_images, "batch_size": 256})
     p.add_argument("--seed", type=int, default=0, help="seed for image choice, random signs and pairing")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="image decoding for --data: auto (default) = DALI where installed, else GPU decoding on a "
+                   help="image decoding for --val: auto (default) = DALI where installed, else GPU decoding on a "
                         "GPU, else torchvision")
-    p.add_argument("--workers", type=int, default=4, help="decoding workers for --data (default 4)")
+    add_common(p, "workers", defaults={"workers": 4})
     p.add_argument("--resize", type=int, default=None,
                    help="resize the shorter side to this before the centre crop (default: the checkpoint's "
                         "data.val_resize)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                   help="show progress bars (default on)")
+    add_common(p, "progress")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m apr.analysis",
         description="Frequency analysis of trained checkpoints: Fourier heat maps and amplitude/phase swaps.")
+    add_flag(parser, "debug")
     sub = parser.add_subparsers(dest="command", required=True)
     hm = sub.add_parser(
         "heatmap", help="Fourier heat map: error under a perturbation along each Fourier basis image",
@@ -222,8 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "(rerun the same command to resume), plus OUT/heatmaps_side_by_side.png for several "
                     "checkpoints and OUT/heatmaps.json.")
     _add_common(hm, 1000)
-    hm.add_argument("--eps", type=float, default=None,
-                    help="L2 norm of the perturbation (default 4.0 for images up to 64 px, 15.7 above)")
+    hm.add_argument("--noise-norm", type=float, default=None, metavar="L2",
+                    help="L2 norm of the Fourier noise added to each image (default 4.0 for images up to 64 px, "
+                         "15.7 above); not an attack bound")
+    add_deprecated(hm, "--eps", "noise_norm", "--noise-norm")
     hm.add_argument("--max-frequency", type=int, default=None, metavar="M",
                     help="evaluate only frequencies with |i|, |j| <= M; cost grows as M^2 (default: all for "
                          "images up to 64 px, 31 -- the central 63x63 region -- above)")
@@ -253,5 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (UserError, ValueError, FileNotFoundError) as exc:
+        if args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from apr.cli import add_common, add_flag
 from apr.metrics import ALL_CORRUPTIONS  # numbers only: cheap to import before --help
 
 SUITE_HELP = ("imagenet-r, imagenet-a (200-class wnid folders, scored on those 200 logits), imagenet-sketch "
@@ -60,14 +61,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                "Add --debug (or set APR_DEBUG=1) to see the traceback of an error.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--checkpoint", nargs="+", default=[], metavar="CKPT",
-                   help="one or more checkpoints written by train_imagenet.py (.pt); each gets its own results JSON")
+    add_flag(p, "checkpoint", default=[])
     _add_model_and_suite_args(p)
     data = p.add_argument_group("ImageNet-C (or any tree made with python -m apr.corrupt)")
     data.add_argument("--imagenet-c", metavar="ROOT",
                       help="corrupted images laid out as ROOT/<corruption>/<severity 1-5>/<class>/*.JPEG")
-    data.add_argument("--val", metavar="ROOT",
-                      help="the clean validation folder ROOT/<class>/*.JPEG, for the clean error")
+    add_flag(data, "val")
     data.add_argument("--dataset", choices=("auto", "imagenet-c", "folder-c"), default="auto",
                       help="which benchmark the tree is: imagenet-c is normalised by AlexNet's errors; folder-c "
                            "(a tree generated from another dataset) reports raw errors unless --baseline is given; "
@@ -75,10 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     cifar = p.add_argument_group("CIFAR-10-C / CIFAR-100-C")
     cifar.add_argument("--cifar-c", metavar="ROOT",
                        help="folder with <corruption>.npy and labels.npy (the CIFAR-10-C or CIFAR-100-C download)")
-    cifar.add_argument("--cifar", metavar="ROOT",
-                       help="folder with the CIFAR python batches (cifar-10-batches-py / cifar-100-python), "
-                            "for the clean error on the test set")
-    p.add_argument("--out", required=True, metavar="DIR", help="where the results JSON files and the report go")
+    add_flag(cifar, "cifar")
+    add_flag(p, "out", required=True)
     p.add_argument("--baseline", metavar="RUN_NAME|results.json",
                    help="normalise CE/mCE by this run instead of AlexNet: a run name (one of the checkpoints given "
                         "here, or an earlier results JSON in --out) or a path to a results JSON")
@@ -93,18 +90,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--allow-partial", action="store_true",
                    help="if some corruption/severity folders (or cells of a --suite) are missing, evaluate the rest and mark "
                         "the mCE (C-bar mean) partial instead of stopping with the list of what is missing")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass on each GPU (default: %(default)s)")
+    add_common(p, "max_images", "batch_size", defaults={"batch_size": 256})
     p.add_argument("--backend", choices=("auto", "dali", "gpu", "torchvision"), default="auto",
                    help="JPEG decoding: auto (default) = dali where installed, else gpu (torchvision.io decoding on "
                         "the GPU) on a GPU, else torchvision (PIL in worker processes)")
-    p.add_argument("--workers", type=int, default=4, help="decoding threads (DALI) or worker processes (torchvision, 0 = decode in the main process) per GPU "
-                        "(default: %(default)s)")
-    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
-                   help="bf16 runs the model under bfloat16 autocast (faster on GPU); fp32 = full float32 (default: %(default)s)")
-    p.add_argument("--device", default=None,
-                   help="cuda, cpu or cuda:N (default: the GPU of this rank when there is one, else the CPU)")
+    add_common(p, "workers", "precision", "device", "progress", "debug", defaults={"workers": 4}, old=["--quiet"])
     p.add_argument("--no-report", action="store_true", help="write the results JSON files only, skip report.md and the plots")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     if not args.checkpoint and not args.weights:
         p.error("give --checkpoint CKPT ... and/or --model NAME --weights FILE ...")
@@ -114,15 +105,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("give both --mean and --std, or neither")
     if args.imagenet_c is not None and args.cifar_c is not None:
         p.error("give --imagenet-c ROOT --val ROOT, or --cifar-c ROOT --cifar ROOT, not both")
-    if args.imagenet_c is None and args.cifar_c is None and not args.suite:
-        p.error("nothing to evaluate: give --imagenet-c ROOT --val ROOT, --cifar-c ROOT --cifar ROOT, "
-                "and/or --suite NAME=FOLDER ...")
+    if args.imagenet_c is None and args.cifar_c is None and not args.suite and not (args.val or args.cifar):
+        p.error("nothing to evaluate: give --imagenet-c ROOT --val DIR, --cifar-c ROOT --cifar DIR, "
+                "--suite NAME=FOLDER ..., or --val DIR / --cifar DIR alone for the clean error")
+    if args.val and args.cifar and args.imagenet_c is None and args.cifar_c is None:
+        p.error("give one clean set: --val DIR or --cifar DIR")
     if args.imagenet_c is not None and args.val is None:
         p.error("ImageNet-C needs both --imagenet-c and --val")
     if args.cifar_c is not None and args.cifar is None:
         p.error("CIFAR-C needs both --cifar-c and --cifar")
     if args.batch_size < 1:
         p.error("--batch-size must be >= 1")
+    if args.max_images is not None and args.max_images < 1:
+        p.error("--max-images must be >= 1")
     return args
 
 
@@ -183,7 +178,7 @@ def _evaluate_model(args, name: str, model, options) -> tuple[dict | None, dict 
                            cifar_c=args.cifar_c, cifar=args.cifar if args.cifar_c else None,
                            dataset=None if args.dataset == "auto" else args.dataset)
         corruption = evaluate_checkpoint(model, suite, args.out, options, run_name=name)
-    if args.suite:
+    if args.suite or corruption is None:  # no corruption tree: the clean error goes with the suites (or alone)
         suites = [make_shift_suite(n, root) for n, root in parse_suite_args(args.suite).items()]
         clean = None if corruption is not None else make_clean_suite(val=args.val, cifar=args.cifar)
         shift = evaluate_shift(model, suites, args.out, options, run_name=name, clean_suite=clean)
@@ -214,7 +209,7 @@ def _evaluate_all(argv) -> int:
     options = EvalOptions(corruptions=args.corruptions, extra=args.extra, severities=args.severities,
                           allow_partial=args.allow_partial, batch_size=args.batch_size, backend=args.backend,
                           num_workers=args.workers, precision=args.precision, device=args.device,
-                          progress=not args.quiet)
+                          progress=args.progress, max_images=args.max_images)
     models = _models(args, names)
     order = sorted(range(len(names)), key=lambda i: i != baseline_index)  # the baseline first
     results, shifts = [None] * len(names), [None] * len(names)

@@ -16,7 +16,7 @@ from apr.errors import UserError
 
 __all__ = ["mix_seed", "train_shard_size", "epoch_permutation", "eval_shard", "to_device_batch",
            "check_loader_state", "LoaderStateError", "data_changed_message", "loader_length", "LoaderBase",
-           "SkipList", "SeededPosition"]
+           "SkipList", "SeededPosition", "balanced_subset"]
 
 
 def mix_seed(*values: int) -> int:
@@ -186,3 +186,26 @@ class SeededPosition(LoaderBase):
         if state["num_files"] != self._num_items():
             warnings.warn(data_changed_message(state["num_files"], self._num_items()), stacklevel=2)
             self._pos = 0
+
+
+def balanced_subset(labels: Sequence[int] | torch.Tensor | np.ndarray, n: int | None, seed: int = 0) -> torch.Tensor:
+    """Indices of the first ``n`` of a fixed seeded order that deals the classes round-robin: the one
+    class-balanced subset of the project (``--max-images`` of every command, the attacked images).
+
+    Order: a seeded permutation, then a stable sort by each image's rank within its class, so any
+    prefix holds the classes as evenly as they allow. Same (labels, seed) -> same indices everywhere.
+    ``n`` None or >= the number of images: every index, in that order.
+    """
+    labels = torch.as_tensor(np.asarray(labels)).reshape(-1).cpu()
+    n = len(labels) if n is None else min(int(n), len(labels))
+    if n < 1 and len(labels):
+        raise ValueError(f"a subset needs at least 1 image, got {n}")
+    g = torch.Generator().manual_seed(int(seed))
+    order = torch.randperm(len(labels), generator=g)
+    permuted = labels[order]
+    rank_in_class = torch.zeros(len(labels), dtype=torch.int64)
+    for c in permuted.unique():
+        where = (permuted == c).nonzero().reshape(-1)
+        rank_in_class[where] = torch.arange(len(where))
+    dealt = torch.sort(rank_in_class, stable=True).indices
+    return order[dealt[:n]]

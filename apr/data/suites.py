@@ -49,7 +49,16 @@ class LoaderOptions:
     world_size: int = 1
     local_rank: int = 0
     device: Any = "cpu"
+    max_images: int | None = None  # a fixed class-balanced subset of every cell (apr.data.base.balanced_subset)
 
+
+def _subset(labels, max_images: int | None):
+    """Indices (in cell order) of the cell's ``max_images`` subset, or None for the whole cell."""
+    from .base import balanced_subset
+
+    if max_images is None or max_images >= len(labels):
+        return None
+    return balanced_subset(labels, max_images).sort().values
 
 @dataclass
 class Cell:
@@ -110,6 +119,9 @@ def _folder_cell(corruption: str, severity: int, folder: Path, classes: list[str
         from apr.data import build_image_loader
 
         files, labels = _list_cell(folder, label_of, skip)
+        keep = _subset(labels, opts.max_images)
+        if keep is not None:
+            files, labels = [files[i] for i in keep.tolist()], [labels[i] for i in keep.tolist()]
         return build_image_loader(
             files, labels, classes, backend=opts.backend, batch_size=opts.batch_size, train=False,
             image_size=opts.image_size, resize=opts.val_resize if resize_clean else None,
@@ -190,6 +202,9 @@ def _tensor_cell(corruption: str, severity: int, fingerprint: dict, load: Callab
 
         images, labels = load()
         labels = torch.as_tensor(labels)
+        keep = _subset(labels, opts.max_images)
+        if keep is not None:
+            images, labels = images[keep.numpy()], labels[keep]
         if int(labels.max()) >= len(classes) or int(labels.min()) < 0:
             raise EvalError(f"labels run from {int(labels.min())} to {int(labels.max())}, "
                             f"but the checkpoint has {len(classes)} classes")
