@@ -141,9 +141,10 @@ def add_flag(container, name: str, *, required: bool = False, default=_KEEP, old
     return action
 
 
-def add_deprecated(container, spelling: str, dest: str, new_flag: str, value=None) -> None:
-    """A hidden old ``spelling`` of ``new_flag`` (stores into ``dest``; ``value``: a switch that stores it)."""
-    container.add_argument(spelling, dest=dest, action=_DeprecatedAlias, new_flag=new_flag, value=value)
+def add_deprecated(container, spelling: str, dest: str, new_flag: str, value=None, **kwargs) -> None:
+    """A hidden old ``spelling`` of ``new_flag`` (stores into ``dest``; ``value``: a switch that stores it;
+    ``kwargs``: e.g. ``type`` when the old option keeps its own meaning)."""
+    container.add_argument(spelling, dest=dest, action=_DeprecatedAlias, new_flag=new_flag, value=value, **kwargs)
 
 
 def add_common(parser, *names: str, required: Sequence[str] = (), defaults: dict | None = None,

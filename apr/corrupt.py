@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from apr.cli import run_main
+from apr.cli import add_common, add_deprecated, run_main
 from apr.data.layout import IMG_EXTENSIONS as IMAGE_EXTENSIONS, scan_image_folder
 from apr.errors import UserError
 from apr.io import atomic_open, atomic_write_text
@@ -95,8 +95,10 @@ class _Settings:
 
 # --------------------------------------------------------------------------- pieces
 
-def scan_source(src: str | os.PathLike, limit_per_class: int | None = None) -> list[tuple[str, str]]:
-    """List ``(class_folder, file_name)`` of every image under ``<src>/<class>/``, sorted.
+def scan_source(src: str | os.PathLike, limit_per_class: int | None = None,
+                max_images: int | None = None) -> list[tuple[str, str]]:
+    """List ``(class_folder, file_name)`` of every image under ``<src>/<class>/``, sorted; ``max_images``:
+    only a fixed class-balanced subset of that many (``apr.data.base.balanced_subset``).
 
     Raises ``CorruptionError`` for a missing source, one with no class folders (e.g. a flat
     ImageNet val folder: sort it into ``<wnid>/`` folders first), or an empty class folder.
@@ -114,6 +116,8 @@ def scan_source(src: str | os.PathLike, limit_per_class: int | None = None) -> l
         raise CorruptionError(f"source folder {root} has no class folders (expected <src>/<class>/<image>).{hint}")
     if limit_per_class is not None and limit_per_class < 1:
         raise CorruptionError(f"limit_per_class must be >= 1, got {limit_per_class}")
+    if max_images is not None and max_images < 1:
+        raise CorruptionError(f"max_images must be >= 1, got {max_images}")
 
     index = scan_image_folder(root, verify=True, allow_empty=True)
     per_class: dict[str, list[str]] = {cls: [] for cls in index.classes}
@@ -135,6 +139,12 @@ def scan_source(src: str | os.PathLike, limit_per_class: int | None = None) -> l
     if empty:
         raise CorruptionError(f"source folder {root}: class folder(s) without images ({', '.join(empty[:10])}"
                               f"{', ...' if len(empty) > 10 else ''}); extensions looked for: {', '.join(IMAGE_EXTENSIONS)}")
+    if max_images is not None:
+        from apr.data.base import balanced_subset
+
+        label = {cls: i for i, cls in enumerate(per_class)}
+        keep = balanced_subset([label[cls] for cls, _ in items], max_images).sort().values.tolist()
+        items = [items[i] for i in keep]
     return items
 
 
@@ -342,7 +352,8 @@ def _check_manifest(dst: Path, settings: _Settings) -> None:
 def make_corrupted_tree(src: str | os.PathLike, dst: str | os.PathLike, corruptions: Sequence[str] = CORRUPTIONS,
                         severities: Sequence[int] = SEVERITIES, resize: int | None = 256, crop: int | None = 224,
                         quality: int = 85, workers: int | None = None, progress: bool = True,
-                        limit_per_class: int | None = None, start_method: str = "spawn") -> CorruptionSummary:
+                        limit_per_class: int | None = None, start_method: str = "spawn",
+                        max_images: int | None = None) -> CorruptionSummary:
     """Write ``<dst>/<corruption>/<severity>/<class>/<stem>.JPEG`` for every image of ``<src>/<class>/``.
 
     ``resize``/``crop``: shorter side and centre crop (ImageNet-C: 256/224); ``None`` keeps the
@@ -358,7 +369,7 @@ def make_corrupted_tree(src: str | os.PathLike, dst: str | os.PathLike, corrupti
     src_path, dst_path = Path(src).resolve(), Path(dst).resolve()
     if dst_path == src_path or src_path in dst_path.parents:
         raise CorruptionError(f"destination {dst_path} must not lie inside the source {src_path}")
-    items = scan_source(src_path, limit_per_class)
+    items = scan_source(src_path, limit_per_class, max_images)
     settings = _Settings(str(src_path), str(dst_path), corruptions, severities,
                          None if resize is None else int(resize), None if crop is None else int(crop), int(quality))
     _check_manifest(dst_path, settings)
@@ -486,11 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resize", action="store_true",
                    help="keep images as they are (no resize, no crop), e.g. 32x32 images; at least 32 px per side")
     p.add_argument("--quality", type=int, default=85, help="JPEG quality of the outputs (ImageNet-C: 85)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="worker processes (default: every CPU core this process may use; 1 = run in this process)")
-    p.add_argument("--limit-per-class", type=int, default=None, metavar="N",
-                   help="only the first N images (sorted by name) of each class, for a quick subset")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # --workers: processes (default None: every CPU core this process may use; 0 or 1: in this process)
+    add_common(p, "workers", "max_images", "progress")
+    add_deprecated(p, "--limit-per-class", "limit_per_class", "--max-images", type=int)
+    p.set_defaults(limit_per_class=None)
     return p
 
 
@@ -503,7 +513,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     crop = None if args.no_resize or args.size == 0 else args.size
     summary = make_corrupted_tree(args.src, args.dst, corruptions=corruptions, severities=args.severities,
                                   resize=resize, crop=crop, quality=args.quality, workers=args.workers,
-                                  progress=not args.no_progress, limit_per_class=args.limit_per_class)
+                                  progress=args.progress, limit_per_class=args.limit_per_class,
+                                  max_images=args.max_images)
     print(json.dumps(asdict(summary)))
     return 0
 

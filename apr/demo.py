@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from apr.cli import add_flag
 from apr.report.common import AUG_LABELS
 
 RECIPE = "configs/demo.yaml"  # inside the apr package (package data)
@@ -47,7 +48,7 @@ def packaged_recipe() -> Iterator[Path]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m apr.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="demo_output", help="folder for data, runs and report (default: demo_output)")
+    add_flag(p, "out", default="demo_output")  # data, runs and report
     p.add_argument("--augs", nargs="+", default=["none", "apr_sp"], choices=list(AUG_LABELS),
                    help="augmentations to train; the first one is the baseline CE is normalised by")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds (one run per aug per seed)")
@@ -63,12 +64,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"val images attacked with PGD at eps {', '.join(f'{e}/255' for e in ADV_EPS_255)} "
                         "(0 skips the adversarial step)")
     p.add_argument("--no-ood", action="store_true", help="skip the OOD detection step")
-    p.add_argument("--workers", type=int, default=2, help="processes for corruption generation")
+    add_flag(p, "workers", default=2)  # processes for corruption generation
     p.add_argument("--quick", action="store_true",
                    help="the reduced demo CI runs: 1 epoch, 4 corrupted images per class, small heat map, "
                         "100 OOD images per set, 50 attacked images")
     p.add_argument("--verbose", action="store_true", help="show each step's full output (else it goes to a log)")
-    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    add_flag(p, "debug")
     return p.parse_args(argv)
 
 
@@ -150,7 +151,7 @@ def evaluate_pgd(checkpoints: dict[str, Path], val_root: Path, report_dir: Path,
     results = []
     for name, path in checkpoints.items():
         args = build_parser().parse_args(["--checkpoint", str(path), "--val", str(val_root), "--out", str(report_dir),
-                                          "--n", str(n), "--batch-size", str(n), "--workers", "2", "--seed", "0"])
+                                          "--max-images", str(n), "--batch-size", str(n), "--workers", "2", "--seed", "0"])
         results.append(evaluate_checkpoint(str(path), name, args, attacks, world, device))
     return results
 
@@ -159,7 +160,7 @@ def heat_maps(checkpoints: dict[str, Path], val_root: Path, out: Path, images: i
     """Fourier heat maps of the runs, side by side (apr.analysis)."""
     from apr.analysis import main as analysis_main
 
-    argv = ["heatmap", "--checkpoint", *map(str, checkpoints.values()), "--data", str(val_root), "--out", str(out),
+    argv = ["heatmap", "--checkpoint", *map(str, checkpoints.values()), "--val", str(val_root), "--out", str(out),
             "--max-images", str(images)] + (["--max-frequency", "4"] if quick else [])
     if analysis_main(argv) != 0:
         raise RuntimeError("the Fourier heat map step failed")

@@ -15,6 +15,8 @@ import sys
 
 import yaml
 
+from apr.cli import add_common
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -28,9 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(starts fresh if there is none), or give a checkpoint file")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved configuration and exit without training")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar (e.g. in batch logs)")
-    parser.add_argument("--debug", action="store_true",
-                        help="show the full traceback of an error (user errors print one 'error:' line otherwise)")
+    add_common(parser, "progress", "debug")
     return parser.parse_args(argv)
 
 
@@ -49,7 +49,7 @@ def _train(argv=None) -> int:
 
     from apr.train import train
 
-    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    result = train(cfg, resume=args.resume, progress=args.progress)
     if result.status == "preempted":
         return 0  # saved cleanly; slurm requeues and --resume auto continues
     if result.val_top1_error is not None:

@@ -286,6 +286,8 @@ def _preview(items: Sequence[str], n: int = 10) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from apr.cli import add_common
+
     parser = argparse.ArgumentParser(
         prog="python -m apr.data.layout",
         description="Check an ImageNet-layout folder (<root>/<class>/<image>) and list unreadable images.")
@@ -293,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode", action="store_true",
                         help="also decode every image with PIL (slow) to find files that pass the cheap "
                              "header/trailer check but still fail to decode")
-    parser.add_argument("--workers", type=int, default=8, help="parallel threads for reading files")
+    add_common(parser, "workers", defaults={"workers": 8})
     args = parser.parse_args(argv)
     index = scan_image_folder(args.root, verify=True, workers=args.workers, warn=False)
     print(f"{args.root}: {len(index.classes)} classes, {len(index.files)} images, {len(index.skipped)} skipped")

@@ -112,13 +112,15 @@ def load_any(item: Any, schema: str) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from apr.cli import add_common
+
     p = argparse.ArgumentParser(
         prog="python -m apr.report",
         description="Build report.md, plots and summary.json from results JSON files: corruption evaluation "
                     "(eval_imagenet_c.py), OOD detection (python -m apr.ood), adversarial evaluation "
                     "(python -m apr.adversarial). No model or GPU needed.")
     p.add_argument("results", nargs="+", help="results JSON files, or folders holding them")
-    p.add_argument("--out", required=True, help="output folder for report.md, the PNGs and summary.json")
+    add_common(p, "out", required=["out"])  # report.md, the PNGs and summary.json
     p.add_argument("--no-plots", action="store_true", help="tables only, no PNGs")
     p.add_argument("--baseline", default=None, metavar="NAME_OR_PATH",
                    help="normalise CE by this run instead of AlexNet: a run name, a method label "
