@@ -112,8 +112,8 @@ class _DeprecatedAlias(argparse.Action):
 
     def __init__(self, option_strings, dest, new_flag: str, value=None, **kwargs):
         self.new_flag, self.value = new_flag, value
-        super().__init__(option_strings, dest, nargs=0 if value is not None else None, help=argparse.SUPPRESS,
-                         **kwargs)
+        kwargs.setdefault("nargs", 0 if value is not None else None)
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
         new = f"--no-{self.new_flag[2:]}" if self.value is False else self.new_flag
@@ -137,7 +137,8 @@ def add_flag(container, name: str, *, required: bool = False, default=_KEEP, old
         target, value = DEPRECATED[spelling]
         if target != name:
             raise ValueError(f"{spelling} is an old spelling of --{VOCABULARY[target][0][2:]}, not of {flag}")
-        add_deprecated(container, spelling, name, flag, value)
+        like = {k: spec[k] for k in ("type", "nargs") if k in spec and value is None}
+        add_deprecated(container, spelling, name, flag, value, **like)
     return action
 
 

@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     hm.add_argument("--noise-norm", type=float, default=None, metavar="L2",
                     help="L2 norm of the Fourier noise added to each image (default 4.0 for images up to 64 px, "
                          "15.7 above); not an attack bound")
-    add_deprecated(hm, "--eps", "noise_norm", "--noise-norm")
+    add_deprecated(hm, "--eps", "noise_norm", "--noise-norm", type=float)
     hm.add_argument("--max-frequency", type=int, default=None, metavar="M",
                     help="evaluate only frequencies with |i|, |j| <= M; cost grows as M^2 (default: all for "
                          "images up to 64 px, 31 -- the central 63x63 region -- above)")
