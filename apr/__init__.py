@@ -10,6 +10,8 @@ The public API, imported lazily so that ``import apr`` stays cheap (no DALI, no 
 - ``apr.load_config``: typed run configuration (``apr.config``)
 - ``apr.fourier_heatmap``, ``apr.amplitude_follow_fraction``: frequency analysis (``apr.analysis``)
 - ``apr.make_corrupted_tree``: ImageNet-C-style corruptions of any ImageFolder (``apr.corrupt``)
+- ``apr.evaluate``: evaluate an ``nn.Module`` or a checkpoint as ``apr-eval`` does, numbers as its JSON
+  (``apr.evaluation``)
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ _EXPORTS = {
     "fourier_heatmap": "apr.analysis",
     "amplitude_follow_fraction": "apr.analysis",
     "make_corrupted_tree": "apr.corrupt",
+    "evaluate": "apr.evaluation",
 }
 _SUBMODULES = ("metrics", "report", "fourier", "augment", "config", "models", "checkpoint", "data",
                "train", "optim", "inference", "evaluation", "ood", "adversarial", "corrupt", "analysis", "demo",

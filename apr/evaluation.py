@@ -40,7 +40,7 @@ from apr.report import RESULTS_SCHEMA as SCHEMA
 from apr.report import ReportError, load_result as _load_report_result
 
 __all__ = ["SCHEMA", "SHIFT_SCHEMA", "SEVERITIES", "EvalError", "EvalOptions", "EvalModel", "load_eval_model",
-           "evaluate_checkpoint", "evaluate_shift", "plan_run_names", "evaluate_loader", "CellStats", "file_sha256",
+           "evaluate", "evaluate_suites", "evaluate_checkpoint", "evaluate_shift", "plan_run_names", "evaluate_loader", "CellStats", "file_sha256",
            "collect_versions", "load_result"]
 
 SHIFT_SCHEMA = "apr.shift/1"  # one JSON per model: the distribution-shift suites' cells (apr.report.shift)
@@ -310,6 +310,88 @@ def evaluate_shift(source: str | Path | EvalModel, suites: Sequence, out_dir: st
     result = _new_result(model, run_name, "shift", {s.name: s.source() for s in suites}, options, skipped)
     result.update(schema=SHIFT_SCHEMA, clean=None, suites={s.name: {"source": s.source(), "cells": {}} for s in suites})
     return _evaluate_cells(model, cells, result, Path(out_dir) / f"{run_name}.shift.json", options, on_cell_done)
+
+
+def evaluate_suites(model: str | Path | EvalModel, out_dir: str | Path, options: EvalOptions = EvalOptions(), *,
+                    run_name: str | None = None, imagenet_c=None, val=None, cifar_c=None, cifar=None,
+                    suites: dict[str, str] | None = None, dataset: str | None = None) -> tuple[dict | None, dict | None]:
+    """The one evaluation plan of ``apr-eval`` and :func:`evaluate`: (corruption results, shift results), None
+    where not asked. Without a corruption tree the clean set (``val`` or ``cifar``) is scored with the shift
+    suites, or alone (a clean-only evaluation, in ``<run_name>.shift.json``)."""
+    from apr.data.suites import make_clean_suite, make_shift_suite, make_suite
+
+    corruption = shift = None
+    if imagenet_c is not None or cifar_c is not None:
+        suite = make_suite(imagenet_c=imagenet_c, val=val if imagenet_c else None, cifar_c=cifar_c,
+                           cifar=cifar if cifar_c else None, dataset=dataset)
+        corruption = evaluate_checkpoint(model, suite, out_dir, options, run_name=run_name)
+    if suites or corruption is None:
+        shift_suites = [make_shift_suite(name, root) for name, root in (suites or {}).items()]
+        clean = None if corruption is not None else make_clean_suite(val=val, cifar=cifar)
+        shift = evaluate_shift(model, shift_suites, out_dir, options, run_name=run_name, clean_suite=clean)
+    return corruption, shift
+
+
+def evaluate(model, *, val: str | None = None, cifar: str | None = None, imagenet_c: str | None = None,
+             cifar_c: str | None = None, suites: dict[str, str] | None = None, out: str | Path | None = None,
+             classes: Sequence[str] | None = None, mean=None, std=None, image_size: int = 224,
+             val_resize: int | None = None, run_name: str | None = None, dataset: str | None = None,
+             baseline: dict | None = None, **options) -> dict:
+    """Evaluate ``model`` as ``apr-eval`` does and return what its JSON files hold (as robustbench's
+    ``benchmark()`` does for its benchmark): ``{"corruption": ..., "shift": ...}``, the families asked for.
+
+    ``model``: an in-memory ``nn.Module`` taking normalised images (``mean``/``std``, default ImageNet's;
+    ``classes`` in output order, default the sorted class folders of ``val`` or CIFAR's names), a project
+    checkpoint path, or an :class:`EvalModel`. Data: ``val`` / ``cifar`` alone gives the clean error;
+    ``imagenet_c`` + ``val`` or ``cifar_c`` + ``cifar`` the corruption cells; ``suites`` {name: folder} the
+    distribution-shift suites. ``options``: :class:`EvalOptions` fields (``max_images``, ``precision``, ...).
+    ``out``: where the JSON files go (resumable), default a temporary folder.
+    """
+    import tempfile
+
+    from apr.commands.evaluate import _add_metrics, _link_corruption
+
+    eval_options = EvalOptions(**options)
+    source = _api_model(model, classes, mean, std, image_size, val_resize, val, cifar)
+    with tempfile.TemporaryDirectory() if out is None else _nullcontext(out) as out_dir:
+        corruption, shift = evaluate_suites(source, out_dir, eval_options, run_name=run_name, imagenet_c=imagenet_c,
+                                            val=val, cifar_c=cifar_c, cifar=cifar, suites=suites, dataset=dataset)
+        if corruption is not None and join_world(eval_options.device).is_main:
+            _add_metrics([corruption], baseline, Path(out_dir))
+            if shift is not None:
+                _link_corruption(shift, corruption, Path(out_dir))
+    return {k: v for k, v in (("corruption", corruption), ("shift", shift)) if v is not None}
+
+
+def _nullcontext(value):
+    import contextlib
+
+    return contextlib.nullcontext(value)
+
+
+def _api_model(model, classes, mean, std, image_size: int, val_resize: int | None, val, cifar) -> EvalModel:
+    """An :class:`EvalModel` of what :func:`evaluate` was given (its identity: a hash of the weights)."""
+    if isinstance(model, EvalModel):
+        return model
+    if not isinstance(model, torch.nn.Module):
+        return load_eval_model(model)
+    import hashlib
+
+    from apr.data.suites import read_class_list
+    from apr.models import IMAGENET_MEAN, IMAGENET_STD
+
+    if (mean is None) != (std is None):
+        raise EvalError("give both mean and std, or neither (ImageNet's)")
+    names = list(classes) if classes is not None else read_class_list(val=val, cifar=cifar)
+    digest = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    name = type(model).__name__
+    return EvalModel(model, names, tuple(IMAGENET_MEAN if mean is None else mean),
+                     tuple(IMAGENET_STD if std is None else std), Path(name),
+                     int(image_size), int(val_resize or round(image_size / 0.875)), architecture=name,
+                     info={"in_memory": True}, _sha256=digest.hexdigest())
 
 
 def _evaluate_cells(model: EvalModel, cells: list[Cell], result: dict, out_path: Path, options: EvalOptions,

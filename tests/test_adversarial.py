@@ -258,7 +258,7 @@ def test_stratified_subset_is_deterministic_and_balanced():
     assert len(set(first.tolist())) == 100
     assert torch.bincount(labels[first], minlength=10).tolist() == [10] * 10
     assert not torch.equal(first, stratified_subset(labels, 100, seed=1))
-    with pytest.raises(AdversarialError, match="--n"):
+    with pytest.raises(AdversarialError, match="--max-images"):
         stratified_subset(labels, len(labels) + 1, seed=0)
 
 
@@ -381,7 +381,7 @@ def tiny_config_tree(imagenet_tree, tmp_path):
     return path, imagenet_tree / "val"
 
 
-@pytest.mark.parametrize("change, message", [(["--eps", "0"], "eps"), (["--n", "41"], "--n 41"),
+@pytest.mark.parametrize("change, message", [(["--eps", "0"], "eps"), (["--max-images", "41"], "--max-images 41"),
                                              (["--eps=-8/255"], "eps"), (["--eps", "2"], "(0, 1]"),
                                              (["--norm", "L2"], "Linf")])
 def test_cli_bad_input_is_one_error_line(tiny_checkpoint, cifar10_folder, tmp_path, capsys, change, message):

@@ -62,21 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def apply_data_defaults(args) -> str:
-    """Fill in --eps and --max-images from the data (ImageNet folder or CIFAR) and say what will run."""
+def apply_data_defaults(args) -> None:
+    """Fill in --eps and --max-images from the data (ImageNet folder or CIFAR); ``args.plan`` says which."""
     eps, n = DATA_DEFAULTS["cifar" if args.cifar else "imagenet"]
-    given = []
-    if args.eps is None:
-        args.eps = eps
-    else:
-        given.append("--eps")
-    if args.max_images is None:
-        args.max_images, args.max_images_default = n, True
-    else:
-        given.append("--max-images")
+    given = [flag for flag, value in (("--eps", args.eps), ("--max-images", args.max_images)) if value is not None]
+    args.max_images_default = args.max_images is None
+    args.eps = eps if args.eps is None else args.eps
+    args.max_images = n if args.max_images is None else args.max_images
     data = "CIFAR" if args.cifar else "ImageNet (image folder)"
-    return (f"{data}: {args.norm} eps {args.eps} on a fixed class-balanced subset of {args.max_images} images"
-            + (f" ({', '.join(given)} as given)" if given else " (the data's defaults, as RobustBench reports)"))
+    args.plan = f"{data} " + (f"with {' and '.join(given)} as given" if len(given) == 2 else
+                              "defaults, as RobustBench reports" + (f" ({given[0]} as given)" if given else ""))
 
 
 def attack_passes(spec) -> int:
@@ -116,7 +111,9 @@ def evaluate_checkpoint(path: str, run_name: str, args, attacks, world, device) 
                                  channels_last=bool(cfg.model.channels_last)).to(device).eval()
     subset = load_eval_subset(args, cfg, classes, world, device)
     if world.is_main:
-        print(f"{run_name}: {cost_line(attacks, subset.n)}", file=sys.stderr)
+        print(f"{run_name}: {args.norm} eps {args.eps} on a fixed class-balanced subset of {subset.n} of "
+              f"{subset.info['total']} images ({getattr(args, 'plan', 'as given')}); "
+              f"{cost_line(attacks, subset.n)}", file=sys.stderr)
     identity = {"run_name": run_name, "checkpoint_sha256": file_sha256(path), "dataset": subset.info,
                 "precision": args.precision}
     extra = {"checkpoint": str(path), "model_name": info.get("model_name"), "config": config_to_dict(cfg),
@@ -129,7 +126,7 @@ def evaluate_checkpoint(path: str, run_name: str, args, attacks, world, device) 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    plan = apply_data_defaults(args)
+    apply_data_defaults(args)
     eps = parse_eps(args.eps)
     pgd_alpha = parse_eps(args.pgd_alpha) if args.pgd_alpha is not None else None
     if args.batch_size < 1:
@@ -146,8 +143,6 @@ def main(argv=None) -> int:
     args.precision = resolve_precision(args.precision, device)
     if args.precision in ("bf16", "fp16"):
         warnings.warn(BF16_ATTACK_WARNING, stacklevel=1)
-    if world.is_main:
-        print(f"attacks {', '.join(a.name for a in attacks)}: {plan}", file=sys.stderr)
     from apr.evaluation import plan_run_names
 
     for path, run_name in zip(args.checkpoint, plan_run_names(args.checkpoint)):

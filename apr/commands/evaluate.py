@@ -169,20 +169,12 @@ def _models(args, names: list[str]):
 
 def _evaluate_model(args, name: str, model, options) -> tuple[dict | None, dict | None]:
     """The corruption results and the shift results of one model (None where not asked)."""
-    from apr.data.suites import make_clean_suite, make_shift_suite, make_suite, parse_suite_args
-    from apr.evaluation import evaluate_checkpoint, evaluate_shift
+    from apr.data.suites import parse_suite_args
+    from apr.evaluation import evaluate_suites
 
-    corruption = shift = None
-    if args.imagenet_c is not None or args.cifar_c is not None:
-        suite = make_suite(imagenet_c=args.imagenet_c, val=args.val if args.imagenet_c else None,
-                           cifar_c=args.cifar_c, cifar=args.cifar if args.cifar_c else None,
+    return evaluate_suites(model, args.out, options, run_name=name, imagenet_c=args.imagenet_c, val=args.val,
+                           cifar_c=args.cifar_c, cifar=args.cifar, suites=parse_suite_args(args.suite),
                            dataset=None if args.dataset == "auto" else args.dataset)
-        corruption = evaluate_checkpoint(model, suite, args.out, options, run_name=name)
-    if args.suite or corruption is None:  # no corruption tree: the clean error goes with the suites (or alone)
-        suites = [make_shift_suite(n, root) for n, root in parse_suite_args(args.suite).items()]
-        clean = None if corruption is not None else make_clean_suite(val=args.val, cifar=args.cifar)
-        shift = evaluate_shift(model, suites, args.out, options, run_name=name, clean_suite=clean)
-    return corruption, shift
 
 
 def _link_corruption(shift: dict, corruption: dict, out: Path) -> None:
