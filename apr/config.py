@@ -115,7 +115,7 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = 100
     batch_size: int = 256  # per process; global batch = batch_size * world size
-    precision: str = "bf16"  # bf16 | fp32  (bf16 autocast through accelerate's mixed_precision)
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 (with a GradScaler) | fp32
     seed: int = 0
     deterministic: bool = False  # deterministic algorithms (CPU tests, exact resume checks)
     val_every: int = 1  # epochs between validations (0: only at the end)
@@ -174,7 +174,7 @@ class Config:
         _choice("optim.schedule", self.optim.schedule, ("step", "multistep", "cosine", "constant", "cyclic"))
         _choice("aug.loss", self.aug.loss, ("sum", "mean"))
         _validate_adversarial(self.adversarial)
-        _choice("train.precision", self.train.precision, ("bf16", "fp32"))
+        _choice("train.precision", self.train.precision, ("auto", "bf16", "fp16", "fp32"))
         if not 0.0 <= self.aug.p_prob <= 1.0:
             raise ConfigError(f"aug.p_prob must lie in [0, 1], got {self.aug.p_prob}")
         if not 0.0 <= self.aug.s_prob <= 1.0:

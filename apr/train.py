@@ -45,7 +45,7 @@ from apr.checkpoint import (
     weights_are_finite,
 )
 from apr.config import Config, config_to_dict, save_config
-from apr.inference import ImageClassifier, predict_batches
+from apr.inference import ImageClassifier, predict_batches, resolve_precision
 from apr.models import create_model
 from apr.optim import build_optimizer, build_scheduler, make_lr_lambda, scaled_lr, set_cyclic_momentum
 
@@ -95,24 +95,30 @@ def apr_loss(model, inputs: torch.Tensor, labels: torch.Tensor, halves: str = "s
 
 def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, *, policy: APRPolicy,
                generator: torch.Generator, backward: Callable[[torch.Tensor], None] | None = None,
-               perturb: FGSMPerturbation | None = None, halves: str = "sum") -> torch.Tensor:
+               perturb: FGSMPerturbation | None = None, halves: str = "sum", scaler=None) -> torch.Tensor:
     """One optimizer step on ``images`` ([0, 1], on the device); returns the detached loss.
 
     ``model`` is an :class:`~apr.inference.ImageClassifier` (possibly DDP-wrapped): normalisation and
     precision happen inside it. The scheduler is the caller's. ``perturb`` (adversarial training)
     replaces the whole (clean ‖ APR) batch by its perturbed version, attacked with the labels repeated,
     before the forward; its random start draws from ``generator`` after APR, so resume stays exact.
+    ``scaler``: fp16 training's ``torch.amp.GradScaler`` (fp16 gradients underflow without loss scaling).
     """
     inputs = apr_inputs(images, policy, generator)
     if perturb is not None:
         inputs = perturb(model, inputs, labels.repeat(len(inputs) // len(labels)), generator)
     loss = apr_loss(model, inputs, labels, halves)
     optimizer.zero_grad(set_to_none=True)
+    scaled = loss if scaler is None else scaler.scale(loss)
     if backward is None:
-        loss.backward()
+        scaled.backward()
     else:
-        backward(loss)
-    optimizer.step()
+        backward(scaled)
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)  # skipped when the scaled gradients overflowed; the scale then shrinks
+        scaler.update()
     return loss.detach()
 
 
@@ -269,6 +275,7 @@ class Run:
     global_step: int = 0
     history: list[dict] = field(default_factory=list)
     preempt: PreemptionFlag | None = None
+    scaler: object = None  # torch.amp.GradScaler of fp16 training, else None
 
     @property
     def rank(self) -> int:
@@ -309,7 +316,8 @@ def build_run(cfg: Config, accelerator, run_dir: Path, progress: bool, on_step_e
             f"batch size {cfg.train.batch_size}; lower train.batch_size")
     model = create_model(cfg.model.name, num_classes, drop_rate=cfg.model.drop_rate,
                          zero_init_last=cfg.model.zero_init_last)
-    classifier = ImageClassifier(model, cfg.data.mean, cfg.data.std, precision=cfg.train.precision,
+    precision = resolve_precision(cfg.train.precision, accelerator.device)
+    classifier = ImageClassifier(model, cfg.data.mean, cfg.data.std, precision=precision,
                                  channels_last=cfg.model.channels_last)
     base_lr = scaled_lr(cfg, world)
     raw_optimizer = build_optimizer(model.parameters(), cfg, base_lr)
@@ -319,10 +327,13 @@ def build_run(cfg: Config, accelerator, run_dir: Path, progress: bool, on_step_e
         prepared = torch.compile(prepared)
     generator = torch.Generator()
     generator.manual_seed(cfg.train.seed * 1000 + rank)
-    return Run(cfg, run_dir, accelerator, train_loader, val_loader, classes, steps_per_epoch, model, prepared,
-               optimizer, raw_optimizer, scheduler, base_lr, training_policy(cfg), generator, build_perturbation(cfg),
-               CheckpointManager(run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best),
-               RunLog(run_dir, enabled=accelerator.is_main_process), progress, on_step_end)
+    run = Run(cfg, run_dir, accelerator, train_loader, val_loader, classes, steps_per_epoch, model, prepared,
+              optimizer, raw_optimizer, scheduler, base_lr, training_policy(cfg), generator, build_perturbation(cfg),
+              CheckpointManager(run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best),
+              RunLog(run_dir, enabled=accelerator.is_main_process), progress, on_step_end)
+    if precision == "fp16":
+        run.scaler = torch.amp.GradScaler(accelerator.device.type)
+    return run
 
 
 def build_perturbation(cfg: Config) -> FGSMPerturbation | None:
@@ -393,6 +404,8 @@ def restore_run(run: Run, path: Path) -> ResumePoint:
     check_model_compatible(state, run.bare_model, source=f"checkpoint {path}")
     run.bare_model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
+    if run.scaler is not None and state.get("grad_scaler"):
+        run.scaler.load_state_dict(state["grad_scaler"])
     run.global_step, run.history = state["global_step"], list(state.get("history", []))
     run.checkpoints.best_metric = state.get("best_metric")
     point = ResumePoint(state["epoch"], state["step"])
@@ -461,6 +474,7 @@ def save(run: Run, epoch: int, step: int, meter: LossMeter | None, metric: float
             "epoch_loss": meter.state_dict() if meter is not None else None,
             "history": run.history, "best_metric": run.checkpoints.best_metric,
             "metrics": run.history[-1] if run.history else {},
+            "grad_scaler": run.scaler.state_dict() if run.scaler is not None else None,
         }, epoch, step, metric)
     run.accelerator.wait_for_everyone()
 
@@ -501,7 +515,8 @@ def run_epoch(run: Run, epoch: int, start: ResumePoint | None = None) -> tuple[s
     images = labels = None
     for images, labels in run.train_loader:
         loss = train_step(run.classifier, run.optimizer, images, labels, policy=run.policy,
-                          generator=run.generator, backward=backward, perturb=run.perturb, halves=cfg.aug.loss)
+                          generator=run.generator, backward=backward, perturb=run.perturb, halves=cfg.aug.loss,
+                          scaler=run.scaler)
         run.scheduler.step()
         set_cyclic_momentum(run.raw_optimizer, cfg, run.steps_per_epoch, run.scheduler.last_epoch)
         step, run.global_step, seen = step + 1, run.global_step + 1, seen + len(labels)
