@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 from apr.errors import UserError
 
 __all__ = ["run_main", "format_user_error", "DEBUG_ENV", "VOCABULARY", "DEPRECATED", "PRECISION_CHOICES",
-           "add_common", "add_flag", "add_deprecated"]
+           "add_common", "add_flag", "add_deprecated", "DefaultsHelpFormatter"]
 
 DEBUG_ENV = "APR_DEBUG"
 
@@ -67,9 +67,18 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
 # ---------------------------------------------------------------------------------------
 # the one command vocabulary
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``(default: ...)`` after each help text, but only where there is a default (no "default: None")."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 PRECISION_CHOICES = ("auto", "bf16", "fp16", "fp32")  # auto: apr.inference.default_precision of the device
 
-# name -> (flag, add_argument keywords). Help texts use %(default)s so a command may pick its own default.
+# name -> (flag, add_argument keywords). A command may pick its own default: add_flag appends it to the help.
 VOCABULARY: dict[str, tuple[str, dict]] = {
     "checkpoint": ("--checkpoint", dict(nargs="+", metavar="CKPT",
                                         help="one or more checkpoints (.pt) written by apr-train; each model gets "
@@ -81,23 +90,24 @@ VOCABULARY: dict[str, tuple[str, dict]] = {
     "out": ("--out", dict(metavar="DIR", help="output folder (created if missing)")),
     "max_images": ("--max-images", dict(type=int, metavar="N",
                                         help="use a fixed, class-balanced subset of at most N images of every set "
-                                             "or cell (quick checks; default: %(default)s, None = every image)")),
+                                             "or cell (quick checks)")),
     "batch_size": ("--batch-size", dict(type=int, metavar="N",
-                                        help="images per forward pass per process (default: %(default)s)")),
+                                        help="images per forward pass per process")),
     "precision": ("--precision", dict(choices=PRECISION_CHOICES,
                                       help="bf16 or fp16 autocast, or full fp32; auto = bf16 on a CUDA GPU, fp32 "
-                                           "on a CPU (default: %(default)s)")),
+                                           "on a CPU")),
     "device": ("--device", dict(help="cpu, cuda or cuda:N (default: this process's GPU when there is one, else "
                                      "the CPU)")),
     "workers": ("--workers", dict(type=int, metavar="N",
                                   help="parallel workers reading / decoding images (DALI threads or loader "
-                                       "processes; 0 = in the main process) (default: %(default)s)")),
+                                       "processes; 0 = in the main process)")),
     "progress": ("--progress", dict(action=argparse.BooleanOptionalAction,
                                     help="progress bars on stderr (--no-progress for batch logs)")),
     "debug": ("--debug", dict(action="store_true",
                               help=f"show the full traceback of an error (or set {DEBUG_ENV}=1)")),
 }
 _DEFAULTS = {"precision": "auto", "progress": True}
+DEFAULT_SUFFIX = " (default: %(default)s)"
 
 # old spelling -> (vocabulary name, value it stores; None: the option's argument). Hidden, one release.
 DEPRECATED: dict[str, tuple[str, object]] = {
@@ -132,6 +142,8 @@ def add_flag(container, name: str, *, required: bool = False, default=_KEEP, old
         kwargs["default"] = default
     elif name in _DEFAULTS:
         kwargs["default"] = _DEFAULTS[name]
+    if kwargs.get("default") not in (None, False, []) and kwargs.get("action") is None:
+        kwargs["help"] += DEFAULT_SUFFIX
     action = container.add_argument(flag, **kwargs)
     for spelling in old:
         target, value = DEPRECATED[spelling]

@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-from apr.cli import DEPRECATED, VOCABULARY, add_common, add_flag
+from apr.cli import DEFAULT_SUFFIX, DEPRECATED, VOCABULARY, add_common, add_flag
 
 # command -> the function that builds its parser and parses argv (the console scripts' entry points)
 COMMANDS = {
@@ -64,7 +64,7 @@ def test_every_vocabulary_flag_has_one_dest_type_and_help(command, monkeypatch):
                 continue
             name, spec = by_flag[flag]
             assert action.dest == name, f"{command} {flag}"
-            assert action.help == spec["help"], f"{command} {flag}"
+            assert action.help in (spec["help"], spec["help"] + DEFAULT_SUFFIX), f"{command} {flag}"
             assert action.type == spec.get("type"), f"{command} {flag}"
             assert action.choices == spec.get("choices"), f"{command} {flag}"
             assert action.nargs == spec.get("nargs", action.nargs), f"{command} {flag}"

@@ -15,7 +15,7 @@ from pathlib import Path
 from apr.adversarial.attacks import BF16_ATTACK_WARNING, AdversarialError, NORMS, parse_eps
 from apr.adversarial.run import ATTACKS, EPS_SWEEP_FACTORS, build_attacks, evaluate_attacks, pgd_spec
 from apr.adversarial.data import load_eval_subset
-from apr.cli import add_common, add_flag, run_main
+from apr.cli import DefaultsHelpFormatter, add_common, add_flag, run_main
 from apr.data import BACKENDS
 from apr.distributed import join_world, resolve_device
 from apr.inference import ImageClassifier, resolve_precision
@@ -31,8 +31,12 @@ AUTOATTACK_STANDARD_PASSES = 100 + 900 + 900 + 5000
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m apr.adversarial",
                                 description="FGSM / PGD / AutoAttack robust accuracy of checkpoints, one "
-                                            "resumable JSON each (<out>/<run_name>.adv.json).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                            "resumable JSON each (<out>/<run_name>.adv.json). Defaults follow the "
+                                            "data, as RobustBench reports: an ImageNet folder (--val) is attacked "
+                                            "at Linf 4/255 on a fixed class-balanced 5,000-image subset, CIFAR "
+                                            "at 8/255 on its 10,000 test images; the plan and its estimated cost "
+                                            "are printed before the run.",
+                                formatter_class=DefaultsHelpFormatter)
     add_flag(p, "checkpoint", required=True)
     data = p.add_mutually_exclusive_group(required=True)
     add_flag(data, "cifar")
