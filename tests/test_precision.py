@@ -59,3 +59,18 @@ def test_fp16_training_runs_and_saves_its_grad_scaler(imagenet_tree, tmp_path):
     state = load_checkpoint(find_latest_checkpoint(tmp_path / "fp16"))
     assert state["grad_scaler"]["scale"] > 0
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.cuda
+def test_on_cuda_auto_is_bf16_and_fp16_training_scales_its_loss(imagenet_tree, tmp_path):
+    """The GPU half of the one default (auto -> bf16) and fp16 training with the CUDA GradScaler."""
+    from apr.evaluation import EvalOptions
+
+    assert EvalOptions(device="cuda").resolved().precision == "bf16"
+    cfg = load_config(overrides=[
+        f"data.root={imagenet_tree}", "data.image_size=32", "data.val_resize=32", "data.backend=torchvision",
+        "model.name=cnn_tiny", "optim.lr_base_batch=0", "train.epochs=1", "train.batch_size=16",
+        "train.precision=fp16", f"train.output_dir={tmp_path}", "train.run_name=fp16cuda"])
+    assert train(cfg, progress=False).status == "finished"
+    state = load_checkpoint(find_latest_checkpoint(tmp_path / "fp16cuda"))
+    assert state["grad_scaler"]["scale"] > 0
