@@ -266,12 +266,15 @@ def test_rms_calibration_and_notes(tmp_path):
     assert "AlexNet clean error 43.45 % (hendrycks/robustness; torchvision's AlexNet: 43.478 %)" in md
 
 
-def test_undefined_relative_mce_shows_its_reason_next_to_the_dash(tmp_path):
+def test_undefined_relative_mce_is_a_dash_with_its_reason_in_a_note_under_the_table(tmp_path):
     base = make_result("b", "none", clean=0.95)  # corrupted error below its clean error: relative CE undefined
     md = write_report([base, make_result("s", "apr_sp", seed=1)], tmp_path / "out", baseline="b",
                       plots=False).read_text()
     rows = {r["Run"]: r for r in parse_table(md, "## Results")}
-    assert rows["s"]["Rel. mCE"].startswith("— (undefined for gaussian_noise")
+    assert rows["s"]["Rel. mCE"] == "—"
+    section = md.split("## Results", 1)[1].split("\n## ", 1)[0]
+    notes = [line for line in section.splitlines() if line.startswith("**Rel. mCE —**")]
+    assert len(notes) == 1 and "APR-SP" in notes[0] and "undefined for gaussian_noise" in notes[0]
 
 
 def test_resolve_baseline_in_a_results_folder(five_files, tmp_path):

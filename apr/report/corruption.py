@@ -287,10 +287,19 @@ def _partial(value: float | None, partial: bool) -> str:
 
 
 def _relative(r: dict) -> str:
-    """Relative mCE, or the dash with its reason right next to it."""
+    """Relative mCE, or a dash whose reason is a note under the table (a sentence would swamp the cell)."""
     if r["relative_mce"] is None and r.get("relative_mce_reason"):
-        return f"— ({r['relative_mce_reason']})"
+        return "—"
     return _partial(r["relative_mce"], r["partial"])
+
+
+def _relative_notes(runs: list[dict]) -> list[str]:
+    """One note per reason why relative mCE is undefined, naming the runs it applies to."""
+    by_reason: dict[str, list[str]] = {}
+    for r in runs:
+        if r["relative_mce"] is None and r.get("relative_mce_reason"):
+            by_reason.setdefault(r["relative_mce_reason"], []).append(r["display_name"])
+    return [f"**Rel. mCE —** ({', '.join(names)}): {reason}." for reason, names in by_reason.items()]
 
 
 def _intro(summary: dict[str, Any]) -> list[str]:
@@ -324,7 +333,7 @@ def _results_table(runs: list[dict]) -> list[str]:
                      _relative(r), _partial(r["mean_corruption_error"], p),
                      format_percent(r["ece_clean"])] + [format_percent(r["ce"].get(c)) for c in CORRUPTIONS])
     out = ["## Results", ""] + markdown_table(header, rows)
-    notes = []
+    notes = _relative_notes(runs)
     for r in runs:
         if r["partial"]:
             n = len(CORRUPTIONS) * len(SEVERITIES)
