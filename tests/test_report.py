@@ -308,3 +308,24 @@ def test_registered_sections_render_their_schema_after_the_corruption_part(tmp_p
         assert only.startswith("## Toy section")  # no corruption results: no corruption part
     finally:
         sections.unregister("apr.toy/1")
+
+
+@pytest.mark.parametrize("dataset, baseline, normalisation", [
+    ("folder-c", None, "none"),  # a tree from another dataset: AlexNet's ImageNet-C errors mean nothing there
+    ("folder-c", "b", "baseline:b"),
+    ("imagenet-c", None, "alexnet"),
+])
+def test_folder_c_reports_raw_errors_unless_a_baseline_is_given(tmp_path, dataset, baseline, normalisation):
+    from apr.report import metrics_for
+
+    runs = [make_result("b", "none", dataset=dataset), make_result("s", "apr_sp", dataset=dataset, scale=0.7, seed=1)]
+    assert metrics_for(runs[1], runs[0] if baseline else None)["normalisation"] == normalisation
+    md = write_report(runs, tmp_path / "out", baseline=baseline).read_text()
+    row = {r["Run"]: r for r in parse_table(md, "## Results")}["s"]
+    if normalisation == "none":
+        assert row["mCE"] == "—" and "Raw errors: no CE / mCE" in md and "Rel. mCE —" not in md
+        fog = np.mean([c["error"] for c in runs[1]["corruptions"]["fog"].values()])
+        assert row["Fog"] == format_percent(100 * fog)  # the mean error, not a CE
+        assert not (tmp_path / "out" / "ce_per_corruption.png").exists()
+    else:
+        assert row["mCE"] != "—" and (tmp_path / "out" / "ce_per_corruption.png").is_file()
