@@ -160,3 +160,40 @@ def test_constraints_pin_versions_inside_the_supported_ranges():
         assert ranges.get(name) is None or ranges[name].contains(version), (name, version, ranges[name])
     ci = (ROOT / ".ci" / "run").read_text()
     assert 'pip install -c constraints.txt -e ".[dev]"' in ci
+
+
+# ----------------------------------------------------------------------------- README and docs
+
+DOCS_OF_OTHER_BRANCHES = {"docs/reliability.md", "docs/slurm.md", "docs/gpu.md", "docs/studies.md"}  # issue 18, 19, 21, 22
+
+
+def _readme() -> str:
+    if not (ROOT / "README.md").is_file():
+        pytest.skip("not a source checkout")
+    return (ROOT / "README.md").read_text()
+
+
+def test_readme_is_short_and_its_two_commands_are_what_ci_runs():
+    readme = _readme()
+    assert len(readme.splitlines()) <= 200
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    commands = [line for line in readme.splitlines() if line.startswith("python -m pip install")]
+    assert [c.split(" && ")[1] for c in commands] == ["python -m apr.demo", "python -m pytest -q"]
+    for command in commands:
+        install, run = command.split(" && ")
+        assert install in ci and (run in ci or run == "python -m apr.demo")
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/training.md", "docs/evaluation.md", "docs/ood.md",
+                                  "docs/adversarial.md", "docs/library.md", "docs/demo.md"])
+def test_relative_links_lead_to_files(page):
+    import re
+
+    _readme()
+    text = (ROOT / page).read_text()
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+        if "://" in target:
+            continue
+        path = ((ROOT / page).parent / target).resolve()
+        rel = path.relative_to(ROOT).as_posix() if ROOT in path.parents else str(path)
+        assert path.exists() or rel in DOCS_OF_OTHER_BRANCHES, f"{page}: {target}"
