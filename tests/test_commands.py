@@ -87,6 +87,8 @@ def test_layout_check_of_a_wrong_root_is_one_error_line(tmp_path):
 def test_recipes_are_package_data_and_configs_links_to_them():
     names = shipped_recipes()
     assert {"resnet50_apr_sp", "resnet50_baseline", "cifar10_wrn40_2_apr_sp", "demo"} <= set(names)
+    files = [p for p in recipes_root().rglob("*.yaml") if p.relative_to(recipes_root()).parts[0] != "studies"]
+    assert len(files) == len(names)  # one name, one file: no stem shipped twice
     assert all(path.is_file() and recipes_root() in path.parents for path in names.values())
     if (ROOT / "configs").exists():  # a source checkout: configs/ is the same folder, not a copy
         assert (ROOT / "configs").resolve() == (PACKAGE / "configs").resolve()
