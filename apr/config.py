@@ -30,6 +30,8 @@ __all__ = [
     "AdversarialConfig",
     "Config",
     "load_config",
+    "resolve_recipe",
+    "shipped_recipes",
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",
@@ -406,13 +408,49 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+RECIPE_SKIP = ("studies",)  # folders of apr/configs that hold other files than training recipes
+
+
+def recipes_root() -> Path:
+    """``apr/configs`` of the imported package (the checkout's ``configs/`` links to it)."""
+    import importlib.resources
+
+    return Path(str(importlib.resources.files("apr") / "configs"))
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """The training recipes shipped as package data (``apr/configs``), by name: the file stem."""
+    root = recipes_root()
+    files = sorted(p for p in root.rglob("*.yaml") if p.relative_to(root).parts[0] not in RECIPE_SKIP)
+    return {p.stem: p for p in files}
+
+
+def resolve_recipe(spec: str | Path) -> Path:
+    """A recipe given as a path, or by the name of a shipped one (``resnet50_apr_sp``, ``imagenet/...yaml``).
+
+    A file that exists wins, so a user's own ``my.yaml`` is never shadowed by a shipped name.
+    """
+    path = Path(spec)
+    if path.is_file():
+        return path
+    recipes = shipped_recipes()
+    parts = (path.with_suffix("") if path.suffix == ".yaml" else path).parts
+    name = parts[-1] if parts else ""
+    if name in recipes and recipes[name].with_suffix("").parts[-len(parts):] == parts:
+        return recipes[name]
+    import difflib
+
+    close = difflib.get_close_matches(name, list(recipes), n=5, cutoff=0.5)
+    hint = f"close names: {', '.join(close)}" if close else "none has a close name"
+    raise ConfigError(f"config file not found: {spec} is neither a file nor a shipped recipe ({hint}; "
+                      "`apr-train --list-configs` lists them all)")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML recipe (or start from defaults), apply overrides, validate."""
+    """Read a YAML recipe, a file or a shipped name (or start from defaults), apply overrides, validate."""
     data: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+        path = resolve_recipe(path)
         with open(path) as f:
             data = yaml.load(f, Loader=_UniqueKeyLoader) or {}
         if not isinstance(data, dict):

@@ -205,12 +205,13 @@ def summarise(results: list[dict], baseline_name: str, ood: list[dict] = (), adv
 
 
 def mean_std(values: list[float]) -> str:
-    """``mean ± std`` over seeds (std 0 for one seed), or n/a."""
+    """``mean ± std`` over seeds; one seed has no spread to show (a ``± 0.00`` would claim one), or n/a."""
     values = [v for v in values if v is not None]
     if not values:
         return "n/a"
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.2f} ± {spread:.2f}"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
 def _rows_of(per_seed: dict[int, list[dict]], aug: str) -> list[dict]:
@@ -263,7 +264,8 @@ def adversarial_table(per_seed: dict[int, list[dict]], augs: list[str]) -> str |
 def summary_markdown(per_seed: dict[int, list[dict]], augs: list[str], report_root: Path) -> str:
     """summary.md: the three tables over seeds and links to each seed's report and heat maps."""
     parts = ["# Demo summary (scikit-learn digits, 32x32)\n",
-             "Mean ± standard deviation over seeds; percentages.\n",
+             ("Mean ± standard deviation over seeds; percentages.\n" if len(per_seed) > 1
+              else "One seed (no spread to show); percentages.\n"),
              "## Corruptions (CE normalised by the baseline run of each seed)\n", corruption_table(per_seed, augs)]
     ood = ood_table(per_seed, augs)
     if ood is not None:
@@ -340,18 +342,37 @@ def _apply_quick(args) -> argparse.Namespace:
     return args
 
 
+def _stamp(marker: Path) -> tuple[int, int] | None:
+    try:
+        st = marker.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def built_once(label: str, marker: Path, build):
+    """Run a cached build and print ``label`` with "(cached)" only where nothing was written.
+
+    The build writes its completion ``marker`` last (apr.data.demo.build_cached); an unchanged marker
+    means the files on disk were reused."""
+    before = _stamp(marker)
+    result = build()
+    print(f"{label}{' (cached)' if before is not None and _stamp(marker) == before else ''}", flush=True)
+    return result
+
+
 def _demo(argv=None) -> int:
     from apr.corrupt import make_corrupted_tree
-    from apr.data.demo import build_demo_dataset
-    from apr.data.demo_ood import build_demo_ood_sets
+    from apr.data.demo import MARKER as DATA_MARKER, build_demo_dataset
+    from apr.data.demo_ood import MARKER as OOD_MARKER, build_demo_ood_sets
     from apr.io import atomic_write_json, atomic_write_text
 
     args = _apply_quick(parse_args(argv))
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    print("1/5 real dataset: scikit-learn digits as 32x32 RGB JPEGs (cached)", flush=True)
-    data_root = Path(build_demo_dataset(out / "data", image_size=32, seed=0))
+    data_root = built_once("1/5 real dataset: scikit-learn digits as 32x32 RGB JPEGs", out / "data" / DATA_MARKER,
+                           lambda: Path(build_demo_dataset(out / "data", image_size=32, seed=0)))
     c_root = out / ("digits-c" if args.corrupt_per_class is None else f"digits-c-{args.corrupt_per_class}")
     print(f"2/5 corruption tree: 15 corruptions x 5 severities -> {c_root}", flush=True)
     make_corrupted_tree(data_root / "val", c_root, resize=None, crop=None, workers=args.workers,
@@ -359,8 +380,10 @@ def _demo(argv=None) -> int:
     ood_folders = None
     if not args.no_ood:
         per_set = 100 if args.quick else OOD_PER_SET
-        print(f"    OOD sets: {per_set} crops each of sklearn/skimage photos and textures (cached)", flush=True)
-        ood_folders = build_demo_ood_sets(out / f"ood-{per_set}", image_size=32, per_set=per_set, seed=0)
+        ood_root = out / f"ood-{per_set}"
+        ood_folders = built_once(f"    OOD sets: {per_set} crops each of sklearn/skimage photos and textures",
+                                 ood_root / OOD_MARKER,
+                                 lambda: build_demo_ood_sets(ood_root, image_size=32, per_set=per_set, seed=0))
     with contextlib.ExitStack() as stack:
         recipe = Path(args.config) if args.config else stack.enter_context(packaged_recipe())
         print(f"recipe: {recipe}", flush=True)

@@ -547,3 +547,14 @@ def test_cli_heatmap_on_cifar_folder(tmp_path, digits_images):
 
     chosen = _stratified_subset(labels[:100], 20, seed=0)
     assert len(set(chosen.tolist())) == 20 and np.bincount(labels[:100][chosen], minlength=10).tolist() == [2] * 10
+
+
+@pytest.mark.parametrize("side_by_side", [False, True])
+def test_heatmap_colour_bar_is_in_percent_like_the_rest_of_the_report(side_by_side):
+    maps = [np.linspace(0.0, 1.0, 25).reshape(5, 5)] * 2
+    fig = plot_heatmaps_side_by_side(maps) if side_by_side else plot_heatmap(maps[0])
+    fig.canvas.draw()
+    bar = fig.axes[-1]
+    assert not bar.images and bar.get_ylabel() == "top-1 error (%)"
+    ticks = [float(t.get_text()) for t in bar.get_yticklabels() if t.get_text()]
+    assert min(ticks) == 0 and max(ticks) == 100  # not 0..1

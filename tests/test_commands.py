@@ -1,173 +1,201 @@
-"""The evaluator as a user drives it: clean-only evaluation, --max-images of every suite, the Python API
-``apr.evaluate`` (same numbers as the CLI's JSON), one precision default, attack defaults that follow the data."""
+"""Install and commands: every command is a console script that wraps its ``python -m`` main; recipes ship
+as package data, addressable by name; torch is a range, CI's exact versions live in constraints.txt."""
 
 from __future__ import annotations
 
-import json
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-from PIL import Image
 
 import apr
-from apr.checkpoint import save_checkpoint
-from apr.commands.evaluate import main as eval_main
-from apr.config import Config, config_to_dict
-from apr.models import create_model
+from apr.config import ConfigError, load_config, recipes_root, resolve_recipe, shipped_recipes
 
-CLASSES = [f"n{k:08d}" for k in range(4)]
-FAST = ["--backend", "torchvision", "--workers", "0", "--device", "cpu", "--no-progress", "--batch-size", "7"]
-API_FAST = dict(backend="torchvision", num_workers=0, device="cpu", progress=False, batch_size=7)
+PACKAGE = Path(apr.__file__).resolve().parent
+ROOT = PACKAGE.parent
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A cnn_tiny checkpoint for 32 px images (weights seeded, not trained: the numbers only need to agree)."""
-    cfg = Config()
-    cfg.data.image_size, cfg.data.val_resize = 32, 32
-    cfg.model.name, cfg.train.run_name = "cnn_tiny", "tiny"
-    torch.manual_seed(0)
-    model = create_model("cnn_tiny", 4).eval()
-    path = save_checkpoint({"model": model.state_dict(), "model_name": "cnn_tiny", "num_classes": 4,
-                            "classes": CLASSES, "config": config_to_dict(cfg), "epoch": 1, "step": 1},
-                           tmp_path_factory.mktemp("ckpt") / "tiny.pt")
-    return path, model, cfg
+def pyproject() -> dict:
+    path = ROOT / "pyproject.toml"
+    if not path.is_file():
+        pytest.skip("not a source checkout")
+    return tomllib.loads(path.read_text())
 
 
-@pytest.fixture(scope="module")
-def small_c_tree(imagenet_tree, tmp_path_factory) -> Path:
-    from apr.corrupt import make_corrupted_tree
-
-    dst = tmp_path_factory.mktemp("c") / "c"
-    make_corrupted_tree(imagenet_tree / "val", dst, corruptions=["snow", "contrast"], severities=(1, 2), resize=None,
-                        crop=None, workers=0, progress=False)
-    return dst
+COMMANDS = {  # console script -> the python -m module it stands for (the study runner uses the -m form)
+    "apr-train": "apr.commands.train", "apr-eval": "apr.commands.evaluate", "apr-ood": "apr.ood",
+    "apr-attack": "apr.adversarial", "apr-report": "apr.report", "apr-analysis": "apr.analysis",
+    "apr-corrupt": "apr.corrupt", "apr-layout": "apr.data.layout", "apr-demo": "apr.demo",
+    "apr-gpu-check": "apr.gpu_check",
+}
 
 
-def _reference_clean_error(model, cfg, val: Path) -> float:
-    """PIL decode + NumPy normalisation + a plain fp32 forward, per image."""
-    hits = []
-    for k, name in enumerate(CLASSES):
-        for path in sorted((val / name).iterdir()):
-            with Image.open(path) as img:
-                x = np.asarray(img.convert("RGB"), np.float32) / 255.0
-            x = (x - np.asarray(cfg.data.mean, np.float32)) / np.asarray(cfg.data.std, np.float32)
-            with torch.no_grad():
-                hits.append(int(model(torch.from_numpy(x.transpose(2, 0, 1).copy())[None]).argmax()) == k)
-    return 1.0 - float(np.mean(hits))
+def _entry(script: str):
+    module, _, attr = pyproject()["project"]["scripts"][script].partition(":")
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not in this checkout")  # apr.gpu_check arrives with the GPU check's branch
+    return getattr(importlib.import_module(module), attr)
 
 
-def test_val_alone_evaluates_the_clean_error(tiny, imagenet_tree, tmp_path):
-    path, model, cfg = tiny
-    assert eval_main(["--checkpoint", str(path), "--val", str(imagenet_tree / "val"), "--out", str(tmp_path),
-                      "--precision", "fp32", *FAST]) == 0
-    result = json.loads((tmp_path / "tiny.shift.json").read_text())
-    assert result["clean"]["count"] == 24 and result["suites"] == {}
-    assert result["clean"]["error"] == pytest.approx(_reference_clean_error(model, cfg, imagenet_tree / "val"))
-    assert (tmp_path / "report.md").is_file()
+def test_every_command_is_a_console_script():
+    assert set(pyproject()["project"]["scripts"]) == set(COMMANDS)
 
 
-def test_nothing_to_evaluate_still_names_the_options(tiny, tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        eval_main(["--checkpoint", str(tiny[0]), "--out", str(tmp_path)])
-    assert "--val DIR / --cifar DIR alone for the clean error" in capsys.readouterr().err
+@pytest.mark.parametrize("script", sorted(set(COMMANDS) - {"apr-gpu-check"}))
+def test_console_script_prints_its_help(script, capsys):
+    with pytest.raises(SystemExit) as done:
+        _entry(script)(["--help"])
+    assert done.value.code == 0 and "usage:" in capsys.readouterr().out
 
 
-def test_max_images_is_a_fixed_class_balanced_subset_of_every_cell(tiny, imagenet_tree, small_c_tree, tmp_path):
-    val = imagenet_tree / "val"
-    argv = ["--checkpoint", str(tiny[0]), "--imagenet-c", str(small_c_tree), "--val", str(val), "--out",
-            str(tmp_path), "--corruptions", "snow", "contrast", "--severities", "1", "2", "--suite",
-            f"imagenet-sketch={val}", "--max-images", "8", "--precision", "fp32", *FAST]
-    assert eval_main(argv) == 0
-    corruption = json.loads((tmp_path / "tiny.json").read_text())
-    shift = json.loads((tmp_path / "tiny.shift.json").read_text())
-    counts = [corruption["clean"]["count"]] + [cell["count"] for c in corruption["corruptions"].values()
-                                               for cell in c.values()]
-    counts.append(shift["suites"]["imagenet-sketch"]["cells"]["imagenet-sketch"]["count"])
-    assert counts == [8] * 6 and corruption["eval"]["max_images"] == 8
-    from apr.data.base import balanced_subset
-
-    labels = np.repeat(np.arange(4), 6)  # folder order: 6 images per class
-    assert np.bincount(labels[balanced_subset(labels, 8).numpy()]).tolist() == [2] * 4
-    # a full run is not mistaken for the subset's: the cells are evaluated again on every image
-    with pytest.warns(UserWarning, match="max_images"):
-        assert eval_main([a if a != "8" else "24" for a in argv]) == 0
-    assert json.loads((tmp_path / "tiny.json").read_text())["clean"]["count"] == 24
-
-
-@pytest.mark.parametrize("source", ["checkpoint", "module"])
-def test_python_api_returns_the_numbers_of_the_cli_json(source, tiny, imagenet_tree, small_c_tree, tmp_path):
-    path, model, cfg = tiny
-    val = str(imagenet_tree / "val")
-    assert eval_main(["--checkpoint", str(path), "--imagenet-c", str(small_c_tree), "--val", val, "--out",
-                      str(tmp_path / "cli"), "--corruptions", "snow", "contrast", "--severities", "1", "2",
-                      "--allow-partial", "--precision", "fp32", *FAST]) == 0
-    cli = json.loads((tmp_path / "cli" / "tiny.json").read_text())
-    given = path if source == "checkpoint" else create_model("cnn_tiny", 4)
-    if source == "module":
-        given.load_state_dict(model.state_dict())
-        extra = dict(classes=CLASSES, mean=cfg.data.mean, std=cfg.data.std, image_size=32, val_resize=32)
-    else:
-        extra = {}
-    result = apr.evaluate(given, imagenet_c=str(small_c_tree), val=val, corruptions=["snow", "contrast"],
-                          severities=[1, 2], allow_partial=True, precision="fp32", **API_FAST, **extra)["corruption"]
-    assert result["clean"]["error"] == pytest.approx(cli["clean"]["error"], abs=1e-6)
-    for c, cells in cli["corruptions"].items():
-        for s, cell in cells.items():
-            assert result["corruptions"][c][s]["error"] == pytest.approx(cell["error"], abs=1e-6)
-            assert result["corruptions"][c][s]["ece"] == pytest.approx(cell["ece"], abs=1e-5)
-    assert result["metrics"]["mce"] == pytest.approx(cli["metrics"]["mce"], abs=1e-4)
-
-
-def test_api_clean_only_of_an_in_memory_model(tiny, imagenet_tree):
-    path, model, cfg = tiny
-    out = apr.evaluate(model, val=str(imagenet_tree / "val"), mean=cfg.data.mean, std=cfg.data.std, image_size=32,
-                       val_resize=32, precision="fp32", max_images=12, **API_FAST)
-    assert set(out) == {"shift"} and out["shift"]["clean"]["count"] == 12
-
-
-def test_one_precision_default_gives_one_clean_ece_in_corruption_and_ood(tiny, imagenet_tree, small_c_tree,
-                                                                         tmp_path):
-    """The demo report showed the same model's clean ECE as 16.95 (corruptions, bf16) and 16.93 (OOD, fp32)."""
-    from apr.data.suites import make_suite
-    from apr.evaluation import EvalOptions, evaluate_checkpoint
-    from apr.ood import evaluate_ood
-
-    path, _, _ = tiny
-    val = imagenet_tree / "val"
-    options = EvalOptions(backend="torchvision", num_workers=0, device="cpu", progress=False,
-                          corruptions=["snow"], severities=[1])  # the demo's options: precision left at its default
-    corruption = evaluate_checkpoint(path, make_suite(imagenet_c=str(small_c_tree), val=str(val)), tmp_path, options)
-    ood = evaluate_ood(path, ood={"c": str(small_c_tree / "snow" / "2")}, out_dir=tmp_path, in_folder=val,
-                       backend="torchvision", num_workers=0, device="cpu", progress=False)
-    assert corruption["eval"]["precision"] == "fp32"
-    assert corruption["clean"]["ece"] == pytest.approx(ood["in_distribution"]["ece"], abs=1e-9)
-
-
-@pytest.mark.parametrize("data, eps, n", [("--val", "4/255", 5000), ("--cifar", "8/255", 10000)])
-def test_attack_defaults_follow_the_data(data, eps, n):
-    from apr.adversarial.__main__ import apply_data_defaults, build_parser
-
-    args = build_parser().parse_args(["--checkpoint", "a.pt", data, "d", "--out", "o"])
-    apply_data_defaults(args)
-    assert (args.eps, args.max_images, args.max_images_default) == (eps, n, True)
-    args = build_parser().parse_args(["--checkpoint", "a.pt", data, "d", "--out", "o", "--eps", "2/255",
-                                      "--max-images", "7"])
-    apply_data_defaults(args)
-    assert (args.eps, args.max_images, args.max_images_default) == ("2/255", 7, False)
-
-
-def test_an_imagenet_attack_prints_its_plan_and_cost_first(tiny, imagenet_tree, tmp_path, capsys):
-    from apr.adversarial.__main__ import main as adv_main
-
-    assert adv_main(["--checkpoint", str(tiny[0]), "--val", str(imagenet_tree / "val"), "--attack", "fgsm", "pgd",
-                     "--pgd-steps", "2", "--out", str(tmp_path), "--backend", "torchvision", "--workers", "0",
-                     "--device", "cpu", "--batch-size", "24"]) == 0
+@pytest.mark.parametrize("script", ["apr-layout", "apr-report", "apr-ood"])
+def test_console_script_user_error_is_one_error_line(script, tmp_path, capsys):
+    argv = {"apr-layout": [str(tmp_path / "nowhere")], "apr-report": [str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")],
+            "apr-ood": ["--checkpoint", str(tmp_path / "none.pt"), "--val", str(tmp_path), "--ood",
+                        f"x={tmp_path}", "--out", str(tmp_path / "o")]}[script]
+    if script == "apr-ood" and "--val" not in _help(script, capsys):
+        argv[argv.index("--val")] = "--in"  # before the shared flag vocabulary
+    assert _entry(script)(argv) == 2
     err = capsys.readouterr().err
-    # the 5,000-image default is more than the folder holds: every image (24), at 4/255
-    assert "Linf eps 4/255 on a fixed class-balanced subset of 24 of 24 images (ImageNet" in err
-    assert "estimated cost: 24 images x up to 3 forward/backward passes (fgsm 1, pgd 2) = 72 passes" in err
-    result = json.loads(next(tmp_path.glob("*.adv.json")).read_text())
-    assert result["attacks"]["pgd"]["settings"]["eps"] == pytest.approx(4 / 255)
+    assert err.startswith("error: ") and "Traceback" not in err and len(err.splitlines()) <= 2, err
+
+
+def _help(script, capsys) -> str:
+    with pytest.raises(SystemExit):
+        _entry(script)(["--help"])
+    return capsys.readouterr().out
+
+
+def test_layout_check_of_a_wrong_root_is_one_error_line(tmp_path):
+    """README's own check, as ``python -m``: no traceback for a folder that is not there."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "apr.data.layout", str(tmp_path / "imagenet")], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "RuntimeWarning" not in line]
+    assert lines[0] == f"error: dataset folder not found: {tmp_path / 'imagenet'}" and "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+def test_recipes_are_package_data_and_configs_links_to_them():
+    names = shipped_recipes()
+    assert {"resnet50_apr_sp", "resnet50_baseline", "cifar10_wrn40_2_apr_sp", "demo"} <= set(names)
+    files = [p for p in recipes_root().rglob("*.yaml") if p.relative_to(recipes_root()).parts[0] != "studies"]
+    assert len(files) == len(names)  # one name, one file: no stem shipped twice
+    assert all(path.is_file() and recipes_root() in path.parents for path in names.values())
+    if (ROOT / "configs").exists():  # a source checkout: configs/ is the same folder, not a copy
+        assert (ROOT / "configs").resolve() == (PACKAGE / "configs").resolve()
+    patterns = pyproject()["tool"]["setuptools"]["package-data"]["apr"]
+    for path in names.values():
+        rel = path.relative_to(PACKAGE)
+        assert any(rel.match(p) for p in patterns), rel
+
+
+@pytest.mark.parametrize("spec", ["resnet50_apr_sp", "resnet50_apr_sp.yaml", "imagenet/resnet50_apr_sp",
+                                  "configs/imagenet/resnet50_apr_sp.yaml"])
+def test_recipe_by_name_or_path_from_any_folder(spec, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_recipe(spec) == recipes_root() / "imagenet" / "resnet50_apr_sp.yaml"
+    assert load_config(spec).aug.name == "apr_sp"
+
+
+def test_a_file_wins_over_a_shipped_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("resnet50_apr_sp").write_text("aug: {name: apr_p}\n")
+    assert load_config("resnet50_apr_sp").aug.name == "apr_p"
+
+
+@pytest.mark.parametrize("spec, close", [("resnet50_aprsp", "resnet50_apr_sp"), ("cifar/resnet50_apr_sp", None),
+                                         ("zzz", None)])
+def test_unknown_recipe_is_one_error_naming_close_names(spec, close):
+    with pytest.raises(ConfigError, match="neither a file nor a shipped recipe") as err:
+        resolve_recipe(spec)
+    message = str(err.value)
+    assert "\n" not in message and "--list-configs" in message
+    assert (close in message) if close else ("none has a close name" in message or "close names" in message)
+
+
+def test_list_configs_names_every_shipped_recipe(capsys):
+    from apr.commands.train import main
+
+    assert main(["--list-configs"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list(shipped_recipes())
+    assert any(line.split()[1] == "imagenet/resnet50_apr_sp.yaml" and "ResNet-50" in line for line in lines)
+
+
+# ----------------------------------------------------------------------------- install
+
+
+def test_torch_is_a_range_and_dali_an_extra_per_cuda_major():
+    project = pyproject()["project"]
+    deps = {d.split(">")[0].split("=")[0].split("<")[0].strip(): d for d in project["dependencies"]}
+    assert "==" not in deps["torch"] and "==" not in deps["torchvision"]
+    assert not any(name.startswith("nvidia-dali") for name in deps)
+    extras = project["optional-dependencies"]
+    assert extras["dali-cuda12"][0].startswith("nvidia-dali-cuda120")
+    assert extras["dali-cuda13"][0].startswith("nvidia-dali-cuda130")
+    assert any(d.startswith("nvidia-dali-cuda120") for d in extras["dev"])  # the CPU twin stays tested
+
+
+def test_constraints_pin_versions_inside_the_supported_ranges():
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = pyproject()["project"]
+    ranges = {canonicalize_name(r.name): r.specifier for r in map(Requirement, project["dependencies"]
+                                                                   + project["optional-dependencies"]["dev"])}
+    pins = [Requirement(line) for line in (ROOT / "constraints.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+    assert all(str(p.specifier).startswith("==") for p in pins)
+    pinned = {canonicalize_name(p.name): p.specifier for p in pins}
+    assert set(ranges) <= set(pinned), set(ranges) - set(pinned)
+    for name, spec in pinned.items():
+        version = str(spec).lstrip("=")
+        assert ranges.get(name) is None or ranges[name].contains(version), (name, version, ranges[name])
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert 'pip install -c constraints.txt -e ".[dev]"' in ci
+
+
+# ----------------------------------------------------------------------------- README and docs
+
+DOCS_OF_OTHER_BRANCHES = {"docs/reliability.md", "docs/slurm.md", "docs/gpu.md", "docs/studies.md"}  # issue 18, 19, 21, 22
+
+
+def _readme() -> str:
+    if not (ROOT / "README.md").is_file():
+        pytest.skip("not a source checkout")
+    return (ROOT / "README.md").read_text()
+
+
+def test_readme_is_short_and_its_two_commands_are_what_ci_runs():
+    readme = _readme()
+    assert len(readme.splitlines()) <= 200
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    commands = [line for line in readme.splitlines() if line.startswith("python -m pip install")]
+    assert [c.split(" && ")[1] for c in commands] == ["python -m apr.demo", "python -m pytest -q"]
+    for command in commands:
+        install, run = command.split(" && ")
+        assert install in ci and (run in ci or run == "python -m apr.demo")
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/training.md", "docs/evaluation.md", "docs/ood.md",
+                                  "docs/adversarial.md", "docs/library.md", "docs/demo.md"])
+def test_relative_links_lead_to_files(page):
+    import re
+
+    _readme()
+    text = (ROOT / page).read_text()
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+        if "://" in target:
+            continue
+        path = ((ROOT / page).parent / target).resolve()
+        rel = path.relative_to(ROOT).as_posix() if ROOT in path.parents else str(path)
+        assert path.exists() or rel in DOCS_OF_OTHER_BRANCHES, f"{page}: {target}"

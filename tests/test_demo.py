@@ -196,3 +196,26 @@ def test_summary_tables_mean_and_std_over_seeds(tmp_path):
     bare = {0: [{k: v for k, v in r.items() if k not in ("ood", "adversarial")} for r in per_seed[0]]}
     assert ood_table(bare, ["none"]) is None and adversarial_table(bare, ["none"]) is None
     assert "Out-of-distribution" not in summary_markdown(bare, ["none", "apr_sp"], tmp_path)
+
+
+def test_one_seed_shows_no_spread(tmp_path):
+    from apr.demo import corruption_table, mean_std, summary_markdown
+
+    assert mean_std([12.0]) == "12.00" and mean_std([10.0, 14.0]) == "12.00 ± 2.83" and mean_std([None]) == "n/a"
+    one = {0: [_row("b0", "none", 10.0, 50.0, 100.0, 60.0, 80.0, 30.0),
+               _row("a0", "apr_sp", 12.0, 40.0, 80.0, 70.0, 60.0, 40.0)]}
+    assert "| APR-SP | 1 | 12.00 | 40.00 | 80.00 |" in corruption_table(one, ["none", "apr_sp"])
+    text = summary_markdown(one, ["none", "apr_sp"], tmp_path)
+    assert "±" not in text and "One seed" in text
+
+
+def test_demo_says_cached_only_when_the_data_was_reused(tmp_path, capsys):
+    from apr.data.demo import MARKER, build_demo_dataset
+    from apr.demo import built_once
+
+    def build():
+        return build_demo_dataset(tmp_path / "data", image_size=8, seed=0)
+
+    built_once("digits", tmp_path / "data" / MARKER, build)
+    built_once("digits", tmp_path / "data" / MARKER, build)
+    assert capsys.readouterr().out.splitlines() == ["digits", "digits (cached)"]

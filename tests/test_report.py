@@ -266,12 +266,15 @@ def test_rms_calibration_and_notes(tmp_path):
     assert "AlexNet clean error 43.45 % (hendrycks/robustness; torchvision's AlexNet: 43.478 %)" in md
 
 
-def test_undefined_relative_mce_shows_its_reason_next_to_the_dash(tmp_path):
+def test_undefined_relative_mce_is_a_dash_with_its_reason_in_a_note_under_the_table(tmp_path):
     base = make_result("b", "none", clean=0.95)  # corrupted error below its clean error: relative CE undefined
     md = write_report([base, make_result("s", "apr_sp", seed=1)], tmp_path / "out", baseline="b",
                       plots=False).read_text()
     rows = {r["Run"]: r for r in parse_table(md, "## Results")}
-    assert rows["s"]["Rel. mCE"].startswith("— (undefined for gaussian_noise")
+    assert rows["s"]["Rel. mCE"] == "—"
+    section = md.split("## Results", 1)[1].split("\n## ", 1)[0]
+    notes = [line for line in section.splitlines() if line.startswith("**Rel. mCE —**")]
+    assert len(notes) == 1 and "APR-SP" in notes[0] and "undefined for gaussian_noise" in notes[0]
 
 
 def test_resolve_baseline_in_a_results_folder(five_files, tmp_path):
@@ -305,3 +308,24 @@ def test_registered_sections_render_their_schema_after_the_corruption_part(tmp_p
         assert only.startswith("## Toy section")  # no corruption results: no corruption part
     finally:
         sections.unregister("apr.toy/1")
+
+
+@pytest.mark.parametrize("dataset, baseline, normalisation", [
+    ("folder-c", None, "none"),  # a tree from another dataset: AlexNet's ImageNet-C errors mean nothing there
+    ("folder-c", "b", "baseline:b"),
+    ("imagenet-c", None, "alexnet"),
+])
+def test_folder_c_reports_raw_errors_unless_a_baseline_is_given(tmp_path, dataset, baseline, normalisation):
+    from apr.report import metrics_for
+
+    runs = [make_result("b", "none", dataset=dataset), make_result("s", "apr_sp", dataset=dataset, scale=0.7, seed=1)]
+    assert metrics_for(runs[1], runs[0] if baseline else None)["normalisation"] == normalisation
+    md = write_report(runs, tmp_path / "out", baseline=baseline).read_text()
+    row = {r["Run"]: r for r in parse_table(md, "## Results")}["s"]
+    if normalisation == "none":
+        assert row["mCE"] == "—" and "Raw errors: no CE / mCE" in md and "Rel. mCE —" not in md
+        fog = np.mean([c["error"] for c in runs[1]["corruptions"]["fog"].values()])
+        assert row["Fog"] == format_percent(100 * fog)  # the mean error, not a CE
+        assert not (tmp_path / "out" / "ce_per_corruption.png").exists()
+    else:
+        assert row["mCE"] != "—" and (tmp_path / "out" / "ce_per_corruption.png").is_file()

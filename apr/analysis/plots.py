@@ -45,9 +45,16 @@ def _heatmap_image(ax, result, cmap: str, vmin: float, vmax: float):
     return image
 
 
+def _percent_colorbar(fig, image, ax):
+    """The colour bar in percent, as every other error of the report (the map itself holds fractions)."""
+    from matplotlib.ticker import FuncFormatter
+
+    return fig.colorbar(image, ax=ax, label="top-1 error (%)", format=FuncFormatter(lambda v, _: f"{100 * v:g}"))
+
+
 def plot_heatmap(result, path: str | Path | None = None, *, title: str | None = None, cmap: str = "viridis",
                  vmin: float = 0.0, vmax: float = 1.0):
-    """One heat map with a colour bar on a fixed 0..1 error scale; saved as PNG when ``path`` is given.
+    """One heat map with a colour bar on a fixed error scale (``vmin``/``vmax`` as fractions, shown in percent); saved as PNG when ``path`` is given.
 
     ``result``: a :class:`HeatmapResult` (its symmetric display region is shown) or a centred
     2-D array. Returns the matplotlib Figure.
@@ -59,7 +66,7 @@ def plot_heatmap(result, path: str | Path | None = None, *, title: str | None = 
         title = f"Fourier heat map (eps={result.eps:g}, {result.num_images} images)"
     if title:
         ax.set_title(title)
-    fig.colorbar(image, ax=ax, label="top-1 error")
+    _percent_colorbar(fig, image, ax)
     if path is not None:
         fig.savefig(path)
     return fig
@@ -83,7 +90,7 @@ def plot_heatmaps_side_by_side(results: Sequence, path: str | Path | None = None
             ax.set_title(titles[k])
         if k:
             ax.set_ylabel("")
-    fig.colorbar(image, ax=list(axes), label="top-1 error")
+    _percent_colorbar(fig, image, list(axes))
     if path is not None:
         fig.savefig(path)
     return fig

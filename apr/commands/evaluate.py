@@ -143,7 +143,9 @@ def _add_metrics(results: list[dict], baseline: dict | None, out: Path) -> None:
     base_name = baseline.get("run_name") if baseline else None
     for result in results:
         result["metrics"] = metrics_for(result, baseline)
-        if baseline is None:
+        if result["metrics"]["normalisation"] == "none":
+            print(f"{result['run_name']}: raw errors, no CE/mCE (a folder-c tree; --baseline RUN normalises by a run)")
+        elif baseline is None:
             print(f"{result['run_name']}: CE/mCE normalised by AlexNet's ImageNet-C errors")
         elif result["run_name"] == base_name:
             print(f"{result['run_name']}: this is the baseline run, evaluated once; its CE is 100 by definition")

@@ -1,7 +1,9 @@
 """Train an image classifier with Amplitude-Phase Recombination (APR-P / APR-S / APR-SP).
 
-    apr-train --config configs/imagenet/resnet50_apr_sp.yaml --set data.root=/data/imagenet
-    torchrun --nproc_per_node=8 -m apr.commands.train --config configs/imagenet/resnet50_apr_sp.yaml
+    apr-train --config resnet50_apr_sp --set data.root=/data/imagenet      # a shipped recipe, by name
+    apr-train --config my_recipe.yaml                                      # or any recipe file
+    apr-train --list-configs                                               # the shipped recipes
+    torchrun --nproc_per_node=8 -m apr.commands.train --config resnet50_apr_sp
     accelerate launch --multi_gpu --num_processes 8 -m apr.commands.train --config ...
     sbatch slurm/train.sh configs/imagenet/resnet50_apr_sp.yaml
 
@@ -21,7 +23,9 @@ from apr.cli import add_common
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML recipe (see configs/); without it the built-in defaults are used")
+    parser.add_argument("--config", help="a YAML recipe file, or the name of a shipped recipe (see --list-configs); "
+                                         "without it the built-in defaults are used")
+    parser.add_argument("--list-configs", action="store_true", help="list the shipped recipes by name and exit")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one recipe value, e.g. --set train.epochs=5 --set data.root=/data/imagenet "
                              "(values are read as YAML: 5, 0.1, true, [60, 120]); repeat as needed")
@@ -34,10 +38,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _recipe_list() -> str:
+    """One line per shipped recipe: its name, its file under apr/configs, and its first comment line."""
+    from apr.config import recipes_root, shipped_recipes
+
+    recipes = {name: (path, path.relative_to(recipes_root()).as_posix()) for name, path in shipped_recipes().items()}
+    name_w = max(map(len, recipes))
+    file_w = max(len(rel) for _, rel in recipes.values())
+    lines = []
+    for name, (path, rel) in recipes.items():
+        first = (path.read_text().splitlines() or [""])[0]
+        about = first.lstrip("# ").strip() if first.startswith("#") else ""
+        lines.append(f"{name:<{name_w}}  {rel:<{file_w}}  {about}".rstrip())
+    return "\n".join(lines)
+
+
 def _train(argv=None) -> int:
     from apr.config import config_to_dict, load_config
 
     args = parse_args(argv)
+    if args.list_configs:
+        print(_recipe_list())
+        return 0
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         from apr.train import resolve_num_threads

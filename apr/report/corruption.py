@@ -179,10 +179,14 @@ def _mean_or_none(values: list[float]) -> float | None:
 def metrics_for(result: Mapping[str, Any], baseline: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """CE, mCE, relative mCE, mean corruption error of a raw result: the one place where results are
     normalised, by ``baseline`` (a results dict) when given, else by AlexNet's ImageNet-C errors
-    (``apr.metrics.ALEXNET_ERRORS``, clean error ``ALEXNET_CLEAN_ERROR``). Missing cells mark it partial."""
+    (``apr.metrics.ALEXNET_ERRORS``, clean error ``ALEXNET_CLEAN_ERROR``), except a ``folder-c`` tree
+    (any other dataset): raw errors, no CE/mCE. Missing cells mark it partial."""
     name = result.get("run_name", "?")
+    # AlexNet's errors are ImageNet-C's: a tree made from another dataset (folder-c) stays raw without a baseline
+    raw = baseline is None and result.get("dataset") == "folder-c"
     try:
-        return compute_metrics(result, baseline_result=baseline, allow_partial=True)
+        return compute_metrics(result, baseline_result=baseline, allow_partial=True,
+                               normalisation="none" if raw else None)
     except MetricsError as exc:
         raise ReportError(f"run {name!r}: {exc}") from None
 
@@ -287,18 +291,30 @@ def _partial(value: float | None, partial: bool) -> str:
 
 
 def _relative(r: dict) -> str:
-    """Relative mCE, or the dash with its reason right next to it."""
+    """Relative mCE, or a dash whose reason is a note under the table (a sentence would swamp the cell)."""
     if r["relative_mce"] is None and r.get("relative_mce_reason"):
-        return f"— ({r['relative_mce_reason']})"
+        return "—"
     return _partial(r["relative_mce"], r["partial"])
+
+
+def _relative_notes(runs: list[dict]) -> list[str]:
+    """One note per reason why relative mCE is undefined, naming the runs it applies to."""
+    by_reason: dict[str, list[str]] = {}
+    for r in runs:
+        if r["relative_mce"] is None and r.get("relative_mce_reason") and r["normalisation"] != "none":
+            by_reason.setdefault(r["relative_mce_reason"], []).append(r["display_name"])
+    return [f"**Rel. mCE —** ({', '.join(names)}): {reason}." for reason, names in by_reason.items()]
 
 
 def _intro(summary: dict[str, Any]) -> list[str]:
     norm = summary["normalisation"]
-    norm_text = {"alexnet": "AlexNet (CE = 100 is AlexNet's error)"}.get(
-        norm, f"run {norm.split(':', 1)[-1]!r} (CE = 100 is that run's error)")
+    norm_text = {"alexnet": "CE and mCE normalised by AlexNet (CE = 100 is AlexNet's error)",
+                 "none": "Raw errors: no CE / mCE, since AlexNet's ImageNet-C errors mean nothing on this tree "
+                         "(pass --baseline RUN to normalise by one of the runs); the Results table's corruption "
+                         "columns hold each corruption's mean top-1 error over its severities"}.get(
+        norm, f"CE and mCE normalised by run {norm.split(':', 1)[-1]!r} (CE = 100 is that run's error)")
     out = ["# Robustness report", "",
-           f"Dataset: **{summary['dataset']}**. CE and mCE normalised by {norm_text}. "
+           f"Dataset: **{summary['dataset']}**. {norm_text}. "
            "All numbers are percentages; error = top-1 error. Relative mCE compares the error *increase* over "
            "clean with the reference's increase. Mean corr. err. is the unnormalised mean top-1 error over the "
            "15 corruptions and 5 severities. ECE: 15 equal-width confidence bins, clean test set. RMS calib. "
@@ -314,6 +330,13 @@ def _intro(summary: dict[str, Any]) -> list[str]:
     return out
 
 
+def _per_corruption(r: dict) -> list[float | None]:
+    """CE per corruption, or (raw errors: nothing to normalise by) its mean top-1 error over the severities."""
+    if r["normalisation"] != "none":
+        return [r["ce"].get(c) for c in CORRUPTIONS]
+    return [float(np.mean(list(r["errors"][c].values()))) if r["errors"].get(c) else None for c in CORRUPTIONS]
+
+
 def _results_table(runs: list[dict]) -> list[str]:
     header = ["Method", "Run", "Clean err.", "mCE", "Rel. mCE", "Mean corr. err.", "ECE"] + \
         [SHORT_NAMES[c] for c in CORRUPTIONS]
@@ -322,9 +345,9 @@ def _results_table(runs: list[dict]) -> list[str]:
         p = r["partial"]
         rows.append([r["display_name"], r["run_name"], format_percent(r["clean_error"]), _partial(r["mce"], p),
                      _relative(r), _partial(r["mean_corruption_error"], p),
-                     format_percent(r["ece_clean"])] + [format_percent(r["ce"].get(c)) for c in CORRUPTIONS])
+                     format_percent(r["ece_clean"])] + [format_percent(v) for v in _per_corruption(r)])
     out = ["## Results", ""] + markdown_table(header, rows)
-    notes = []
+    notes = _relative_notes(runs)
     for r in runs:
         if r["partial"]:
             n = len(CORRUPTIONS) * len(SEVERITIES)
@@ -455,8 +478,11 @@ def corruption_report(results: Sequence[Any], out: Path, baseline: Any = None, p
     ``baseline``: None (AlexNet), a run name, a method label, a results path or dict."""
     summary = summarize(results, baseline)
     figures = {"CE per corruption": "ce_per_corruption.png", "Error vs severity": "error_vs_severity.png"}
+    if summary["normalisation"] == "none":
+        del figures["CE per corruption"]  # raw errors: no CE to draw
     if plots:
-        _plot_ce(summary["runs"], out / figures["CE per corruption"], summary["normalisation"])
+        if "CE per corruption" in figures:
+            _plot_ce(summary["runs"], out / figures["CE per corruption"], summary["normalisation"])
         _plot_severity(summary["runs"], out / figures["Error vs severity"])
     else:
         figures = {}

@@ -1,0 +1,20 @@
+"""``apr-ood`` = ``python -m apr.ood``: out-of-distribution detection (AUROC / FPR95 / AUPR).
+
+Only the console-script wrapper: the command's flags and work live in ``apr.ood``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv=None) -> int:
+    """User errors print one ``error: ...`` line and return 2 (``--debug`` or APR_DEBUG=1 keeps the traceback)."""
+    from apr.cli import run_main
+    from apr.ood import main as command
+
+    return run_main(command, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
