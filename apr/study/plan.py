@@ -37,8 +37,10 @@ class Step:
     before: Callable[[], None] | None = field(default=None, repr=False)  # called before it runs (a new recipe)
 
 
-def _digest(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+def _digest(value, study: Study) -> str:
+    """Fingerprint of a step's inputs; the study folder counts as ``<out>``, so a moved study stays done."""
+    text = json.dumps(value, sort_keys=True, default=str).replace(str(study.out), "<out>")
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def slug(step_id: str) -> str:
@@ -136,7 +138,7 @@ def _training_steps(study: Study) -> tuple[list[Step], list[_Run]]:
             run_dir = study.out / "runs" / name
             final = run_dir / f"checkpoint-e{cfg.train.epochs:04d}-s{0:07d}.pt"
             step = Step(f"train:{name}", C.TRAIN, C.train_args(training.recipe, overrides), [],
-                        _digest(config_to_dict(cfg)), is_done=lambda: False, run=name)
+                        _digest(config_to_dict(cfg), study), is_done=lambda: False, run=name)
             step.is_done = lambda step=step, final=final: final.is_file() and _fingerprint_matches(study, step)
             step.before = lambda step=step, run_dir=run_dir: _set_aside(study, step, run_dir)
             steps.append(step)
@@ -164,7 +166,7 @@ def _baseline_run(study: Study, run: _Run, runs: list[_Run], section: dict | Non
 
 def _result_step(study: Study, step_id: str, module: str, args: list[str], needs: list[str],
                  outputs: list[Path], run: _Run) -> Step:
-    step = Step(step_id, module, args, needs, _digest([module, args]), is_done=lambda: False, run=run.name)
+    step = Step(step_id, module, args, needs, _digest([module, args], study), is_done=lambda: False, run=run.name)
     step.is_done = lambda: _fingerprint_matches(study, step) and results_done(outputs, run.checkpoint)
     return step
 
@@ -207,7 +209,7 @@ def _report_step(study: Study, evaluations: list[Step], runs: list[_Run]) -> Ste
                              else study.corruption)
     out = study.out / "report"
     args = C.report_args(study, folders, out, baseline)
-    step = Step("report", C.REPORT, args, [s.id for s in evaluations], _digest([C.REPORT, args]),
+    step = Step("report", C.REPORT, args, [s.id for s in evaluations], _digest([C.REPORT, args], study),
                 is_done=lambda: False)
 
     def done() -> bool:

@@ -42,7 +42,7 @@ def _sbatch(argv: list[str], dry_run: bool, echo, fake_id: list[int]) -> str:
     if dry_run:
         fake_id[0] += 1
         echo(shlex.join(command))
-        return f"<job{fake_id[0]}>"
+        return f"DRYRUN{fake_id[0]}"
     try:
         done = subprocess.run(command, capture_output=True, text=True, check=False)
     except FileNotFoundError:
