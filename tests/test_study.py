@@ -32,7 +32,7 @@ data: {{dataset: imagefolder, backend: torchvision, root: /nowhere, image_size: 
 aug: {{name: {aug}}}
 model: {{name: cnn_tiny, channels_last: false}}
 optim: {{lr: {lr}, lr_base_batch: 0, schedule: cosine}}
-train: {{epochs: 2, batch_size: 16, precision: fp32, val_every: 0, log_every: 5, num_threads: 1}}
+train: {{epochs: 1, batch_size: 16, precision: fp32, val_every: 0, log_every: 5, num_threads: 1}}
 checkpoint: {{keep_last: 1}}
 """
 
@@ -176,29 +176,41 @@ def test_failed_step_stops_only_what_needs_it(finished, tmp_path, study_data):
     assert json.loads((out / "eval" / "base_s0.json").read_text())["finished"]
 
 
-def test_killed_step_resumes_and_a_second_run_is_refused(finished, tmp_path):
+def test_killed_step_resumes(finished, tmp_path):
     path = copy_of(finished, tmp_path)
     out = path.parent / "out"
-    shutil.rmtree(out / "runs" / "sp_s0")  # sp trains again
+    recipe = path.parent / "recipe_sp.yaml"  # a longer sp run that saves after every step
+    recipe.write_text(recipe.read_text().replace("epochs: 1,", "epochs: 4,").replace("keep_last: 1", "every_steps: 1"))
+    shutil.rmtree(out / "runs" / "sp_s0")
+    record = out / ".study" / "steps" / "train_sp_s0.json"
     first = subprocess.Popen([sys.executable, "-m", "apr.study", "run", str(path), "--out", str(out)], env=env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        record = out / ".study" / "steps" / "train_sp_s0.json"
         deadline = time.time() + 300
-        while time.time() < deadline and not (record.is_file() and '"running"' in record.read_text()):
-            time.sleep(0.2)
-        assert '"running"' in record.read_text()
-        second = study_cli("run", path, "--out", out, check=False)
-        assert second.returncode == 2
-        assert re.search(rf"error: study tiny .* is already being run by pid {first.pid} on ", second.stderr)
-        assert states(path)["train:sp_s0"].startswith("running")
+        while time.time() < deadline and not ('"running"' in record.read_text()
+                                              and list((out / "runs" / "sp_s0").glob("checkpoint-*.pt"))):
+            time.sleep(0.1)
     finally:
-        os.killpg(first.pid, signal.SIGKILL)  # the runner and its step, as a crash or scancel would
+        os.killpg(first.pid, signal.SIGKILL)  # the runner and its step, as a crash would
         first.wait()
+    assert list((out / "runs" / "sp_s0").glob("checkpoint-*.pt")), "the training never saved a checkpoint"
     assert "interrupted" in states(path)["train:sp_s0"]
     done = study_cli("run", path, "--out", out)
     assert ran(done.stdout) == ["train:sp_s0", "eval:sp_s0", "ood:sp_s0", "report"]
+    assert "resumed from" in (out / "logs" / "train_sp_s0.log").read_text()
     assert all(state.startswith("done") for state in states(path).values())
+
+
+def test_second_run_is_refused_naming_the_first(study_data, tmp_path):
+    from apr.study.local import study_lock
+
+    path = write_study(tmp_path, study_data)
+    with study_lock(load_study(path, out=tmp_path / "out")):
+        second = study_cli("run", path, "--out", tmp_path / "out", check=False)
+    assert second.returncode == 2
+    assert re.search(rf"^error: study tiny .* is already being run by pid {os.getpid()} on \S+ since ",
+                     second.stderr, re.M), second.stderr
+    assert not (tmp_path / "out" / "runs").exists()
 
 
 # ----------------------------------------------------------------------------- study files

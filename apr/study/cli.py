@@ -32,17 +32,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _status(study, steps) -> int:
-    from apr.study.plan import log_path, read_record
+    from apr.study.plan import step_log, step_state
     from apr.study.slurm import job_alive
 
     for step in steps:
-        from apr.study.plan import step_state
-
         state = step_state(study, step, job_alive)
-        rec = read_record(study, step.id) or {}
-        log = rec.get("log", str(log_path(study, step.id)))
         detail = f" - {state.detail}" if state.detail else ""
-        print(f"{step.id:<40} {state.status:<8} {log}{detail}")
+        print(f"{step.id:<40} {state.status:<8} {step_log(study, step.id)}{detail}")
     return 0
 
 

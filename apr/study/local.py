@@ -63,7 +63,7 @@ def _run_step(study: Study, step: Step, python: str) -> bool:
         stream.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n")
         stream.flush()
         proc = subprocess.Popen(argv, stdout=stream, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        record(study, step, "running", pid=proc.pid, log=log)
+        record(study, step, "running", pid=os.getpid(), step_pid=proc.pid, log=log)  # the runner: it holds the lock
         try:
             rc = proc.wait()
         except BaseException:  # Ctrl-C: the step stops too, and is resumed next time

@@ -71,9 +71,17 @@ def record(study: Study, step: Step, status: str, **extra) -> None:
     from apr.io import atomic_write_json
     from apr.results import now
 
+    log = Path(extra.pop("log", log_path(study, step.id)))
+    log = log.relative_to(study.out) if log.is_relative_to(study.out) else log  # a moved study keeps its logs
     data = {"id": step.id, "status": status, "fingerprint": step.fingerprint, "host": socket.gethostname(),
-            "time": now(), "log": str(extra.pop("log", log_path(study, step.id))), **extra}
+            "time": now(), "log": str(log), **extra}
     atomic_write_json(state_dir(study) / "steps" / f"{slug(step.id)}.json", data)
+
+
+def step_log(study: Study, step_id: str, rec: dict | None = None) -> Path:
+    """The step's log file: where its record says (slurm's output file), else logs/<step>.log."""
+    rec = rec if rec is not None else read_record(study, step_id) or {}
+    return study.out / rec["log"] if rec.get("log") else log_path(study, step_id)
 
 
 # ----------------------------------------------------------------------------- done?
@@ -279,7 +287,7 @@ def step_state(study: Study, step: Step, jobs_alive: Callable[[str], bool | None
     rec = read_record(study, step.id)
     if rec is None or rec.get("fingerprint") != step.fingerprint:
         return StepState("pending", "inputs changed" if rec else "")
-    log = Path(rec.get("log", log_path(study, step.id)))
+    log = step_log(study, step.id, rec)
     if rec["status"] == "running":
         if rec.get("host") != socket.gethostname() or _alive(int(rec.get("pid", 0))):
             return StepState("running", f"pid {rec.get('pid')} on {rec.get('host')}")
