@@ -100,6 +100,7 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
+SchedulerParameters=bf_interval=1,sched_interval=2
 JobRequeue=1
 ReturnToService=2
 MinJobAge=3600
@@ -237,6 +238,11 @@ PartitionName=urgent Nodes={self.node} MaxTime=30 State=UP PriorityTier=10 Preem
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{what} not reached after {timeout} s")
             time.sleep(poll)
+
+    def pids(self, job_id: int | str, step: str = "0") -> list[int]:
+        """The processes of one step of a running job (``scontrol listpids``; step "batch" for the script)."""
+        out = self.run("scontrol", "listpids", str(job_id), check=False).stdout.splitlines()[1:]
+        return [int(f[0]) for f in (line.split() for line in out) if len(f) >= 3 and f[2] == step]
 
     def cancel(self, job_id: int | str, *args: str) -> None:
         self.run("scancel", *args, str(job_id))
