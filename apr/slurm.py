@@ -1,0 +1,104 @@
+"""``python -m apr.slurm MODULE [ARGS...]``: one ``srun`` task of slurm/train.sh or slurm/eval.sh.
+
+- Ranks come from slurm (:func:`apr.distributed.adopt_slurm_ranks`): ``srun`` starts one task per GPU
+  on every node, with no torchrun agent between slurm and the process, so slurm's signals reach the
+  process that has to act on them (a SIGTERM to ``srun`` or to torchrun's agent tears the step down).
+- SIGUSR1 (``#SBATCH --signal=USR1@120`` before the time limit, ``scancel --signal=USR1``) and SIGTERM
+  (preemption, ``scancel``) stop the task cleanly: training saves where it stands (its own
+  :class:`~apr.checkpoint.PreemptionFlag` is active in the loop); any other command stops where it is
+  (results files are rewritten after every finished cell, so nothing finished is lost).
+- After a stop by SIGUSR1, rank 0 requeues the job once (``scontrol requeue``), when every rank has
+  saved. After SIGTERM it does not: a preemption (PreemptMode=REQUEUE) is requeued by slurm itself, and
+  ``scancel`` means stop.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import signal
+import subprocess
+import sys
+
+from apr.checkpoint import PreemptionFlag
+from apr.distributed import adopt_slurm_ranks
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+MODULES = ("apr.commands.train", "apr.commands.evaluate", "apr.ood", "apr.adversarial", "apr.report")
+
+
+class Stopped(BaseException):
+    """Raised by a stop signal outside the training loop (a BaseException: ``except Exception`` in the
+    commands must not swallow it)."""
+
+
+def _stop(signum, frame):  # noqa: ARG001
+    PreemptionFlag.last_received = signum
+    raise Stopped(signal.Signals(signum).name)
+
+
+def _record(signum, frame):  # noqa: ARG001 - after the command: remember, never interrupt the exit
+    PreemptionFlag.last_received = signum
+
+
+def _set_handlers(handler) -> None:
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, handler)
+
+
+def run_module(module: str, args: list[str]) -> int:
+    """``python -m module args``, in this process; 0 when a stop signal ended it."""
+    sys.argv = [module, *args]
+    _set_handlers(_stop)
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+    except Stopped:
+        code = 0
+    except Exception as exc:  # a peer rank that stopped first can break a collective: still a stop
+        if PreemptionFlag.last_received is None:
+            raise
+        print(f"apr.slurm: {type(exc).__name__}: {exc} (while stopping)", file=sys.stderr)
+        code = 0
+    finally:
+        _set_handlers(_record)
+    return code
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+def requeue_if_asked() -> bool:
+    """Rank 0 of a job stopped by SIGUSR1 requeues it (``scontrol requeue``), once."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if PreemptionFlag.last_received != signal.SIGUSR1 or not job or _rank() != 0:
+        return False
+    print(f"apr.slurm: stopped by SIGUSR1 and saved; requeueing job {job}", file=sys.stderr, flush=True)
+    done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if done.returncode:
+        print(f"apr.slurm: scontrol requeue {job} failed: {done.stderr.strip()} "
+              "(submitted with --no-requeue?); resubmit to continue", file=sys.stderr)
+    return done.returncode == 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip() + f"\n\nMODULE: one of {', '.join(MODULES)}", file=sys.stderr)
+        return 0 if argv else 2
+    adopt_slurm_ranks()
+    code = run_module(argv[0], argv[1:])
+    if PreemptionFlag.last_received is not None:
+        name = signal.Signals(PreemptionFlag.last_received).name
+        print(f"apr.slurm: rank {_rank()} stopped cleanly after {name}", file=sys.stderr, flush=True)
+        requeue_if_asked()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
