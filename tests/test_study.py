@@ -63,16 +63,17 @@ def env() -> dict:
 
 
 def study_cli(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    kwargs.setdefault("env", env())
     done = subprocess.run([sys.executable, "-m", "apr.study", *map(str, args)], capture_output=True, text=True,
-                          env=env(), timeout=600, **kwargs)
+                          timeout=600, **kwargs)
     if check and done.returncode != 0:
         raise AssertionError(f"apr.study {' '.join(map(str, args))} -> {done.returncode}\n{done.stdout}\n{done.stderr}")
     return done
 
 
-def states(study: Path) -> dict[str, str]:
+def states(study: Path, **kwargs) -> dict[str, str]:
     """``apr-study status``: step id -> pending / running / done / failed (and the rest of its line)."""
-    lines = study_cli("status", study, "--out", study.parent / "out").stdout.splitlines()
+    lines = study_cli("status", study, "--out", study.parent / "out", **kwargs).stdout.splitlines()
     return {line.split()[0]: " ".join(line.split()[1:]) for line in lines}
 
 
@@ -281,3 +282,38 @@ def test_slurm_dry_run_submits_an_array_and_afterok_dependencies(study_data, tmp
     sp_eval = next(line for line in evals if "--module apr.commands.evaluate" in line and "sp_s0" in line)
     assert re.search(r"afterok:DRYRUN1_1:DRYRUN\d ", sp_eval)  # sp's after its training and base's evaluation
     assert "--module apr.report" in sbatch[-1] and sbatch[-1].count("DRYRUN") == 4
+
+
+# ----------------------------------------------------------------------------- the slurm launcher, on a real slurm
+
+
+def test_the_tiny_study_on_slurm(slurm_cluster, study_data, tmp_path):
+    """Trainings as a job array, evaluations afterok their training (and the baseline's evaluation), the report
+    afterok all of them; the test cluster keeps no accounting (no sacct), so job states come from scontrol."""
+    path = write_study(tmp_path, study_data)
+    with open(path, "a") as f:
+        f.write("slurm: {options: [--gpus-per-node=0, --ntasks-per-node=1, --cpus-per-task=1, --time=10]}\n")
+    out = tmp_path / "out"
+    run_env = {**slurm_cluster.env, **env()}
+    done = study_cli("run", path, "--out", out, "--launcher", "slurm", env=run_env)
+    jobs = dict(re.findall(r"^(\S+): submitted as (?:array task |job )(\S+)", done.stdout, re.M))
+    assert list(jobs) == STEPS, done.stdout
+    array = jobs["train:base_s0"].split("_")[0]
+    assert jobs["train:sp_s0"] == f"{array}_1"
+    queued = dict(line.split(None, 1) for line in slurm_cluster.run("squeue", "-h", "-o", "%i %E").stdout.splitlines()
+                  if line.strip())
+    assert f"afterok:{array}_1" in queued.get(jobs["eval:sp_s0"], ""), queued  # while the training runs
+    assert states(path, env=run_env)["eval:sp_s0"].startswith("running")  # submitted and queued
+    def finished_or_stuck():
+        reasons = slurm_cluster.run("squeue", "-h", "-o", "%r").stdout.split()
+        return "stuck" if "DependencyNeverSatisfied" in reasons else not reasons
+
+    assert slurm_cluster.wait_until(finished_or_stuck, timeout=600, what="every job of the study done") is True, (
+        "\n".join(f"{p.name}: {p.read_text()[-800:]}" for p in sorted((out / "logs").glob("*.out"))))
+    finished_jobs = [*slurm_cluster.array_jobs(array), *(slurm_cluster.job(j) for s, j in jobs.items() if "_" not in j)]
+    assert {j["JobState"] for j in finished_jobs} == {"COMPLETED"} and len(finished_jobs) == len(STEPS)
+    assert "base_s0" in (out / "report" / "report.md").read_text()
+    assert all(state.startswith("done") for state in states(path, env=run_env).values())
+    again = study_cli("run", path, "--out", out, "--launcher", "slurm", env=run_env).stdout
+    assert "submitted as" not in again and "submitted 0 step(s)" in again
+

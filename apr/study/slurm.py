@@ -61,6 +61,11 @@ def job_alive(job: str) -> bool | None:
     return done.returncode == 0 and bool(done.stdout.strip())
 
 
+def _options(study: Study, kind: str) -> list[str]:
+    """The study's extra sbatch options (partition, account, GPUs, time...): slurm: {options, train, eval}."""
+    return [*study.slurm.get("options", []), *study.slurm.get(kind, [])]
+
+
 def _train_array(study: Study, trainings: list[Step], dry_run: bool, echo, fake) -> dict[str, str]:
     """One job array for the trainings: line i of the args file = CONFIG and options of training i."""
     lines = []
@@ -76,7 +81,10 @@ def _train_array(study: Study, trainings: list[Step], dry_run: bool, echo, fake)
         atomic_write_text(args_file, "\n".join(lines) + "\n")
     output = study.out / "logs" / "train-%A_%a.out"
     job = _sbatch([f"--array=0-{len(trainings) - 1}", f"--job-name=apr-study-{study.name}", f"--output={output}",
-                   str(slurm_scripts() / "train.sh"), "--args-file", str(args_file)], dry_run, echo, fake)
+                   *_options(study, "train"), str(slurm_scripts() / "train.sh"), "--args-file", str(args_file)],
+                  dry_run, echo, fake)
+    for i, step in enumerate(trainings):
+        echo(f"{step.id}: submitted as array task {job}_{i}")
     return {step.id: f"{job}_{i}" for i, step in enumerate(trainings)}
 
 
@@ -88,6 +96,8 @@ def submit(study: Study, steps: list[Step], dry_run: bool = False, echo=print) -
         jobs = {s.id: states[s.id].detail.split()[-1] for s in steps
                 if states[s.id].status == "running" and states[s.id].detail.startswith("slurm job")}
         fake = [0]
+        if not dry_run:
+            (study.out / "logs").mkdir(parents=True, exist_ok=True)  # slurm does not create --output's folder
         trainings = [s for s in todo if s.module.endswith(".train")]
         if trainings:
             jobs.update(_train_array(study, trainings, dry_run, echo, fake))
@@ -96,8 +106,9 @@ def submit(study: Study, steps: list[Step], dry_run: bool = False, echo=print) -
             output = study.out / "logs" / f"{slug(step.id)}-%j.out"
             dependency = [f"--dependency=afterok:{':'.join(needs)}"] if needs else []
             jobs[step.id] = _sbatch([*dependency, f"--job-name=apr-study-{study.name}", f"--output={output}",
-                                     str(slurm_scripts() / "eval.sh"), "--module", step.module, *step.args],
-                                    dry_run, echo, fake)
+                                     *_options(study, "eval"), str(slurm_scripts() / "eval.sh"), "--module",
+                                     step.module, *step.args], dry_run, echo, fake)
+            echo(f"{step.id}: submitted as job {jobs[step.id]}" + (f" (afterok {', '.join(needs)})" if needs else ""))
         if not dry_run:
             for step in todo:
                 record(study, step, "submitted", job=jobs[step.id], log=_slurm_log(study, step, jobs[step.id]))

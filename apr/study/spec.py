@@ -48,7 +48,7 @@ class Study:
     ood: dict[str, Any] | None
     attacks: dict[str, Any] | None
     report: dict[str, Any] | None
-    checkpoint: str = "final"
+    slurm: dict[str, list[str]] = field(default_factory=dict)
     raw: dict = field(default_factory=dict, repr=False)
 
 
@@ -61,6 +61,7 @@ _SCHEMA: dict[str, Any] = {
     "ood": {"sets": "mapping", "options": "strings"},
     "attacks": {"attack": "strings", "eps": "strings", "options": "strings"},
     "report": {"baseline": str, "options": "strings"},
+    "slurm": {"options": "strings", "train": "strings", "eval": "strings"},  # extra sbatch options
 }
 _TRAINING = {"name": str, "recipe": str, "seeds": "ints", "set": "strings"}
 
@@ -208,7 +209,8 @@ def load_study(path: str | Path, sets: list[str] | None = None, out: str | Path 
     study = Study(name=name, file=path.resolve(), out=Path(out or data.get("out") or f"studies/{name}").resolve(),
                   paths=paths, gpus=data.get("gpus", 1), trainings=trainings, data=data.get("data", {}),
                   corruption=data.get("corruption"), suites=data.get("suites", {}), ood=data.get("ood"),
-                  attacks=data.get("attacks"), report=data.get("report", {}), raw=raw)
+                  attacks=data.get("attacks"), report=data.get("report", {}),
+                  slurm={k: list(map(str, v)) for k, v in data.get("slurm", {}).items()}, raw=raw)
     try:
         _check_sections(study)
     except StudyError as exc:
