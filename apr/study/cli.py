@@ -43,8 +43,6 @@ def _status(study, steps) -> int:
 
 
 def _dry_run_local(study, steps) -> int:
-    import sys as _sys
-
     from apr.study.commands import local_argv
     from apr.study.plan import step_state
 
@@ -53,7 +51,7 @@ def _dry_run_local(study, steps) -> int:
         if state.status == "done":
             print(f"# {step.id}: done")
         else:
-            print(shlex.join(local_argv(_sys.executable, step.module, step.args, study.gpus)))
+            print(shlex.join(local_argv(sys.executable, step.module, step.args, study.gpus)))
     return 0
 
 

@@ -52,7 +52,7 @@ class Study:
     raw: dict = field(default_factory=dict, repr=False)
 
 
-# key -> (type, required); nested schemas are dicts
+# key -> its kind (str, int, "strings", "mapping", ...); a dict is a nested section
 _SCHEMA: dict[str, Any] = {
     "name": str, "out": str, "paths": "mapping", "gpus": int, "set": "strings", "trainings": "trainings",
     "data": {"val": str, "cifar": str},
