@@ -25,6 +25,7 @@ from apr.checkpoint import PreemptionFlag
 from apr.distributed import adopt_slurm_ranks
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+RETRY_S = 1.0  # a swallowed Stopped is raised again this often (SIGALRM)
 MODULES = ("apr.commands.train", "apr.commands.evaluate", "apr.ood", "apr.adversarial", "apr.report")
 
 
@@ -33,9 +34,17 @@ class Stopped(BaseException):
     commands must not swallow it)."""
 
 
+_running = False  # a command is running: a stop signal may interrupt it
+
+
 def _stop(signum, frame):  # noqa: ARG001
-    PreemptionFlag.last_received = signum
-    raise Stopped(signal.Signals(signum).name)
+    """Raise Stopped now and again every second until it unwinds the command: an exception raised where
+    Python ignores them (a fork hook, a finalizer) would otherwise let the command run on."""
+    if signum != signal.SIGALRM:
+        PreemptionFlag.last_received = signum
+        signal.setitimer(signal.ITIMER_REAL, RETRY_S, RETRY_S)
+    if _running:
+        raise Stopped(signal.Signals(PreemptionFlag.last_received).name)
 
 
 def _set_handlers(handler) -> None:
@@ -45,10 +54,18 @@ def _set_handlers(handler) -> None:
 
 def run_module(module: str, args: list[str]) -> int:
     """``python -m module args``, in this process; 0 when a stop signal ended it."""
+    global _running
     sys.argv = [module, *args]
     _set_handlers(_stop)
+    signal.signal(signal.SIGALRM, _stop)
     try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        try:
+            _running = True
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        finally:  # done: later signals (the requeue's own SIGTERM) must not interrupt the exit
+            _running = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            _set_handlers(signal.SIG_IGN)  # (SIG_IGN, unlike a Python handler, outlives interpreter shutdown)
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -61,8 +78,6 @@ def run_module(module: str, args: list[str]) -> int:
             raise
         print(f"apr.slurm: {type(exc).__name__}: {exc} (while stopping)", file=sys.stderr)
         code = 0
-    finally:  # done: a late signal (the requeue's own SIGTERM) must not kill the exit
-        _set_handlers(signal.SIG_IGN)  # (SIG_IGN, unlike a Python handler, outlives interpreter shutdown)
     return code
 
 
