@@ -7,14 +7,15 @@
   (preemption, ``scancel``) stop the task cleanly: training saves where it stands (its own
   :class:`~apr.checkpoint.PreemptionFlag` is active in the loop); any other command stops where it is
   (results files are rewritten after every finished cell, so nothing finished is lost).
-- After a stop by SIGUSR1, rank 0 requeues the job once (``scontrol requeue``), when every rank has
-  saved. After SIGTERM it does not: a preemption (PreemptMode=REQUEUE) is requeued by slurm itself, and
-  ``scancel`` means stop.
+- Then rank 0 requeues the job once (``scontrol requeue``): after SIGUSR1, and after the SIGTERM of a
+  preemption (slurm requeues a preempted job only if it is still running when GraceTime ends; one that
+  saved and exited early would count as COMPLETED). After the SIGTERM of ``scancel`` it does not.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import runpy
 import signal
 import subprocess
@@ -24,6 +25,7 @@ from apr.checkpoint import PreemptionFlag
 from apr.distributed import adopt_slurm_ranks
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+RETRY_S = 1.0  # a swallowed Stopped is raised again this often (SIGALRM)
 MODULES = ("apr.commands.train", "apr.commands.evaluate", "apr.ood", "apr.adversarial", "apr.report")
 
 
@@ -32,13 +34,17 @@ class Stopped(BaseException):
     commands must not swallow it)."""
 
 
+_running = False  # a command is running: a stop signal may interrupt it
+
+
 def _stop(signum, frame):  # noqa: ARG001
-    PreemptionFlag.last_received = signum
-    raise Stopped(signal.Signals(signum).name)
-
-
-def _record(signum, frame):  # noqa: ARG001 - after the command: remember, never interrupt the exit
-    PreemptionFlag.last_received = signum
+    """Raise Stopped now and again every second until it unwinds the command: an exception raised where
+    Python ignores them (a fork hook, a finalizer) would otherwise let the command run on."""
+    if signum != signal.SIGALRM:
+        PreemptionFlag.last_received = signum
+        signal.setitimer(signal.ITIMER_REAL, RETRY_S, RETRY_S)
+    if _running:
+        raise Stopped(signal.Signals(PreemptionFlag.last_received).name)
 
 
 def _set_handlers(handler) -> None:
@@ -48,10 +54,18 @@ def _set_handlers(handler) -> None:
 
 def run_module(module: str, args: list[str]) -> int:
     """``python -m module args``, in this process; 0 when a stop signal ended it."""
+    global _running
     sys.argv = [module, *args]
     _set_handlers(_stop)
+    signal.signal(signal.SIGALRM, _stop)
     try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        try:
+            _running = True
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        finally:  # done: later signals (the requeue's own SIGTERM) must not interrupt the exit
+            _running = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            _set_handlers(signal.SIG_IGN)  # (SIG_IGN, unlike a Python handler, outlives interpreter shutdown)
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -64,8 +78,6 @@ def run_module(module: str, args: list[str]) -> int:
             raise
         print(f"apr.slurm: {type(exc).__name__}: {exc} (while stopping)", file=sys.stderr)
         code = 0
-    finally:
-        _set_handlers(_record)
     return code
 
 
@@ -73,12 +85,24 @@ def _rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
+def _preempted(job: str) -> bool:
+    """slurm set a PreemptTime: this SIGTERM is a preemption's (a scancel's has none)."""
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True).stdout
+    when = re.search(r"\bPreemptTime=(\S+)", out)
+    return bool(when) and when.group(1) not in ("None", "(null)", "Unknown")
+
+
 def requeue_if_asked() -> bool:
-    """Rank 0 of a job stopped by SIGUSR1 requeues it (``scontrol requeue``), once."""
-    job = os.environ.get("SLURM_JOB_ID")
-    if PreemptionFlag.last_received != signal.SIGUSR1 or not job or _rank() != 0:
+    """Rank 0 requeues the job, once: after SIGUSR1 (the time-limit warning, or by hand), and after a
+    preemption's SIGTERM (a job whose tasks all exit 0 before GraceTime ends counts as COMPLETED and
+    slurm would not requeue it). Never after a scancel's SIGTERM."""
+    job, sig = os.environ.get("SLURM_JOB_ID"), PreemptionFlag.last_received
+    if not job or _rank() != 0 or sig not in STOP_SIGNALS:
         return False
-    print(f"apr.slurm: stopped by SIGUSR1 and saved; requeueing job {job}", file=sys.stderr, flush=True)
+    if sig == signal.SIGTERM and not _preempted(job):
+        return False
+    why = "stopped by SIGUSR1" if sig == signal.SIGUSR1 else "preempted"
+    print(f"apr.slurm: {why} and saved; requeueing job {job}", file=sys.stderr, flush=True)
     done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
     if done.returncode:
         print(f"apr.slurm: scontrol requeue {job} failed: {done.stderr.strip()} "
