@@ -39,6 +39,7 @@ __all__ = [
     "find_latest_checkpoint",
     "checkpoint_position",
     "PreemptionFlag",
+    "ignore_stop_signals",
     "TrainingDiverged",
     "RunFolderBusy",
     "RunLock",
@@ -255,6 +256,7 @@ class PreemptionFlag:
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    last_received: int | None = None  # process-wide: which signal stopped the run (apr.slurm requeues on USR1)
 
     def __init__(self):
         self.received: int | None = None
@@ -262,6 +264,7 @@ class PreemptionFlag:
 
     def _handle(self, signum, frame):  # noqa: ARG002
         self.received = signum
+        PreemptionFlag.last_received = signum
 
     def __enter__(self) -> "PreemptionFlag":
         for sig in self.SIGNALS:
@@ -279,6 +282,13 @@ class PreemptionFlag:
     @property
     def is_set(self) -> bool:
         return self.received is not None
+
+
+def ignore_stop_signals(*_) -> None:
+    """In a data-loading worker process: leave SIGTERM/SIGUSR1 to the parent. slurm signals every process of
+    a step; a worker killed by it would break the parent's save at the signal (the parent ends the workers)."""
+    for sig in PreemptionFlag.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 # ---------------------------------------------------------------------------------------

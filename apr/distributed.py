@@ -3,17 +3,20 @@
 Training goes through accelerate; evaluation commands run under plain ``torchrun`` and only need
 the rank, the world size, a device and two collectives (sum counts, gather per-sample scores).
 One process without torchrun is a world of one: every function here is then a no-op.
+Under ``srun`` (one task per GPU, no torchrun) :func:`adopt_slurm_ranks` turns slurm's task
+variables into the ones torchrun would set, so accelerate and :func:`join_world` need nothing else.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["World", "join_world", "resolve_device", "all_reduce_sum", "all_gather_cat"]
+__all__ = ["World", "adopt_slurm_ranks", "join_world", "resolve_device", "all_reduce_sum", "all_gather_cat"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,35 @@ class World:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def adopt_slurm_ranks(environ=os.environ) -> bool:
+    """Set RANK / LOCAL_RANK / WORLD_SIZE / LOCAL_WORLD_SIZE / MASTER_ADDR / MASTER_PORT from an
+    ``srun`` step of several tasks (SLURM_PROCID, SLURM_LOCALID, SLURM_STEP_NUM_TASKS), as Lightning's
+    SLURMEnvironment and submitit do. No-op (False) under torchrun (RANK set) or outside such a step:
+    a batch script's own shell has no step, and a one-task step is a world of one."""
+    tasks = int(environ.get("SLURM_STEP_NUM_TASKS", "1") or 1)
+    if "RANK" in environ or "SLURM_PROCID" not in environ or tasks <= 1:
+        return False
+    nodes = int(environ.get("SLURM_STEP_NUM_NODES", environ.get("SLURM_NNODES", "1")) or 1)
+    environ.update(RANK=environ["SLURM_PROCID"], LOCAL_RANK=environ.get("SLURM_LOCALID", "0"),
+                   WORLD_SIZE=str(tasks), LOCAL_WORLD_SIZE=str(max(1, tasks // max(1, nodes))))
+    if "MASTER_ADDR" not in environ:
+        environ["MASTER_ADDR"] = _head_node(environ.get("SLURM_STEP_NODELIST", environ.get("SLURM_JOB_NODELIST", "")))
+    environ.setdefault("MASTER_PORT", str(20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000))
+    return True
+
+
+def _head_node(nodelist: str) -> str:
+    """The first host of a slurm node list (``node[01-04]`` compressed), through ``scontrol`` as sbatch does."""
+    if not nodelist:
+        return "127.0.0.1"
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=30, check=True).stdout.split()
+        return out[0] if out else nodelist
+    except (OSError, subprocess.SubprocessError):
+        return nodelist.split(",")[0]
 
 
 def join_world(device_hint: str | torch.device | None = None) -> World:

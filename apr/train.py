@@ -46,6 +46,7 @@ from apr.checkpoint import (
 )
 from apr.config import Config, config_to_dict, save_config
 from apr.inference import ImageClassifier, predict_batches, resolve_precision
+from apr.io import atomic_open
 from apr.models import create_model
 from apr.optim import build_optimizer, build_scheduler, make_lr_lambda, scaled_lr, set_cyclic_momentum
 
@@ -207,6 +208,22 @@ class RunLog:
             self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
         except Exception:  # tensorboard is optional
             self.tensorboard = None
+
+    def forget_after(self, global_step: int) -> int:
+        """Drop the rows logged after ``global_step`` (a run killed after its last save logged steps that the
+        resumed run trains again), so each (epoch, step) appears once; the number dropped."""
+        if not self.enabled or not self.path.exists():
+            return 0
+        with open(self.path, newline="") as f:
+            rows = list(csv.reader(f))
+        col = rows[0].index("global_step") if rows and "global_step" in rows[0] else None
+        if col is None:
+            return 0
+        kept = [r for r in rows[1:] if not (len(r) > col and r[col].isdigit() and int(r[col]) > global_step)]
+        if len(kept) < len(rows) - 1:
+            with atomic_open(self.path, "w") as f:
+                csv.writer(f).writerows([rows[0], *kept])
+        return len(rows) - 1 - len(kept)
 
     def write(self, **row) -> None:
         if not self.enabled:
@@ -423,8 +440,10 @@ def restore_run(run: Run, path: Path) -> ResumePoint:
         if run.is_main:
             print(f"checkpoint was written by {written_by} processes, now {run.world}: "
                   "the interrupted epoch restarts from its first batch", file=sys.stderr)
+    dropped = run.log.forget_after(run.global_step)
     if run.is_main:
-        print(f"resumed from {path} at epoch {point.epoch + 1}, step {point.step}", file=sys.stderr)
+        print(f"resumed from {path} at epoch {point.epoch + 1}, step {point.step}"
+              + (f" (dropped {dropped} metrics.csv rows logged after it)" if dropped else ""), file=sys.stderr)
     return point
 
 

@@ -105,3 +105,6 @@ def sample_photos(height: int, width: int) -> np.ndarray:
 
     return np.stack([np.asarray(Image.fromarray(im).resize((width, height), Image.BILINEAR))
                      for im in load_sample_images().images])
+
+
+from slurm_cluster import slurm_cluster  # noqa: E402,F401  (session fixture: a real one-node slurm)

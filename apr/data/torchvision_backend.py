@@ -21,6 +21,8 @@ from typing import Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from apr.checkpoint import ignore_stop_signals
+
 from .base import (SeededPosition, SkipList, epoch_permutation, eval_shard, mix_seed, to_device_batch,
                    train_shard_size)
 from .layout import ImageDecodeError
@@ -137,7 +139,7 @@ class TorchvisionImageLoader(SeededPosition):
         batches = [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
         loader = DataLoader(self._dataset, batch_sampler=batches, num_workers=self.num_workers, collate_fn=_collate,
                             pin_memory=self.device.type == "cuda", persistent_workers=False,
-                            prefetch_factor=4 if self.num_workers else None,
+                            prefetch_factor=4 if self.num_workers else None, worker_init_fn=ignore_stop_signals,
                             generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch)))  # not the global RNG
         for images, labels, bad in loader:
             if self.epoch != epoch:
