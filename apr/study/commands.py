@@ -1,4 +1,4 @@
-"""Every step's command line, in one place: the flags of apr's commands as they are spelled today.
+"""Every step's command line, in one place, in the one flag vocabulary of apr.cli.
 
 A step is ``(module, args)``; the launchers add ``python -m`` / ``torchrun`` (local) or hand the
 same pair to slurm/*.sh. When a command's flags are renamed, this module is the one to change.
@@ -18,15 +18,15 @@ def train_args(recipe: Path, overrides: list[str]) -> list[str]:
     return ["--config", str(recipe), *sets, "--resume", "auto", "--no-progress"]
 
 
-def _data(study, flag_folder: str = "--val", flag_cifar: str = "--cifar") -> list[str]:
+def _data(study) -> list[str]:
     if "cifar" in study.data:
-        return [flag_cifar, study.data["cifar"]]
-    return [flag_folder, study.data["val"]]
+        return ["--cifar", study.data["cifar"]]
+    return ["--val", study.data["val"]]
 
 
 def evaluate_args(study, checkpoint: Path, out: Path, baseline: str | None) -> list[str]:
     """Corruption cells (ImageNet-C / CIFAR-C) and the --suite sets of one checkpoint; no report yet."""
-    args = ["--checkpoint", str(checkpoint), "--out", str(out), "--no-report", "--quiet"]
+    args = ["--checkpoint", str(checkpoint), "--out", str(out), "--no-report", "--no-progress"]
     if study.corruption:
         root = study.corruption["root"]
         args += ["--cifar-c", root] if "cifar" in study.data else ["--imagenet-c", root]
@@ -40,8 +40,8 @@ def evaluate_args(study, checkpoint: Path, out: Path, baseline: str | None) -> l
 
 def ood_args(study, checkpoint: Path, out: Path) -> list[str]:
     sets = [f"{name}={path}" for name, path in study.ood["sets"].items()]
-    return ["--checkpoint", str(checkpoint), *_data(study, "--in", "--in-cifar"), "--ood", *sets,
-            "--out", str(out), "--quiet", *map(str, study.ood.get("options", []))]
+    return ["--checkpoint", str(checkpoint), *_data(study), "--ood", *sets,
+            "--out", str(out), "--no-progress", *map(str, study.ood.get("options", []))]
 
 
 def attack_args(study, checkpoint: Path, out: Path, eps: str) -> list[str]:
