@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default=None, choices=BACKENDS,
                    help="image decoding for --val (default: the checkpoint's data.backend)")
     p.add_argument("--workers", type=int, default=4, help="decoding threads for --val")
+    p.add_argument("--image-size", type=int, default=None, metavar="PX",
+                   help="--val images are centre-cropped to this size (default: the checkpoint's data.image_size)")
+    p.add_argument("--resize", type=int, default=None, metavar="PX",
+                   help="shorter side of --val images before the crop (default: a CIFAR checkpoint's image size, "
+                        "an ImageNet-layout checkpoint's data.val_resize)")
     return p
 
 

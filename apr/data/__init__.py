@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -27,6 +28,7 @@ __all__ = [
     "DatasetLayoutError", "ImageDecodeError", "ImageFolderIndex", "scan_image_folder", "scan_train_roots",
     "build_train_loader", "build_val_loader", "build_folder_eval_loader", "build_image_loader",
     "load_cifar", "load_cifar_c", "cifar_name_for", "TensorBatchLoader", "CIFAR_FOLDERS", "BACKENDS", "resolve_backend",
+    "Preprocessing", "eval_preprocessing",
 ]
 
 
@@ -69,6 +71,35 @@ def build_image_loader(files: Sequence[str], labels: Sequence[int], classes: Seq
     from .torchvision_backend import TorchvisionImageLoader
 
     return TorchvisionImageLoader(files, labels, classes, num_workers=num_workers, **kwargs)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an evaluated image reaches the model: shorter side resized to ``resize``, centre crop ``image_size``."""
+
+    image_size: int
+    resize: int
+
+    def describe(self) -> str:
+        return f"resize shorter side to {self.resize}, centre crop {self.image_size}"
+
+
+def eval_preprocessing(data_cfg, *, image_size: int | None = None, resize: int | None = None) -> Preprocessing:
+    """The ONE preprocessing rule for a checkpoint's evaluation sets (eval, OOD, attacks): its own input size.
+
+    A CIFAR checkpoint (32 px arrays, no resize in training) sees a full-size photo whole at its input
+    size (resize 32 + centre crop 32, as the OOD literature's code does); an ImageNet-layout checkpoint
+    sees what its own validation saw (``data.val_resize``, then ``data.image_size``). ``image_size`` /
+    ``resize`` override (``--image-size`` / ``--resize``); a new size alone scales the resize with it."""
+    size = int(image_size or data_cfg.image_size)
+    if resize is None:
+        if data_cfg.dataset in CIFAR_FOLDERS:
+            resize = size
+        else:
+            resize = round(int(data_cfg.val_resize) * size / int(data_cfg.image_size))
+    if size < 1 or int(resize) < 1:
+        raise DatasetLayoutError(f"image size and resize must be >= 1 pixel, got {size} and {resize}")
+    return Preprocessing(size, int(resize))
 
 
 def _split_root(cfg, split_dir: str) -> Path:

@@ -7,11 +7,19 @@ Corrupt-file policy (a multi-day run must not die on one bad JPEG):
 
 - ``verify=True`` (``cfg.data.verify_images``, the default): while scanning, each file's first and
   last bytes are read (no decode): a JPEG must start with SOI ``FF D8`` and hold EOI ``FF D9`` in its
-  last 4 KiB, a PNG must carry its 8-byte signature and ``IEND`` near its end; GIF/BMP/WebP/TIFF must
+  last 4 KiB, a PNG must carry its 8-byte signature and ``IEND`` near its end; BMP/WebP/TIFF/PNM must
   carry their signature; zero-byte files fail. Bad files are skipped, listed in ``index.skipped`` and
   reported once in a warning naming the first few. This catches truncated copies, text/HTML error
   pages saved as ``.JPEG`` and empty files, which are the failures seen in practice; it costs two
   small reads per file (parallel threads), not a decode.
+- ``decode=True`` (every evaluation set, and DALI training): each file that passes is also decoded
+  by PIL (JPEGs in DCT-scaled draft mode, which still reads every entropy-coded block). This finds a
+  valid header on a scrambled body, which DALI would otherwise decode into garbage and score, and
+  images PIL refuses to open (a 16000 x 16000 PNG): so every backend skips, counts and names the same
+  files. Cost measured here (one core): 0.07 ms per 32 px JPEG, 0.19 ms per 224 px ImageNet-C JPEG,
+  0.75 ms per 500 x 375 photo, against 0.007 ms for the header check.
+- GIF files are refused by the check on every backend: DALI cannot decode GIF, and a set must not be
+  scored differently by different backends.
 - ``verify=False``: nothing is checked; an undecodable file then stops DALI with
   :class:`ImageDecodeError` (DALI 2.4's own error says only ``nvImageCodec failure`` and not which
   file, see ``apr.data.dali``), and the torchvision backend raises it naming the file.
@@ -37,6 +45,7 @@ __all__ = [
     "scan_image_folder",
     "scan_train_roots",
     "check_image_file",
+    "decode_problem",
     "find_undecodable",
     "folder_fingerprint",
     "find_missing_cells",
@@ -45,7 +54,7 @@ __all__ = [
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 _TAIL = 4096
-_SIGNATURES = (b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*", b"P6", b"P5")
+_SIGNATURES = (b"BM", b"II*\x00", b"MM\x00*", b"P6", b"P5")
 
 
 class DatasetLayoutError(UserError, ValueError):
@@ -76,8 +85,31 @@ class ImageFolderIndex:
         return counts
 
 
-def check_image_file(path: str | os.PathLike) -> str | None:
-    """Cheap header/trailer check; returns None if plausible, else a short reason."""
+def check_image_file(path: str | os.PathLike, decode: bool = False) -> str | None:
+    """Cheap header/trailer check (and, with ``decode``, a PIL decode); None if usable, else a short reason."""
+    reason = _check_header(path)
+    if reason is None and decode:
+        reason = decode_problem(path)
+    return reason
+
+
+def decode_problem(path: str | os.PathLike) -> str | None:
+    """Why PIL cannot decode ``path`` (None if it can). JPEGs decode in draft mode (1/8 scale in the DCT
+    domain: every entropy-coded block is still read, so a scrambled body fails as in a full decode)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            if img.format == "JPEG":
+                img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+            img.load()
+    except Exception as exc:  # PIL raises OSError, SyntaxError, DecompressionBombError ... for bad data
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        return f"undecodable: {type(exc).__name__}: {text}".rstrip(": ")
+    return None
+
+
+def _check_header(path: str | os.PathLike) -> str | None:
     try:
         size = os.path.getsize(path)
         if size == 0:
@@ -97,6 +129,8 @@ def check_image_file(path: str | os.PathLike) -> str | None:
         return None if b"IEND" in tail else "truncated PNG (no IEND chunk)"
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return None
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF image: not decoded by every backend (DALI cannot), so skipped by all; convert it to PNG"
     if any(head.startswith(sig) for sig in _SIGNATURES):
         return None
     return "not an image (unknown file signature)"
@@ -116,13 +150,14 @@ def _class_dirs(root: Path) -> list[str]:
 
 def scan_image_folder(root: str | os.PathLike, classes: Sequence[str] | None = None, verify: bool = True,
                       *, allow_missing_classes: bool = False, allow_empty: bool = False,
-                      workers: int = 16, warn: bool = True) -> ImageFolderIndex:
+                      workers: int = 16, warn: bool = True, decode: bool = False) -> ImageFolderIndex:
     """Index ``<root>/<class>/<image>``.
 
     ``classes``: a fixed class list (e.g. from the training set or a checkpoint); a folder that is not
     in it is an error. Without it the classes are the sorted folder names. ``allow_missing_classes``:
     classes of the list may lack a folder (ImageNet-C cells, subsets). ``allow_empty``: an empty class
-    folder is accepted (evaluation trees), else it is an error naming the folder.
+    folder is accepted (evaluation trees), else it is an error naming the folder. ``decode``: the
+    files that pass the header check are decoded too (:func:`decode_problem`).
     """
     root = Path(root)
     if not root.exists():
@@ -157,7 +192,7 @@ def scan_image_folder(root: str | os.PathLike, classes: Sequence[str] | None = N
     skipped: list[str] = []
     if verify and files:
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            reasons = list(pool.map(check_image_file, files, chunksize=256))
+            reasons = list(pool.map(lambda f: check_image_file(f, decode), files, chunksize=256))
         keep = [r is None for r in reasons]
         skipped = [f"{f} ({r})" for f, r in zip(files, reasons) if r is not None]
         files = [f for f, k in zip(files, keep) if k]

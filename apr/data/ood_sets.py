@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -66,10 +67,13 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def describe(self) -> dict:
-        """The JSON block of this set (without scores)."""
-        return {"kind": self.kind, "path": self.path, "fingerprint": dict(self.fingerprint), "count": len(self),
-                "skipped_count": self.skipped_count, "skipped": list(self.skipped)}
+    def describe(self, scored: int | None = None, decode_skipped: Sequence[str] = ()) -> dict:
+        """The JSON block of this set (without scores). ``scored``: the images actually scored (a file the
+        loader could not decode is not); ``decode_skipped``: those files, counted and named with the rest."""
+        skipped = list(self.skipped) + list(decode_skipped)
+        return {"kind": self.kind, "path": self.path, "fingerprint": dict(self.fingerprint),
+                "count": len(self) if scored is None else int(scored),
+                "skipped_count": self.skipped_count + len(decode_skipped), "skipped": skipped[:MAX_LISTED_SKIPS]}
 
     def loader(self, *, batch_size: int, image_size: int, resize: int, backend: str = "auto", num_workers: int = 2,
                rank: int = 0, world_size: int = 1, local_rank: int = 0, device: torch.device | str = "cpu"):
@@ -179,7 +183,8 @@ def _image_folder(name: str, root: Path, max_images: int | None) -> ImageSet:
     if not found:
         raise OODSetError(f"OOD set {name!r}: no image files ({', '.join(IMG_EXTENSIONS)}) under {root}; "
                           "for CIFAR give the cifar-10-batches-py / cifar-100-python folder, for SVHN the .mat")
-    reasons = [check_image_file(p) for p in found]
+    with ThreadPoolExecutor(16) as pool:  # header check + PIL decode: every backend scores the same files
+        reasons = list(pool.map(lambda p: check_image_file(p, decode=True), found, chunksize=64))
     good = [str(p) for p, r in zip(found, reasons) if r is None]
     skipped = [f"{p} ({r})" for p, r in zip(found, reasons) if r is not None]
     if not good:
@@ -254,7 +259,8 @@ def open_in_distribution(*, classes: Sequence[str], folder: str | os.PathLike | 
         folder_path, files = _cifar_files(path, cifar_name)
         return _array_set("in", cifar_name, folder_path, files, images, labels, list(classes), max_images)
     root = Path(folder).resolve()
-    index = scan_image_folder(root, classes=classes, verify=True, allow_missing_classes=True, warn=False)
+    index = scan_image_folder(root, classes=classes, verify=True, allow_missing_classes=True, warn=False,
+                              decode=True)
     if not index.files:
         raise OODSetError(f"no readable images in the in-distribution folder {root}")
     labels = np.asarray(index.labels, dtype=np.int64)

@@ -84,11 +84,12 @@ def _list_cell(folder: Path, label_of: dict[str, int], skip: frozenset = frozens
 
 
 def _unreadable(files: list[str]) -> list[tuple[str, str]]:
-    """(file, reason) of the files that fail the cheap header check, checked in parallel threads."""
+    """(file, reason) of the files that fail the header check or do not decode (PIL), in parallel threads:
+    every backend then scores the same files (DALI would decode a scrambled JPEG body into garbage)."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(16) as pool:
-        reasons = list(pool.map(check_image_file, files, chunksize=256))
+        reasons = list(pool.map(lambda f: check_image_file(f, decode=True), files, chunksize=64))
     return [(f, r) for f, r in zip(files, reasons) if r is not None]
 
 
