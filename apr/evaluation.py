@@ -526,6 +526,8 @@ def _record(result: dict, cell: Cell, stats: CellStats, evaluated: list, skipped
         value["top5_error"] = 1.0 - stats.correct5 / stats.count
     if cell.logit_subset is not None:
         value["scored_classes"] = len(cell.logit_subset)
+    if cell.missing_classes:
+        value["missing_classes"] = list(cell.missing_classes)
     if unreadable:
         warnings.warn(f"{cell.name}: {len(unreadable)} unreadable file(s) skipped, the cell is scored on the "
                       f"other {stats.count}: {', '.join(unreadable[:3])}", stacklevel=3)

@@ -36,7 +36,8 @@ import torch
 
 from apr.data import BACKENDS, resolve_backend
 from apr.data.cifar import cifar_name_for
-from apr.data.ood_sets import ImageSet, check_disjoint, open_in_distribution, open_ood_set, parse_set_spec
+from apr.data.ood_sets import (ImageSet, check_disjoint, check_no_shared_files, open_in_distribution, open_ood_set,
+                               parse_set_spec)
 from apr.distributed import World, all_gather_cat, broadcast_object, gather_skipped, join_world, resolve_device
 from apr.errors import UserError
 from apr.inference import ImageClassifier, check_precision, default_precision, predict_batches
@@ -172,6 +173,7 @@ def _open_sets(cfg, classes, in_folder, in_cifar, ood: Mapping[str, str], max_im
         check_disjoint(in_set.path, path, name)
         out_sets[name] = open_ood_set(name, path, max_images=max_images)
         check_disjoint(in_set.path, out_sets[name].path, name)
+        check_no_shared_files(in_set, out_sets[name])
     return in_set, out_sets
 
 

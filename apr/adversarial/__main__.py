@@ -12,7 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from apr.adversarial.attacks import BF16_ATTACK_WARNING, AdversarialError, NORMS, parse_eps
+from apr.adversarial.attacks import BF16_ATTACK_WARNING, AdversarialError, NORMS, check_autoattack_classes, parse_eps
 from apr.adversarial.run import ATTACKS, EPS_SWEEP_FACTORS, build_attacks, evaluate_attacks, pgd_spec
 from apr.adversarial.data import load_eval_subset
 from apr.cli import run_main
@@ -104,6 +104,11 @@ def main(argv=None) -> int:
     missing = [c for c in args.checkpoint if not Path(c).is_file()]
     if missing:
         raise AdversarialError(f"checkpoint(s) not found: {', '.join(missing)}")
+    if "autoattack" in args.attack:  # every checkpoint checked before the first clean pass
+        from apr.checkpoint import load_checkpoint
+
+        for path in args.checkpoint:
+            check_autoattack_classes(load_checkpoint(path)["num_classes"], f"checkpoint {path}")
     if args.precision == "bf16":
         warnings.warn(BF16_ATTACK_WARNING, stacklevel=1)
     world = join_world(args.device)

@@ -69,7 +69,10 @@ def folder_subset(root: str, classes, *, n: int | None, seed: int, batch_size: i
     from apr.data import build_image_loader
     from apr.data.layout import scan_image_folder
 
+    from apr.data.layout import warn_missing_classes
+
     index = scan_image_folder(root, classes=classes, verify=verify, allow_missing_classes=True, decode=verify)
+    missing = warn_missing_classes(root, [c for c, k in zip(index.classes, index.class_counts()) if k == 0])
     labels_t = torch.as_tensor(list(index.labels), dtype=torch.int64)
     n = _check_n(n, len(labels_t))
     order = stratified_subset(labels_t, n, seed).tolist()
@@ -79,7 +82,8 @@ def folder_subset(root: str, classes, *, n: int | None, seed: int, batch_size: i
     info = {"kind": "imagefolder", "root": str(root), "total": len(labels_t), "n": n, "seed": seed,
             "image_size": image_size, "resize": resize,
             "preprocessing": f"resize shorter side to {resize}, centre crop {image_size}",
-            "skipped_count": len(index.skipped), "skipped": index.skipped[:1000], "fingerprint": fingerprint(listing)}
+            "skipped_count": len(index.skipped), "skipped": index.skipped[:1000], "missing_classes": missing,
+            "fingerprint": fingerprint(listing)}
 
     def loader(count: int):
         return lambda: build_image_loader(files[:count], labels[:count], index.classes, backend=backend,

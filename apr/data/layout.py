@@ -50,6 +50,7 @@ __all__ = [
     "folder_fingerprint",
     "find_missing_cells",
     "check_tree_classes",
+    "warn_missing_classes",
 ]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -212,6 +213,17 @@ def _refuse_unreadable_classes(root: Path, found: list[str], index: dict[str, in
     if dead:
         raise DatasetLayoutError(f"every image file is unreadable in class folder(s) {_preview(dead, 5)}; "
                                  "replace the files (python -m apr.data.layout ROOT lists them) or remove the folder")
+
+
+def warn_missing_classes(folder: str | os.PathLike, missing: Sequence[str]) -> list[str]:
+    """Say that an evaluated set lacks some of the model's classes (its error is then over the other classes
+    only); returns ``missing`` for the results file."""
+    missing = list(missing)
+    if missing:
+        warnings.warn(f"{folder} has no readable image of {len(missing)} of the model's classes "
+                      f"({_preview(missing)}): its error is measured over the other classes only "
+                      "(recorded as missing_classes)", stacklevel=3)
+    return missing
 
 
 def scan_train_roots(roots: Iterable[str | os.PathLike], verify: bool = True, **kwargs) -> ImageFolderIndex:
