@@ -124,11 +124,20 @@ def build_train_loader(cfg, *, rank: int = 0, world_size: int = 1, local_rank: i
                                  seed=seed, rank=rank, world_size=world_size, device=device, classes=classes,
                                  pad_fill=d.pad_fill, pre_crop=loader_apr_s(cfg))
     roots = [_split_root(cfg, d.train_dir)] + [Path(r) for r in d.extra_roots]
-    index = scan_train_roots(roots, verify=d.verify_images)
-    return build_image_loader(index.files, index.labels, index.classes, backend=d.backend,
-                              batch_size=cfg.train.batch_size, train=True, image_size=d.image_size,
-                              crop_scale=d.crop_scale, num_workers=d.num_workers, rank=rank, world_size=world_size,
-                              local_rank=local_rank, device=device, seed=seed, roots=[str(r) for r in roots])
+    index = scan_train_roots(roots, verify=d.verify_images, decode=_decode_check(cfg, device))
+    loader = build_image_loader(index.files, index.labels, index.classes, backend=d.backend,
+                                batch_size=cfg.train.batch_size, train=True, image_size=d.image_size,
+                                crop_scale=d.crop_scale, num_workers=d.num_workers, rank=rank, world_size=world_size,
+                                local_rank=local_rank, device=device, seed=seed, roots=[str(r) for r in roots])
+    loader.scan_skipped = list(index.skipped)  # "path (reason)" of the files left out before training
+    return loader
+
+
+def _decode_check(cfg, device) -> bool:
+    """Decode every file before training (``decode=True`` of the scan) where the backend is DALI: it cannot
+    refuse a header-valid file whose body is scrambled (it decodes it into garbage and trains on it), while
+    the torchvision and gpu backends refuse such a file where they meet it (and take a seeded stand-in)."""
+    return bool(cfg.data.verify_images) and resolve_backend(cfg.data.backend, device) == "dali"
 
 
 def build_val_loader(cfg, *, classes: Sequence[str] | None = None, rank: int = 0, world_size: int = 1,
@@ -142,7 +151,8 @@ def build_val_loader(cfg, *, classes: Sequence[str] | None = None, rank: int = 0
         return TensorBatchLoader(images, labels, cfg.train.batch_size, train=False, rank=rank,
                                  world_size=world_size, device=device, classes=list(classes or names))
     root = _split_root(cfg, d.val_dir)
-    index = scan_image_folder(root, classes=classes, verify=d.verify_images, allow_missing_classes=True)
+    index = scan_image_folder(root, classes=classes, verify=d.verify_images, allow_missing_classes=True,
+                              decode=_decode_check(cfg, device))
     _warn_missing_val_classes(index, root)
     return build_image_loader(index.files, index.labels, index.classes, backend=d.backend,
                               batch_size=cfg.train.batch_size, train=False, image_size=d.image_size,
