@@ -109,6 +109,22 @@ def test_garbled_jpeg_passes_the_header_check_but_not_the_decode_check(tmp_path)
     assert "undecodable" in check_image_file(path, decode=True)
 
 
+def test_decode_check_is_cached_per_folder_until_its_files_change(tmp_path, monkeypatch):
+    from apr.data import layout
+
+    folder = write_nested_pngs(tmp_path / "imgs", bright_images(6, seed=1))
+    write_garbled_jpeg(folder / "part0" / "bad.jpg")
+    files = sorted(str(p) for p in folder.rglob("*") if p.is_file())
+    first = layout.check_files(files, decode=True)
+    assert sum(r is not None for r in first) == 1
+    calls = []
+    monkeypatch.setattr(layout, "decode_problem", lambda path: calls.append(str(path)))
+    assert layout.check_files(files, decode=True) == first and calls == []  # nothing decoded again
+    Image.fromarray(bright_images(1, seed=7, size=40)[0]).save(folder / "part1" / "im004.png")  # one file changes
+    layout.check_files(files, decode=True)
+    assert sorted(calls) == sorted(f for f in files if Path(f).parent == folder / "part1")  # its folder only
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_garbled_jpeg_in_a_cell_is_skipped_counted_and_named_on_every_backend(backend, detector, imagenet_tree,
                                                                                tmp_path):

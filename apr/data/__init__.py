@@ -134,10 +134,14 @@ def build_train_loader(cfg, *, rank: int = 0, world_size: int = 1, local_rank: i
 
 
 def _decode_check(cfg, device) -> bool:
-    """Decode every file before training (``decode=True`` of the scan) where the backend is DALI: it cannot
-    refuse a header-valid file whose body is scrambled (it decodes it into garbage and trains on it), while
-    the torchvision and gpu backends refuse such a file where they meet it (and take a seeded stand-in)."""
-    return bool(cfg.data.verify_images) and resolve_backend(cfg.data.backend, device) == "dali"
+    """Decode every file before training (``decode=True`` of the scan, cached per folder) where the decoder
+    may not refuse a header-valid file whose body is scrambled: DALI decodes it into garbage and trains on
+    it; nvJPEG (the ``gpu`` backend on a CUDA device) is checked the same way, being DALI's GPU decoder
+    (not verified on a GPU). PIL (``torchvision``) and libjpeg-turbo (``gpu`` on the CPU) refuse such a file
+    where they meet it and take a seeded stand-in."""
+    backend = resolve_backend(cfg.data.backend, device)
+    on_gpu = backend == "gpu" and torch.device(device).type == "cuda"
+    return bool(cfg.data.verify_images) and (backend == "dali" or on_gpu)
 
 
 def build_val_loader(cfg, *, classes: Sequence[str] | None = None, rank: int = 0, world_size: int = 1,

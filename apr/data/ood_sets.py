@@ -5,7 +5,7 @@ An OOD set is one of:
 
 - a folder of images searched recursively (no class folders needed; DTD, iNaturalist/SUN/Places
   subsets, ImageNet-O, LSUN ...). Files that fail the cheap header check of
-  :func:`apr.data.layout.check_image_file` are skipped, counted and listed;
+  :func:`apr.data.layout.check_files` (header check and PIL decode) are skipped, counted and listed;
 - a CIFAR-10/100 python-pickle folder (``cifar-10-batches-py``, ``cifar-100-python`` or the folder
   that holds it): its test split;
 - SVHN's ``test_32x32.mat`` (scipy.io; ``X`` is H x W x C x N uint8, ``y`` N x 1).
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -31,7 +30,7 @@ import torch
 from apr.errors import UserError
 
 from .cifar import CIFAR_FOLDERS, TensorBatchLoader, load_cifar
-from .layout import IMG_EXTENSIONS, check_image_file, scan_image_folder, warn_missing_classes
+from .layout import IMG_EXTENSIONS, check_files, scan_image_folder, warn_missing_classes
 
 __all__ = ["OODSetError", "ImageSet", "parse_set_spec", "open_ood_set", "open_in_distribution",
            "check_disjoint", "check_no_shared_files", "stratified_subset", "detect_kind", "load_svhn_mat", "MAX_LISTED_SKIPS"]
@@ -202,8 +201,7 @@ def _image_folder(name: str, root: Path, max_images: int | None) -> ImageSet:
     if not found:
         raise OODSetError(f"OOD set {name!r}: no image files ({', '.join(IMG_EXTENSIONS)}) under {root}; "
                           "for CIFAR give the cifar-10-batches-py / cifar-100-python folder, for SVHN the .mat")
-    with ThreadPoolExecutor(16) as pool:  # header check + PIL decode: every backend scores the same files
-        reasons = list(pool.map(lambda p: check_image_file(p, decode=True), found, chunksize=64))
+    reasons = check_files(found, decode=True)  # header check + PIL decode: every backend scores the same files
     good = [str(p) for p, r in zip(found, reasons) if r is None]
     skipped = [f"{p} ({r})" for p, r in zip(found, reasons) if r is not None]
     if not good:

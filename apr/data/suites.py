@@ -24,7 +24,7 @@ import torch
 from apr.errors import UserError
 
 from .cifar import cifar_name_for
-from .layout import (_class_dirs, _list_class_dir, check_image_file, check_tree_classes,
+from .layout import (_class_dirs, _list_class_dir, check_files, check_tree_classes,
                      find_missing_cells, folder_fingerprint, warn_missing_classes)
 
 __all__ = ["EvalError", "LoaderOptions", "Cell", "FolderCSuite", "CifarCSuite", "make_suite",
@@ -88,10 +88,7 @@ def _list_cell(folder: Path, label_of: dict[str, int], skip: frozenset = frozens
 def _unreadable(files: list[str]) -> list[tuple[str, str]]:
     """(file, reason) of the files that fail the header check or do not decode (PIL), in parallel threads:
     every backend then scores the same files (DALI would decode a scrambled JPEG body into garbage)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(16) as pool:
-        reasons = list(pool.map(lambda f: check_image_file(f, decode=True), files, chunksize=64))
+    reasons = check_files(files, decode=True)
     return [(f, r) for f, r in zip(files, reasons) if r is not None]
 
 
