@@ -399,8 +399,9 @@ def _new_result(model: EvalModel, run_name: str, dataset: str | None, source: di
     backend = options.backend if source.get("suite") != "cifar-c" else "tensor"
     settings = {"precision": options.precision, "backend": backend, "image_size": model.image_size,
                 "val_resize": model.val_resize, "mean": list(model.mean), "std": list(model.std),
-                "preprocessing": f"full-size images: resize shorter side to {model.val_resize}, centre crop "
-                                 f"{model.image_size}; ImageNet-C-style cells: centre crop {model.image_size}"}
+                "preprocessing": "CIFAR arrays as they are" if backend == "tensor" else
+                f"full-size images: resize shorter side to {model.val_resize}, centre crop {model.image_size}; "
+                f"ImageNet-C-style cells: centre crop {model.image_size}"}
     return {
         "schema": SCHEMA, "run_name": run_name, **model.describe(), "dataset": dataset, "source": source,
         "skipped": skipped, "finished": False, "versions": collect_versions(), "throughput_images_per_s": 0.0,

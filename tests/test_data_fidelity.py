@@ -198,6 +198,19 @@ def test_dali_training_leaves_out_and_lists_a_garbled_file(imagenet_tree, tmp_pa
     assert loader.scan_skipped[0].startswith(str(bad))
 
 
+def test_a_training_run_folder_lists_the_files_it_trained_without(tmp_path):
+    from types import SimpleNamespace
+
+    from apr.train import _record_skipped
+
+    run = SimpleNamespace(run_dir=tmp_path, train_loader=SimpleNamespace(scan_skipped=["/d/a.JPEG (undecodable: x)"]))
+    _record_skipped(run)
+    assert (tmp_path / "skipped_files.txt").read_text() == "/d/a.JPEG (undecodable: x)\n"
+    run.train_loader.scan_skipped = []  # the files were replaced: the list goes
+    _record_skipped(run)
+    assert not (tmp_path / "skipped_files.txt").exists()
+
+
 # ----------------------------------------------------------------------------- 16-bit PNG (item 6)
 
 
