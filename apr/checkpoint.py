@@ -72,6 +72,40 @@ def weights_are_finite(state_dict: dict) -> bool:
                if isinstance(t, torch.Tensor) and t.is_floating_point())
 
 
+def refuse_non_finite(state_dict: dict, source: str, error: type[Exception] = CheckpointError) -> None:
+    """Stop before evaluating weights holding NaN or infinities (they give NaN logits, wrong numbers or a
+    crash far away), naming the first such tensor; the one check of every model-loading path."""
+    bad = [(name, t) for name, t in state_dict.items()
+           if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        name, t = bad[0]
+        nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        more = f" ({len(bad)} tensors are not finite)" if len(bad) > 1 else ""
+        raise error(f"{source} holds non-finite weights: tensor {name} has {nan} NaN and {inf} infinite value(s)"
+                    f"{more}; it is not evaluated: take an earlier checkpoint of the run")
+
+
+def load_failure(path: Path, exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused ``path``, in one line (never torch's multi-line advice to
+    load the file unsafely)."""
+    import pickle
+
+    try:
+        if path.stat().st_size == 0:
+            return "the file is empty (0 bytes)"
+    except OSError:
+        pass
+    if isinstance(exc, pickle.UnpicklingError):
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))  # torch names the refused class or function
+        if not found and "invalid load key" in str(exc):
+            return "it is not a PyTorch weights file (unknown format)"
+        what = f"a Python object ({found.group(1)})" if found else "pickled Python data"
+        return (f"it holds {what} that safe loading refuses: it is not a weights file, and it is not loaded, for "
+                "safety (unpickling it could run code); re-save just the state_dict, or use .safetensors")
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
 def diverged(run_dir: str | Path, what: str) -> TrainingDiverged:
     """The error for a diverged run, naming the checkpoint that is good (every saved one is) or saying none is."""
     latest = find_latest_checkpoint(run_dir)
@@ -97,7 +131,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated zip, foreign pickle, disallowed globals ...
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(f"cannot read checkpoint {path}: {load_failure(path, exc)}") from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"{path} is not an apr checkpoint (expected format {CHECKPOINT_FORMAT!r}); "
@@ -144,6 +178,7 @@ def load_model_for_eval(path: str | Path, map_location: Any = "cpu"):
         )
     model = create_model(state["model_name"], int(state["num_classes"]))
     check_model_compatible(state, model, source=f"checkpoint {path}")
+    refuse_non_finite(state["model"], f"checkpoint {path}")
     model.load_state_dict(state["model"])
     model.eval()
     info = {k: state.get(k) for k in ("epoch", "step", "metrics", "model_name", "num_classes")}

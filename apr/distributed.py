@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["World", "adopt_slurm_ranks", "join_world", "resolve_device", "all_reduce_sum", "all_gather_cat"]
+__all__ = ["World", "adopt_slurm_ranks", "join_world", "resolve_device", "all_reduce_sum", "all_gather_cat",
+           "gather_skipped"]
 
 
 @dataclass(frozen=True)
@@ -120,3 +121,13 @@ def broadcast_object(obj, world: World):
     box = [obj if world.is_main else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_skipped(files: dict, world: World) -> dict:
+    """The union over ranks of each rank's skipped files (path -> reason): every rank decodes its own
+    shard, and the results file must name every file that was left out."""
+    if not world.active:
+        return dict(files)
+    parts = [None] * world.world_size
+    dist.all_gather_object(parts, dict(files))
+    return {path: reason for part in parts for path, reason in part.items()}

@@ -31,7 +31,7 @@ import torch
 
 from apr.data import BACKENDS, resolve_backend
 from apr.data.suites import Cell, EvalError, LoaderOptions
-from apr.distributed import World, all_reduce_sum, broadcast_object, join_world, resolve_device
+from apr.distributed import World, all_reduce_sum, broadcast_object, gather_skipped, join_world, resolve_device
 from apr.inference import PRECISIONS, ImageClassifier, predict_batches, resolve_precision
 from apr.io import atomic_write_json
 from apr.results import collect_versions, file_sha256, now, reusable
@@ -236,20 +236,25 @@ def weights_run_name(path: str | Path) -> str:
 
 
 def load_eval_model(checkpoint: str | Path | None = None, *, model: str | None = None, weights: str | Path | None = None,
-                    classes: Sequence[str] | None = None, mean=None, std=None, image_size: int = 224,
-                    val_resize: int = 256) -> EvalModel:
+                    classes: Sequence[str] | None = None, mean=None, std=None, image_size: int | None = None,
+                    val_resize: int | None = None) -> EvalModel:
     """A project checkpoint (``checkpoint``), or third-party ``weights`` for the timm/local ``model``
     name with its ``classes`` (in output order) and normalisation (given, else timm's pretrained config).
-    Third-party models are fed as their authors evaluate ImageNet: resize ``val_resize``, crop ``image_size``."""
+    A checkpoint's sets are preprocessed by :func:`apr.data.eval_preprocessing` (its own input size;
+    ``image_size`` / ``val_resize`` override). Third-party models are fed as their authors evaluate
+    ImageNet: resize ``val_resize`` (default image size / 0.875), crop ``image_size`` (default 224)."""
     if (checkpoint is None) == (weights is None):
         raise EvalError("give either a project checkpoint or a weights file (with its model name), not both")
     if checkpoint is not None:
         from apr.checkpoint import load_model_for_eval
+        from apr.data import eval_preprocessing
 
         net, cfg, names, info = load_model_for_eval(checkpoint, map_location="cpu")
+        pre = eval_preprocessing(cfg.data, image_size=image_size, resize=val_resize)
         return EvalModel(net, names, tuple(cfg.data.mean), tuple(cfg.data.std), Path(checkpoint),
-                         int(cfg.data.image_size), int(cfg.data.val_resize), bool(cfg.model.channels_last), cfg,
-                         info=info)
+                         pre.image_size, pre.resize, bool(cfg.model.channels_last), cfg, info=info)
+    image_size = int(image_size or 224)
+    val_resize = int(val_resize or round(image_size / 0.875))
     from apr.models import create_model_from_weights
 
     if not model:
@@ -418,8 +423,8 @@ def _evaluate_cells(model: EvalModel, cells: list[Cell], result: dict, out_path:
     for cell in cells:
         if _stored_cell(result, cell) is not None:
             continue
-        stats = _run_cell(classifier, cell, loader_options, world, options.progress and world.is_main)
-        _record(result, cell, stats, evaluated)
+        stats, skipped = _run_cell(classifier, cell, loader_options, world, options.progress and world.is_main)
+        _record(result, cell, stats, evaluated, skipped)
         save()
         if on_cell_done is not None:
             on_cell_done(cell.corruption, cell.severity, _stored_cell(result, cell))
@@ -485,7 +490,10 @@ def _new_result(model: EvalModel, run_name: str, dataset: str | None, source: di
     backend = options.backend if source.get("suite") != "cifar-c" else "tensor"
     settings = {"precision": options.precision, "backend": backend, "image_size": model.image_size,
                 "val_resize": model.val_resize, "mean": list(model.mean), "std": list(model.std),
-                "max_images": options.max_images}
+                "max_images": options.max_images,
+                "preprocessing": "CIFAR arrays as they are" if backend == "tensor" else
+                f"full-size images: resize shorter side to {model.val_resize}, centre crop {model.image_size}; "
+                f"ImageNet-C-style cells: centre crop {model.image_size}"}
     return {
         "schema": SCHEMA, "run_name": run_name, **model.describe(), "dataset": dataset, "source": source,
         "skipped": skipped, "finished": False, "versions": collect_versions(), "throughput_images_per_s": 0.0,
@@ -582,25 +590,40 @@ def _store_cell(result: dict, cell: Cell, value: dict) -> None:
         result["corruptions"].setdefault(cell.corruption, {})[str(cell.severity)] = value
 
 
-def _run_cell(classifier, cell: Cell, loader_options: LoaderOptions, world: World, show: bool) -> CellStats:
+def _run_cell(classifier, cell: Cell, loader_options: LoaderOptions, world: World,
+              show: bool) -> tuple[CellStats, list[str]]:
+    """The cell's counts, and the files its loader could not decode (``path (reason)``, over all ranks)."""
     from tqdm.auto import tqdm
 
     loader = cell.make_loader(loader_options)
     total = int(getattr(loader, "num_samples", 0))
     desc = f"{cell.suite}: {cell.name}" if cell.suite and cell.suite != cell.name else cell.name
     with tqdm(total=total, desc=desc, unit="img", disable=not show, leave=False) as bar:
-        return evaluate_loader(classifier, loader, loader_options.device, world, bar, cell.logit_subset)
+        stats = evaluate_loader(classifier, loader, loader_options.device, world, bar, cell.logit_subset)
+    skipped = gather_skipped(getattr(loader, "skipped_files", {}), world)
+    return stats, [f"{path} ({reason})" for path, reason in sorted(skipped.items())]
 
 
-def _record(result: dict, cell: Cell, stats: CellStats, evaluated: list) -> None:
-    value = {**stats.as_cell(), "unreadable": len(cell.unreadable), "fingerprint": cell.fingerprint}
+MAX_LISTED_UNREADABLE = 1000  # files named per cell in the JSON (all are counted)
+
+
+def _record(result: dict, cell: Cell, stats: CellStats, evaluated: list, skipped: Sequence[str] = ()) -> None:
+    unreadable = list(cell.unreadable) + list(skipped)
+    if stats.count == 0:
+        where = f"{cell.suite}: {cell.name}" if cell.suite and cell.suite != cell.name else cell.name
+        raise EvalError(f"cell {where}: none of its images could be decoded ({len(unreadable)} skipped, e.g. "
+                        f"{'; '.join(unreadable[:3]) or 'no file named'}); replace the files or pass --allow-partial")
+    value = {**stats.as_cell(), "unreadable": len(unreadable), "unreadable_files": unreadable[:MAX_LISTED_UNREADABLE],
+             "fingerprint": cell.fingerprint}
     if cell.corruption == "clean" or (cell.suite and cell.severity == 0):
         value["top5_error"] = 1.0 - stats.correct5 / stats.count
     if cell.logit_subset is not None:
         value["scored_classes"] = len(cell.logit_subset)
-    if cell.unreadable:
-        warnings.warn(f"{cell.name}: {len(cell.unreadable)} unreadable file(s) skipped, the cell is scored on the "
-                      f"other {stats.count}: {', '.join(cell.unreadable[:3])}", stacklevel=3)
+    if cell.missing_classes:
+        value["missing_classes"] = list(cell.missing_classes)
+    if unreadable:
+        warnings.warn(f"{cell.name}: {len(unreadable)} unreadable file(s) skipped, the cell is scored on the "
+                      f"other {stats.count}: {', '.join(unreadable[:3])}", stacklevel=3)
     _store_cell(result, cell, value)
     timing = result["eval"]["timing"]
     timing["images"] += stats.count

@@ -281,20 +281,12 @@ def _read_safetensors(path: Path) -> dict:
 
 
 def _read_torch_file(path: Path):
-    import pickle
+    from apr.checkpoint import load_failure
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc))  # torch names the refused class or function
-        if found:
-            raise WeightsError(
-                f"{path} holds a Python object ({found.group(1)}) that safe loading refuses (torch.load with "
-                "weights_only=True: unpickling it could run code); re-save just the state_dict, or use .safetensors"
-            ) from None
-        raise WeightsError(f"cannot read {path} as a PyTorch weights file (not a valid checkpoint)") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise WeightsError(f"cannot read {path} as a PyTorch weights file ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # UnpicklingError, RuntimeError (bad zip), EOFError (empty) ...
+        raise WeightsError(f"cannot read {path} as a PyTorch weights file: {load_failure(path, exc)}") from None
 
 
 def _find_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
@@ -341,8 +333,15 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     naming the tensor, and nothing is loaded then."""
     state = read_state_dict(path)
     _check_fits(model, state, f"weights file {path}")
+    _refuse_non_finite(state, path)
     model.load_state_dict(state)
     return model
+
+
+def _refuse_non_finite(state: dict[str, torch.Tensor], path: str | Path) -> None:
+    from apr.checkpoint import refuse_non_finite
+
+    refuse_non_finite(state, f"weights file {path}", WeightsError)
 
 
 def normalisation_for(name: str, mean=None, std=None) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -388,6 +387,7 @@ def create_model_from_weights(name: str, path: str | Path, num_classes: int | No
         if num_classes != 1000:
             model = create_model(name, num_classes)
     _check_fits(model, state, f"weights file {path}")
+    _refuse_non_finite(state, path)
     model.load_state_dict(state)
     mean, std = normalisation_for(name, mean, std)
     return WeightsModel(model.eval(), mean, std, num_classes, str(path))

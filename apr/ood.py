@@ -29,15 +29,16 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from apr.data import BACKENDS, resolve_backend
 from apr.data.cifar import cifar_name_for
-from apr.data.ood_sets import ImageSet, check_disjoint, open_in_distribution, open_ood_set, parse_set_spec
-from apr.distributed import World, all_gather_cat, broadcast_object, join_world, resolve_device
+from apr.data.ood_sets import (ImageSet, check_disjoint, check_no_shared_files, open_in_distribution, open_ood_set,
+                               parse_set_spec)
+from apr.distributed import World, all_gather_cat, broadcast_object, gather_skipped, join_world, resolve_device
 from apr.cli import add_common, add_flag
 from apr.errors import UserError
 from apr.inference import ImageClassifier, predict_batches, resolve_precision
@@ -110,18 +111,19 @@ def score_histogram(in_scores: np.ndarray, out_scores: np.ndarray, score: str, b
 
 
 def set_record(image_set: ImageSet, in_scores: Mapping[str, np.ndarray], out_scores: Mapping[str, np.ndarray],
-               seconds: float = 0.0) -> dict:
-    """The JSON block of one OOD set: what was read, metrics and histograms per score."""
-    return {**image_set.describe(),
+               seconds: float = 0.0, decode_skipped: Sequence[str] = ()) -> dict:
+    """The JSON block of one OOD set: what was read (count = images scored), metrics and histograms per score."""
+    return {**image_set.describe(len(out_scores["msp"]), decode_skipped),
             "metrics": {s: ood_metrics(in_scores[s], out_scores[s]) for s in SCORE_NAMES},
             "histograms": {s: score_histogram(in_scores[s], out_scores[s], s) for s in SCORE_NAMES},
             "seconds": seconds}
 
 
-def in_distribution_record(image_set: ImageSet, in_scores: Mapping[str, np.ndarray]) -> dict:
+def in_distribution_record(image_set: ImageSet, in_scores: Mapping[str, np.ndarray],
+                           decode_skipped: Sequence[str] = ()) -> dict:
     """The in-distribution block: what was read, top-1 error and both calibration errors (fractions)."""
     correct, confidence = in_scores["correct"], in_scores["msp"]
-    return {**image_set.describe(), "top1_error": float(1.0 - correct.mean()),
+    return {**image_set.describe(len(correct), decode_skipped), "top1_error": float(1.0 - correct.mean()),
             "ece": expected_calibration_error(confidence, correct, n_bins=15),
             "rms_calibration_error": rms_calibration_error(confidence, correct, n_bins=15),
             "adaptive_rms_calibration_error": adaptive_rms_calibration_error(confidence, correct, bin_size=100),
@@ -172,20 +174,26 @@ def _open_sets(cfg, classes, in_folder, in_cifar, ood: Mapping[str, str], max_im
         check_disjoint(in_set.path, path, name)
         out_sets[name] = open_ood_set(name, path, max_images=max_images)
         check_disjoint(in_set.path, out_sets[name].path, name)
+        check_no_shared_files(in_set, out_sets[name])
     return in_set, out_sets
 
 
-def _score_set(image_set: ImageSet, classifier, cfg, opts: dict, world: World, device, show: bool):
+def _score_set(image_set: ImageSet, classifier, pre, opts: dict, world: World, device, show: bool):
     from tqdm.auto import tqdm
 
-    loader = image_set.loader(batch_size=opts["batch_size"], image_size=int(cfg.data.image_size),
-                              resize=int(cfg.data.val_resize), backend=opts["backend"],
+    loader = image_set.loader(batch_size=opts["batch_size"], image_size=pre.image_size,
+                              resize=pre.resize, backend=opts["backend"],
                               num_workers=opts["num_workers"], rank=world.rank, world_size=world.world_size,
                               local_rank=world.local_rank, device=device)
     start = time.perf_counter()
     with tqdm(total=loader.num_samples, desc=image_set.name, unit="img", disable=not show, leave=False) as bar:
         result = score_batches(classifier, loader, world, device=device, progress=bar)
-    return result, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    skipped = gather_skipped(getattr(loader, "skipped_files", {}), world)
+    if not len(result["msp"]):
+        raise OODError(f"set {image_set.name!r} ({image_set.path}): none of its {len(image_set)} images could be "
+                       f"decoded (e.g. {'; '.join(f'{p} ({r})' for p, r in list(skipped.items())[:3])})")
+    return result, seconds, [f"{path} ({reason})" for path, reason in sorted(skipped.items())]
 
 
 def _new_result(checkpoint_path: Path, run_name: str, cfg, info: dict, identity: dict, previous: dict | None) -> dict:
@@ -205,11 +213,14 @@ def evaluate_ood(checkpoint_path: str | Path, *, ood: Mapping[str, str], out_dir
                  in_folder: str | Path | None = None, in_cifar: str | Path | None = None,
                  precision: str | None = None, batch_size: int = 256, backend: str = "auto", num_workers: int = 4,
                  device: str | torch.device | None = None, max_images: int | None = None,
-                 run_name: str | None = None, progress: bool = True, on_set_done: SetCallback | None = None) -> dict:
+                 run_name: str | None = None, progress: bool = True, on_set_done: SetCallback | None = None,
+                 image_size: int | None = None, resize: int | None = None) -> dict:
     """Score one checkpoint on the in-distribution set and every OOD set (``name -> path``); write and
     return ``<out_dir>/<run_name>.ood.json``. Sets already in that file for the same checkpoint, ID set
-    and settings are kept, not recomputed."""
+    and settings are kept, not recomputed. Every set is preprocessed by the checkpoint's own rule
+    (:func:`apr.data.eval_preprocessing`; ``image_size`` / ``resize`` override it)."""
     from apr.checkpoint import load_model_for_eval
+    from apr.data import eval_preprocessing
     if batch_size < 1:
         raise OODError(f"batch_size must be >= 1, got {batch_size}")
     if backend not in BACKENDS:
@@ -222,11 +233,12 @@ def evaluate_ood(checkpoint_path: str | Path, *, ood: Mapping[str, str], out_dir
     precision = resolve_precision(precision, device)
     checkpoint_path = Path(checkpoint_path)
     model, cfg, classes, info = load_model_for_eval(checkpoint_path, map_location="cpu")
+    pre = eval_preprocessing(cfg.data, image_size=image_size, resize=resize)
     in_set, out_sets = _open_sets(cfg, classes, in_folder, in_cifar, ood, max_images)
     run_name = run_name or cfg.train.run_name or checkpoint_path.stem
     out_path = Path(out_dir) / f"{run_name}.ood.json"
-    settings = {"precision": precision, "backend": backend, "image_size": int(cfg.data.image_size),
-                "val_resize": int(cfg.data.val_resize), "histogram_bins": HISTOGRAM_BINS}
+    settings = {"precision": precision, "backend": backend, "image_size": pre.image_size,
+                "val_resize": pre.resize, "preprocessing": pre.describe(), "histogram_bins": HISTOGRAM_BINS}
     identity = {"checkpoint_sha256": file_sha256(checkpoint_path), "in_fingerprint": in_set.fingerprint,
                 "settings": settings}
     previous = broadcast_object(_reusable(out_path, identity) if world.is_main else None, world)
@@ -244,12 +256,12 @@ def evaluate_ood(checkpoint_path: str | Path, *, ood: Mapping[str, str], out_dir
             atomic_write_json(out_path, result, indent=1)
 
     if todo or result["in_distribution"] is None:
-        in_scores, _ = _score_set(in_set, classifier, cfg, opts, world, device, show)
-        result["in_distribution"] = in_distribution_record(in_set, in_scores)
+        in_scores, _, in_skipped = _score_set(in_set, classifier, pre, opts, world, device, show)
+        result["in_distribution"] = in_distribution_record(in_set, in_scores, in_skipped)
         save()
     for name in todo:
-        out_scores, seconds = _score_set(out_sets[name], classifier, cfg, opts, world, device, show)
-        done[name] = set_record(out_sets[name], in_scores, out_scores, seconds)
+        out_scores, seconds, skipped = _score_set(out_sets[name], classifier, pre, opts, world, device, show)
+        done[name] = set_record(out_sets[name], in_scores, out_scores, seconds, skipped)
         save()
         if on_set_done is not None:
             on_set_done(name, done[name])
@@ -280,6 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JPEG decoding for image folders: auto (default) = DALI where installed, else GPU decoding "
                         "on a GPU, else torchvision; CIFAR and .mat sets are in memory")
     add_common(p, "workers", "device", "max_images", "progress", defaults={"workers": 4}, old=["--quiet"])
+    p.add_argument("--image-size", type=int, default=None, metavar="PX",
+                   help="input size every set is centre-cropped to (default: the checkpoint's data.image_size)")
+    p.add_argument("--resize", type=int, default=None, metavar="PX",
+                   help="shorter side before the crop (default: a CIFAR checkpoint's image size, i.e. the whole "
+                        "image at 32 px; an ImageNet-layout checkpoint's data.val_resize)")
     return p
 
 
@@ -310,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate_ood(checkpoint, ood=ood, out_dir=args.out, in_folder=args.val, in_cifar=args.cifar,
                               precision=args.precision, batch_size=args.batch_size, backend=args.backend,
                               num_workers=args.workers, device=args.device, max_images=args.max_images,
-                              run_name=run_name, progress=args.progress)
+                              run_name=run_name, progress=args.progress, image_size=args.image_size,
+                              resize=args.resize)
         if int(os.environ.get("RANK", "0")) == 0:
             _print_summary(result)
     return 0

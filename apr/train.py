@@ -603,6 +603,7 @@ def _announce(run: Run, threads: int) -> None:
     if not run.is_main:
         return
     save_config(run.cfg, run.run_dir / "config.yaml")
+    _record_skipped(run)
     print(f"run folder: {run.run_dir}\n{run.world} process(es), global batch {run.cfg.train.batch_size * run.world}, "
           f"base lr {run.base_lr:g}, {len(run.classes)} classes, {run.steps_per_epoch} steps/epoch, "
           f"aug {run.cfg.aug.name}, {threads} CPU thread(s) per process", file=sys.stderr)
@@ -613,6 +614,21 @@ def _announce(run: Run, threads: int) -> None:
     if run.world > 1 and run.cfg.optim.lr_base_batch == 0:
         print(f"note: optim.lr_base_batch=0: lr {run.base_lr:g} is not scaled to the global batch of "
               f"{run.cfg.train.batch_size * run.world} ({run.world} processes)", file=sys.stderr)
+
+
+def _record_skipped(run: Run) -> None:
+    """The training files left out before training (header check; with DALI, the decode check too), one
+    ``path (reason)`` a line in ``skipped_files.txt`` of the run folder, so the run says what it trained without."""
+    from apr.io import atomic_open
+
+    skipped = list(getattr(run.train_loader, "scan_skipped", []))
+    path = run.run_dir / "skipped_files.txt"
+    if skipped:
+        with atomic_open(path, "w") as f:
+            f.write("".join(f"{line}\n" for line in skipped))
+        print(f"{len(skipped)} training file(s) skipped as unreadable: listed in {path}", file=sys.stderr)
+    elif path.exists():
+        path.unlink()
 
 
 def train(cfg: Config, resume: str | None = None, accelerator=None, progress: bool = True,

@@ -15,6 +15,13 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 HAS_CUDA = torch.cuda.is_available()
 
 
+def pytest_configure(config):
+    """The decode-check cache (apr.data.layout.check_files) of a test session lives in a temporary folder."""
+    import tempfile
+
+    os.environ.setdefault("APR_CACHE_DIR", tempfile.mkdtemp(prefix="apr-test-cache-"))
+
+
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:

@@ -12,7 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from apr.adversarial.attacks import BF16_ATTACK_WARNING, AdversarialError, NORMS, parse_eps
+from apr.adversarial.attacks import BF16_ATTACK_WARNING, AdversarialError, NORMS, check_autoattack_classes, parse_eps
 from apr.adversarial.run import ATTACKS, EPS_SWEEP_FACTORS, build_attacks, evaluate_attacks, pgd_spec
 from apr.adversarial.data import load_eval_subset
 from apr.cli import DefaultsHelpFormatter, add_common, add_flag, run_main
@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default=None, choices=BACKENDS,
                    help="image decoding for --val (default: the checkpoint's data.backend)")
     add_common(p, "workers", defaults={"workers": 4})
+    p.add_argument("--image-size", type=int, default=None, metavar="PX",
+                   help="--val images are centre-cropped to this size (default: the checkpoint's data.image_size)")
+    p.add_argument("--resize", type=int, default=None, metavar="PX",
+                   help="shorter side of --val images before the crop (default: a CIFAR checkpoint's image size, "
+                        "an ImageNet-layout checkpoint's data.val_resize)")
     return p
 
 
@@ -142,6 +147,11 @@ def main(argv=None) -> int:
     missing = [c for c in args.checkpoint if not Path(c).is_file()]
     if missing:
         raise AdversarialError(f"checkpoint(s) not found: {', '.join(missing)}")
+    if "autoattack" in args.attack:  # every checkpoint checked before the first clean pass
+        from apr.checkpoint import load_checkpoint
+
+        for path in args.checkpoint:
+            check_autoattack_classes(load_checkpoint(path)["num_classes"], f"checkpoint {path}")
     world = join_world(args.device)
     device = resolve_device(args.device, world)
     args.precision = resolve_precision(args.precision, device)

@@ -183,6 +183,19 @@ def autoattack_settings(*, eps: float, norm: str = "Linf", version: str = "stand
             "seed": int(seed), **detail, "library": AUTOATTACK_LIBRARY, "library_version": pyautoattack.__version__}
 
 
+AUTOATTACK_MIN_CLASSES = 10  # standard APGD-T and FAB-T attack the 9 highest other classes of every image
+
+
+def check_autoattack_classes(num_classes: int, source: str) -> None:
+    """Refuse the standard AutoAttack ensemble up front for a model with fewer than 10 classes (its APGD-T and
+    FAB-T need 9 target classes; pyautoattack fails deep inside them), naming the attacks that do apply."""
+    if int(num_classes) < AUTOATTACK_MIN_CLASSES:
+        raise AdversarialError(
+            f"{source} has {num_classes} classes; the standard AutoAttack ensemble needs at least "
+            f"{AUTOATTACK_MIN_CLASSES} (APGD-T and FAB-T attack 9 target classes): run --attack fgsm pgd, "
+            "which apply to any number of classes")
+
+
 def autoattack(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eps: float, norm: str = "Linf",
                version: str = "standard", attacks: list[str] | None = None, seed: int = 0,
                n_iter: int | None = None, batch_size: int = 250) -> torch.Tensor:

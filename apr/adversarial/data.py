@@ -71,7 +71,10 @@ def folder_subset(root: str, classes, *, n: int | None, seed: int, clamp: bool =
     from apr.data import build_image_loader
     from apr.data.layout import scan_image_folder
 
-    index = scan_image_folder(root, classes=classes, verify=verify, allow_missing_classes=True)
+    from apr.data.layout import warn_missing_classes
+
+    index = scan_image_folder(root, classes=classes, verify=verify, allow_missing_classes=True, decode=verify)
+    missing = warn_missing_classes(root, [c for c, k in zip(index.classes, index.class_counts()) if k == 0])
     labels_t = torch.as_tensor(list(index.labels), dtype=torch.int64)
     n = _check_n(n, len(labels_t), clamp)
     order = stratified_subset(labels_t, n, seed).tolist()
@@ -79,7 +82,10 @@ def folder_subset(root: str, classes, *, n: int | None, seed: int, clamp: bool =
     labels = [int(labels_t[i]) for i in order]
     listing = "\n".join(f"{os.path.relpath(f, root)}\t{os.path.getsize(f)}\t{y}" for f, y in zip(files, labels))
     info = {"kind": "imagefolder", "root": str(root), "total": len(labels_t), "n": n, "seed": seed,
-            "image_size": image_size, "resize": resize, "fingerprint": fingerprint(listing)}
+            "image_size": image_size, "resize": resize,
+            "preprocessing": f"resize shorter side to {resize}, centre crop {image_size}",
+            "skipped_count": len(index.skipped), "skipped": index.skipped[:1000], "missing_classes": missing,
+            "fingerprint": fingerprint(listing)}
 
     def loader(count: int):
         return lambda: build_image_loader(files[:count], labels[:count], index.classes, backend=backend,
@@ -104,6 +110,9 @@ def load_eval_subset(args, cfg, classes, world: World, device) -> EvalSubset:
             raise AdversarialError(f"{args.cifar} has {len(cifar_classes)} classes, the checkpoint "
                                    f"{len(classes)}: give the CIFAR folder the model was trained on")
         return cifar_subset(images, labels, name=name, **common)
-    return folder_subset(args.val, classes, image_size=cfg.data.image_size, resize=cfg.data.val_resize,
+    from apr.data import eval_preprocessing
+
+    pre = eval_preprocessing(cfg.data, image_size=getattr(args, "image_size", None), resize=getattr(args, "resize", None))
+    return folder_subset(args.val, classes, image_size=pre.image_size, resize=pre.resize,
                          backend=args.backend or cfg.data.backend, workers=args.workers,
                          verify=cfg.data.verify_images, **common)

@@ -68,18 +68,18 @@ def _load_eval_images(args, cfg, classes: list[str]) -> tuple[torch.Tensor, torc
         x = torch.from_numpy(np.ascontiguousarray(images[keep])).permute(0, 3, 1, 2).float() / 255.0
         return x, torch.as_tensor(np.asarray(labels)[keep], dtype=torch.long)
 
-    from apr.data import build_image_loader, scan_image_folder
+    from apr.data import build_image_loader, eval_preprocessing, scan_image_folder
 
     index = scan_image_folder(args.val, classes=classes, verify=True, allow_missing_classes=True, allow_empty=True,
                               warn=False)
     if not index.files:
         raise ValueError(f"no readable images under {args.val}")
     keep = _stratified_subset(index.labels, args.max_images, args.seed)
-    # the project's own eval loader (same resize + centre crop as validation) over the chosen files
-    resize = args.resize if args.resize is not None else cfg.data.val_resize
+    # the project's own eval loader (the checkpoint's one preprocessing rule, as eval/OOD/attacks) over the files
+    pre = eval_preprocessing(cfg.data, resize=args.resize)
     loader = build_image_loader([index.files[k] for k in keep], [index.labels[k] for k in keep], classes,
                                 backend=args.backend, batch_size=min(256, len(keep)), train=False,
-                                image_size=cfg.data.image_size, resize=resize, num_workers=args.workers,
+                                image_size=pre.image_size, resize=pre.resize, num_workers=args.workers,
                                 device=torch.device("cpu"), roots=[str(args.val)])
     xs, ys = [], []
     for images, labels in loader:
@@ -194,8 +194,8 @@ def _add_common(p: argparse.ArgumentParser, max_images: int) -> None:
                         "GPU, else torchvision")
     add_common(p, "workers", defaults={"workers": 4})
     p.add_argument("--resize", type=int, default=None,
-                   help="resize the shorter side to this before the centre crop (default: the checkpoint's "
-                        "data.val_resize)")
+                   help="resize the shorter side to this before the centre crop (default: as every evaluation "
+                        "of the checkpoint: its image size for a CIFAR checkpoint, else its data.val_resize)")
     add_common(p, "progress")
 
 

@@ -43,11 +43,13 @@ def _add_model_and_suite_args(p: argparse.ArgumentParser) -> None:
     third.add_argument("--classes", metavar="FILE",
                        help="the weights' classes in output order, one per line (default: the sorted class folders "
                             "of --val, i.e. the 1000 ImageNet wnids; or CIFAR's label names with --cifar)")
-    third.add_argument("--image-size", type=int, default=224, metavar="PX",
-                       help="input size of --weights: full-size photos are resized (--resize) and centre-cropped "
-                            "to it, as ImageNet models are evaluated (default: %(default)s)")
+    third.add_argument("--image-size", type=int, default=None, metavar="PX",
+                       help="input size: full-size photos are resized (--resize) and centre-cropped to it. Default: "
+                            "a checkpoint's own (data.image_size), 224 for --weights")
     third.add_argument("--resize", type=int, default=None, metavar="PX",
-                       help="shorter side before the crop (default: image size / 0.875, i.e. 256 for 224)")
+                       help="shorter side before the crop. Default: a CIFAR checkpoint's image size (the whole "
+                            "image), an ImageNet-layout checkpoint's data.val_resize; for --weights image size / "
+                            "0.875 (256 for 224)")
     shift = p.add_argument_group("distribution-shift suites")
     shift.add_argument("--suite", nargs="+", default=[], metavar="NAME=FOLDER",
                        help=f"suites to evaluate, each a folder in its published layout: {SUITE_HELP}. With --val "
@@ -118,6 +120,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--batch-size must be >= 1")
     if args.max_images is not None and args.max_images < 1:
         p.error("--max-images must be >= 1")
+    if (args.image_size is not None and args.image_size < 1) or (args.resize is not None and args.resize < 1):
+        p.error("--image-size and --resize must be >= 1 pixel")
     return args
 
 
@@ -159,12 +163,12 @@ def _models(args, names: list[str]):
     from apr.data.suites import read_class_list
     from apr.evaluation import load_eval_model
 
-    sources = [lambda path=path: load_eval_model(path) for path in args.checkpoint]
+    sources = [lambda path=path: load_eval_model(path, image_size=args.image_size, val_resize=args.resize)
+               for path in args.checkpoint]
     if args.weights:
         classes = read_class_list(classes_file=args.classes, val=args.val, cifar=args.cifar)
-        resize = args.resize or round(args.image_size / 0.875)
         sources += [lambda path=path: load_eval_model(model=args.model, weights=path, classes=classes, mean=args.mean,
-                                                      std=args.std, image_size=args.image_size, val_resize=resize)
+                                                      std=args.std, image_size=args.image_size, val_resize=args.resize)
                     for path in args.weights]
     return list(zip(names, sources))
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -27,6 +28,7 @@ __all__ = [
     "DatasetLayoutError", "ImageDecodeError", "ImageFolderIndex", "scan_image_folder", "scan_train_roots",
     "build_train_loader", "build_val_loader", "build_folder_eval_loader", "build_image_loader",
     "load_cifar", "load_cifar_c", "cifar_name_for", "TensorBatchLoader", "CIFAR_FOLDERS", "BACKENDS", "resolve_backend",
+    "Preprocessing", "eval_preprocessing",
 ]
 
 
@@ -71,6 +73,35 @@ def build_image_loader(files: Sequence[str], labels: Sequence[int], classes: Seq
     return TorchvisionImageLoader(files, labels, classes, num_workers=num_workers, **kwargs)
 
 
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an evaluated image reaches the model: shorter side resized to ``resize``, centre crop ``image_size``."""
+
+    image_size: int
+    resize: int
+
+    def describe(self) -> str:
+        return f"resize shorter side to {self.resize}, centre crop {self.image_size}"
+
+
+def eval_preprocessing(data_cfg, *, image_size: int | None = None, resize: int | None = None) -> Preprocessing:
+    """The ONE preprocessing rule for a checkpoint's evaluation sets (eval, OOD, attacks): its own input size.
+
+    A CIFAR checkpoint (32 px arrays, no resize in training) sees a full-size photo whole at its input
+    size (resize 32 + centre crop 32, as the OOD literature's code does); an ImageNet-layout checkpoint
+    sees what its own validation saw (``data.val_resize``, then ``data.image_size``). ``image_size`` /
+    ``resize`` override (``--image-size`` / ``--resize``); a new size alone scales the resize with it."""
+    size = int(image_size or data_cfg.image_size)
+    if resize is None:
+        if data_cfg.dataset in CIFAR_FOLDERS:
+            resize = size
+        else:
+            resize = round(int(data_cfg.val_resize) * size / int(data_cfg.image_size))
+    if size < 1 or int(resize) < 1:
+        raise DatasetLayoutError(f"image size and resize must be >= 1 pixel, got {size} and {resize}")
+    return Preprocessing(size, int(resize))
+
+
 def _split_root(cfg, split_dir: str) -> Path:
     if not cfg.data.root:
         raise DatasetLayoutError("data.root is empty: set it to the dataset folder (e.g. --set data.root=/data/imagenet)")
@@ -93,11 +124,24 @@ def build_train_loader(cfg, *, rank: int = 0, world_size: int = 1, local_rank: i
                                  seed=seed, rank=rank, world_size=world_size, device=device, classes=classes,
                                  pad_fill=d.pad_fill, pre_crop=loader_apr_s(cfg))
     roots = [_split_root(cfg, d.train_dir)] + [Path(r) for r in d.extra_roots]
-    index = scan_train_roots(roots, verify=d.verify_images)
-    return build_image_loader(index.files, index.labels, index.classes, backend=d.backend,
-                              batch_size=cfg.train.batch_size, train=True, image_size=d.image_size,
-                              crop_scale=d.crop_scale, num_workers=d.num_workers, rank=rank, world_size=world_size,
-                              local_rank=local_rank, device=device, seed=seed, roots=[str(r) for r in roots])
+    index = scan_train_roots(roots, verify=d.verify_images, decode=_decode_check(cfg, device))
+    loader = build_image_loader(index.files, index.labels, index.classes, backend=d.backend,
+                                batch_size=cfg.train.batch_size, train=True, image_size=d.image_size,
+                                crop_scale=d.crop_scale, num_workers=d.num_workers, rank=rank, world_size=world_size,
+                                local_rank=local_rank, device=device, seed=seed, roots=[str(r) for r in roots])
+    loader.scan_skipped = list(index.skipped)  # "path (reason)" of the files left out before training
+    return loader
+
+
+def _decode_check(cfg, device) -> bool:
+    """Decode every file before training (``decode=True`` of the scan, cached per folder) where the decoder
+    may not refuse a header-valid file whose body is scrambled: DALI decodes it into garbage and trains on
+    it; nvJPEG (the ``gpu`` backend on a CUDA device) is checked the same way, being DALI's GPU decoder
+    (not verified on a GPU). PIL (``torchvision``) and libjpeg-turbo (``gpu`` on the CPU) refuse such a file
+    where they meet it and take a seeded stand-in."""
+    backend = resolve_backend(cfg.data.backend, device)
+    on_gpu = backend == "gpu" and torch.device(device).type == "cuda"
+    return bool(cfg.data.verify_images) and (backend == "dali" or on_gpu)
 
 
 def build_val_loader(cfg, *, classes: Sequence[str] | None = None, rank: int = 0, world_size: int = 1,
@@ -111,7 +155,8 @@ def build_val_loader(cfg, *, classes: Sequence[str] | None = None, rank: int = 0
         return TensorBatchLoader(images, labels, cfg.train.batch_size, train=False, rank=rank,
                                  world_size=world_size, device=device, classes=list(classes or names))
     root = _split_root(cfg, d.val_dir)
-    index = scan_image_folder(root, classes=classes, verify=d.verify_images, allow_missing_classes=True)
+    index = scan_image_folder(root, classes=classes, verify=d.verify_images, allow_missing_classes=True,
+                              decode=_decode_check(cfg, device))
     _warn_missing_val_classes(index, root)
     return build_image_loader(index.files, index.labels, index.classes, backend=d.backend,
                               batch_size=cfg.train.batch_size, train=False, image_size=d.image_size,

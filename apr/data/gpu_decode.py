@@ -151,8 +151,10 @@ def in_background(make_items, depth: int, name: str):
 
 
 def _to_unit(image: torch.Tensor) -> torch.Tensor:
-    """uint8 -> float32 in [0, 1] (before resizing, so the resize itself is not rounded to uint8)."""
-    return image.to(torch.float32).div_(255.0)
+    """uint8 (or uint16, what ``decode_image`` gives for a 16-bit PNG) -> float32 in [0, 1], before resizing
+    so that the resize itself is not rounded to uint8."""
+    scale = 65535.0 if image.dtype == torch.uint16 else 255.0
+    return image.to(torch.float32).div_(scale)
 
 
 def train_view(image: torch.Tensor, image_size: int, scale: Sequence[float],

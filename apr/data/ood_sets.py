@@ -5,7 +5,7 @@ An OOD set is one of:
 
 - a folder of images searched recursively (no class folders needed; DTD, iNaturalist/SUN/Places
   subsets, ImageNet-O, LSUN ...). Files that fail the cheap header check of
-  :func:`apr.data.layout.check_image_file` are skipped, counted and listed;
+  :func:`apr.data.layout.check_files` (header check and PIL decode) are skipped, counted and listed;
 - a CIFAR-10/100 python-pickle folder (``cifar-10-batches-py``, ``cifar-100-python`` or the folder
   that holds it): its test split;
 - SVHN's ``test_32x32.mat`` (scipy.io; ``X`` is H x W x C x N uint8, ``y`` N x 1).
@@ -30,10 +30,10 @@ import torch
 from apr.errors import UserError
 
 from .cifar import CIFAR_FOLDERS, TensorBatchLoader, load_cifar
-from .layout import IMG_EXTENSIONS, check_image_file, scan_image_folder
+from .layout import IMG_EXTENSIONS, check_files, scan_image_folder, warn_missing_classes
 
 __all__ = ["OODSetError", "ImageSet", "parse_set_spec", "open_ood_set", "open_in_distribution",
-           "check_disjoint", "stratified_subset", "detect_kind", "load_svhn_mat", "MAX_LISTED_SKIPS"]
+           "check_disjoint", "check_no_shared_files", "stratified_subset", "detect_kind", "load_svhn_mat", "MAX_LISTED_SKIPS"]
 
 #: At most this many skipped files are listed by name (all are counted).
 MAX_LISTED_SKIPS = 1000
@@ -62,14 +62,19 @@ class ImageSet:
     classes: list[str] = field(default_factory=lambda: ["ood"])
     skipped: list[str] = field(default_factory=list)
     skipped_count: int = 0
+    missing_classes: list[str] = field(default_factory=list)  # in-distribution classes without an image
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def describe(self) -> dict:
-        """The JSON block of this set (without scores)."""
-        return {"kind": self.kind, "path": self.path, "fingerprint": dict(self.fingerprint), "count": len(self),
-                "skipped_count": self.skipped_count, "skipped": list(self.skipped)}
+    def describe(self, scored: int | None = None, decode_skipped: Sequence[str] = ()) -> dict:
+        """The JSON block of this set (without scores). ``scored``: the images actually scored (a file the
+        loader could not decode is not); ``decode_skipped``: those files, counted and named with the rest."""
+        skipped = list(self.skipped) + list(decode_skipped)
+        return {"kind": self.kind, "path": self.path, "fingerprint": dict(self.fingerprint),
+                "count": len(self) if scored is None else int(scored),
+                "skipped_count": self.skipped_count + len(decode_skipped), "skipped": skipped[:MAX_LISTED_SKIPS],
+                **({"missing_classes": list(self.missing_classes)} if self.missing_classes else {})}
 
     def loader(self, *, batch_size: int, image_size: int, resize: int, backend: str = "auto", num_workers: int = 2,
                rank: int = 0, world_size: int = 1, local_rank: int = 0, device: torch.device | str = "cpu"):
@@ -150,6 +155,23 @@ def check_disjoint(in_path: str | os.PathLike, ood_path: str | os.PathLike, name
                           "give a different folder of images the model was not trained on")
 
 
+def check_no_shared_files(in_set: ImageSet, out_set: ImageSet) -> None:
+    """Refuse an OOD set holding a file that is (through a symlink) one of the in-distribution images, or
+    the reverse: folder paths alone do not show it, and such an image would be scored as both."""
+    in_root, out_root = Path(in_set.path), Path(out_set.path)
+    in_files = {os.path.realpath(f) for f in in_set.files or ()}
+    for path in out_set.files or ():
+        real = os.path.realpath(path)
+        if real in in_files or _within(Path(real), in_root):
+            raise OODSetError(f"OOD set {out_set.name!r}: {path} is a link to {real}, an image of the "
+                              f"in-distribution set ({in_root}); remove it from the OOD set")
+    for path in in_set.files or ():
+        real = os.path.realpath(path)
+        if out_set.files is not None and _within(Path(real), out_root):
+            raise OODSetError(f"in-distribution image {path} is a link to {real}, inside OOD set "
+                              f"{out_set.name!r} ({out_root}); remove it from one of the two")
+
+
 def detect_kind(path: str | os.PathLike) -> str:
     """folder | cifar10 | cifar100 | svhn, from what is at ``path``."""
     path = Path(path)
@@ -179,7 +201,7 @@ def _image_folder(name: str, root: Path, max_images: int | None) -> ImageSet:
     if not found:
         raise OODSetError(f"OOD set {name!r}: no image files ({', '.join(IMG_EXTENSIONS)}) under {root}; "
                           "for CIFAR give the cifar-10-batches-py / cifar-100-python folder, for SVHN the .mat")
-    reasons = [check_image_file(p) for p in found]
+    reasons = check_files(found, decode=True)  # header check + PIL decode: every backend scores the same files
     good = [str(p) for p, r in zip(found, reasons) if r is None]
     skipped = [f"{p} ({r})" for p, r in zip(found, reasons) if r is not None]
     if not good:
@@ -254,12 +276,15 @@ def open_in_distribution(*, classes: Sequence[str], folder: str | os.PathLike | 
         folder_path, files = _cifar_files(path, cifar_name)
         return _array_set("in", cifar_name, folder_path, files, images, labels, list(classes), max_images)
     root = Path(folder).resolve()
-    index = scan_image_folder(root, classes=classes, verify=True, allow_missing_classes=True, warn=False)
+    index = scan_image_folder(root, classes=classes, verify=True, allow_missing_classes=True, warn=False,
+                              decode=True)
     if not index.files:
         raise OODSetError(f"no readable images in the in-distribution folder {root}")
     labels = np.asarray(index.labels, dtype=np.int64)
     keep = stratified_subset(labels, max_images)
     fingerprint = {**_fingerprint(root, index.files, max_images), "skipped": len(index.skipped)}
+    missing = warn_missing_classes(root, [c for c, n in zip(index.classes, index.class_counts()) if n == 0])
     return ImageSet("in", "imagefolder", str(root), fingerprint, labels=labels[keep],
                     files=[index.files[i] for i in keep], classes=list(classes),
-                    skipped=index.skipped[:MAX_LISTED_SKIPS], skipped_count=len(index.skipped))
+                    skipped=index.skipped[:MAX_LISTED_SKIPS], skipped_count=len(index.skipped),
+                    missing_classes=missing)

@@ -14,6 +14,7 @@ and may carry a ``logit_subset`` (ImageNet-R/-A score only the logits of their 2
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -23,8 +24,8 @@ import torch
 from apr.errors import UserError
 
 from .cifar import cifar_name_for
-from .layout import (_class_dirs, _list_class_dir, check_image_file, check_tree_classes,
-                     find_missing_cells, folder_fingerprint)
+from .layout import (_class_dirs, _list_class_dir, check_files, check_tree_classes,
+                     find_missing_cells, folder_fingerprint, warn_missing_classes)
 
 __all__ = ["EvalError", "LoaderOptions", "Cell", "FolderCSuite", "CifarCSuite", "make_suite",
            "find_missing_cifar_c", "SHIFT_SUITES", "C_BAR_SEVERITIES", "CIFAR10_CLASSES", "FolderShiftSuite",
@@ -72,6 +73,7 @@ class Cell:
     empty_reason: str | None = None  # set when the cell has no readable image at all
     suite: str | None = None  # a distribution-shift suite's name; None: the corruption suite's cells
     logit_subset: list[int] | None = None  # score only these classes' logits (ImageNet-R/-A)
+    missing_classes: list[str] = field(default_factory=list)  # classes the set should hold but has no image of
 
     @property
     def name(self) -> str:
@@ -93,24 +95,27 @@ def _list_cell(folder: Path, label_of: dict[str, int], skip: frozenset = frozens
 
 
 def _unreadable(files: list[str]) -> list[tuple[str, str]]:
-    """(file, reason) of the files that fail the cheap header check, checked in parallel threads."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(16) as pool:
-        reasons = list(pool.map(check_image_file, files, chunksize=256))
+    """(file, reason) of the files that fail the header check or do not decode (PIL), in parallel threads:
+    every backend then scores the same files (DALI would decode a scrambled JPEG body into garbage)."""
+    reasons = check_files(files, decode=True)
     return [(f, r) for f, r in zip(files, reasons) if r is not None]
 
 
 def _folder_cell(corruption: str, severity: int, folder: Path, classes: list[str], resize_clean: bool,
-                 label_of: dict[str, int] | None = None, **extra) -> Cell:
+                 label_of: dict[str, int] | None = None, expect_all: bool = False, **extra) -> Cell:
     """Pre-flight of one folder cell: fingerprint, unreadable files, emptiness. The file list is listed
     again when the cell's loader is built (holding 75 lists of 50,000 paths per rank would cost GBs).
     ``resize_clean``: resize the shorter side to ``val_resize`` before the centre crop (full-size photos);
-    ``label_of``: class folder -> class index (default: the folder is the class name); ``extra``: Cell fields."""
+    ``label_of``: class folder -> class index (default: the folder is the class name); ``expect_all``: the set
+    should hold every class of ``classes`` (a val folder, Sketch, V2): those without a readable image are
+    listed in ``missing_classes`` and warned about; ``extra``: Cell fields."""
     label_of = label_of if label_of is not None else {name: i for i, name in enumerate(classes)}
-    files, _ = _list_cell(folder, label_of)
+    files, labels = _list_cell(folder, label_of)
     bad = _unreadable(files)
     skip = frozenset(f for f, _ in bad)
+    if expect_all:
+        kept = {label for f, label in zip(files, labels) if f not in skip}
+        extra["missing_classes"] = warn_missing_classes(folder, [c for i, c in enumerate(classes) if i not in kept])
     reason = None
     if len(bad) == len(files):
         reason = f"all {len(bad)} image files are unreadable" if bad else "its class folders hold no image files"
@@ -162,7 +167,7 @@ class FolderCSuite:
                 "clean": str(self.val_root.resolve())}
 
     def clean(self) -> Cell:
-        return _folder_cell("clean", 0, self.val_root, self.classes, resize_clean=True)
+        return _folder_cell("clean", 0, self.val_root, self.classes, resize_clean=True, expect_all=True)
 
     def cells(self, corruptions: Iterable[str], severities: Iterable[int]) -> tuple[list[Cell], list[str]]:
         present, missing = find_missing_cells(self.c_root, corruptions, severities)
@@ -262,10 +267,25 @@ class CifarCSuite:
         return cells, [f"{c}/{s}" for c in missing for s in severities]
 
 
+def _read_npy(path: Path):
+    """An ``.npy`` array, never unpickled: random bytes, object arrays or a truncated file are an EvalError."""
+    import numpy as np
+
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise EvalError(f"cannot read {path} as a NumPy array file ({why}); download it again") from None
+
+
 def _npy_rows(path: Path) -> int:
     import numpy as np
 
-    return len(np.load(path, mmap_mode="r"))
+    try:
+        return len(np.load(path, mmap_mode="r", allow_pickle=False))
+    except (ValueError, OSError, EOFError, TypeError) as exc:
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise EvalError(f"cannot read {path} as a NumPy array file ({why}); download it again") from None
 
 
 def make_suite(*, imagenet_c: str | None = None, val: str | None = None, cifar_c: str | None = None,
@@ -317,6 +337,7 @@ class FolderShiftSuite:
         self.name, self.root = name, Path(root)
         self.label_of: dict[str, int] = {}
         self.subset: list[int] | None = None
+        self.classes: list[str] = []
 
     def bind(self, classes: list[str], data_cfg=None) -> "FolderShiftSuite":
         if not self.root.is_dir():
@@ -324,6 +345,7 @@ class FolderShiftSuite:
         folders = _class_dirs(self.root)
         if not folders:
             raise EvalError(f"{self.name} folder {self.root} has no class folders ({self._layout()})")
+        self.classes = list(classes)
         self.label_of = _index_folders(folders, classes, self.root) if self.name == "imagenet-v2" else \
             _wnid_folders(folders, classes, f"{self.name} ({self.root})")
         if self.name in _SUBSET_SUITES:
@@ -341,11 +363,16 @@ class FolderShiftSuite:
             "expected <root>/<wnid, e.g. n01443537>/<image>"
 
     def source(self) -> dict:
-        return {"suite": self.name, "root": str(self.root.resolve()), "classes": len(set(self.label_of.values()))}
+        source = {"suite": self.name, "root": str(self.root.resolve()), "classes": len(set(self.label_of.values()))}
+        if self.name == "imagenet-v2":
+            source["label_order"] = v2_label_order(self.classes)
+        return source
 
     def cells(self, severities: Iterable[int] = ()) -> tuple[list[Cell], list[str]]:
-        cell = _folder_cell(self.name, 0, self.root, [], True, self.label_of, suite=self.name,
-                            logit_subset=self.subset)
+        cell = _folder_cell(self.name, 0, self.root, self.classes, True, self.label_of, suite=self.name,
+                            logit_subset=self.subset, expect_all=self.name not in _SUBSET_SUITES)
+        if self.name == "imagenet-v2":  # the label map is part of what the cell was computed from
+            cell.fingerprint = {**cell.fingerprint, "label_order": v2_label_order(self.classes)}
         return [cell], []
 
 
@@ -369,9 +396,21 @@ def _index_folders(folders: list[str], classes: list[str], root: Path) -> dict[s
                         f"{', '.join(bad[:5])} (expected the published layout <root>/<0..999>/<image>)")
     if len(classes) != 1000:
         raise EvalError(f"imagenet-v2 needs a 1000-class ImageNet model, this one has {len(classes)} classes")
+    if v2_label_order(classes) == "class list":  # e.g. a --classes file of words, already in the standard order
+        return {f: int(f) for f in folders}
     standard = sorted(classes)
     index = {name: i for i, name in enumerate(classes)}
     return {f: index[standard[int(f)]] for f in folders}
+
+
+_WNID = re.compile(r"^n\d{8}$")
+
+
+def v2_label_order(classes: list[str]) -> str:
+    """How ImageNet-V2's folder index i finds the model's class: ``sorted wnids`` (i = the i-th sorted wnid,
+    wherever the model puts it) when the class names are wnids; otherwise ``class list`` (i = the i-th class
+    of the list: names that are not wnids cannot be sorted into the standard order)."""
+    return "sorted wnids" if all(_WNID.match(c) for c in classes) else "class list"
 
 
 class CBarSuite:
@@ -447,17 +486,26 @@ class Cifar101Suite:
         return {"suite": self.name, "root": str(self.root.resolve()), "files": [p.name for p in self.files]}
 
     def _load(self):
+        """(uint8 N x 32 x 32 x 3 images, int64 labels in 0..9), or an EvalError naming the broken file."""
         import numpy as np
 
-        data, labels = (np.load(p) for p in self.files)
+        data, labels = (_read_npy(p) for p in self.files)
         if data.ndim != 4 or data.shape[1:] != (32, 32, 3) or data.dtype != np.uint8:
             raise EvalError(f"{self.files[0]}: expected uint8 N x 32 x 32 x 3 images, got {data.dtype} {data.shape}")
+        if len(data) == 0:
+            raise EvalError(f"{self.files[0]} holds no images")
         if labels.shape != (len(data),):
             raise EvalError(f"{self.files[1]}: expected {len(data)} labels, got shape {labels.shape}")
+        if labels.dtype.kind not in "iuf" or (labels.dtype.kind == "f" and not np.all(labels == np.round(labels))):
+            raise EvalError(f"{self.files[1]}: labels must be whole class indices 0..9, got {labels.dtype} values "
+                            f"such as {labels.reshape(-1)[:3].tolist()} (a label is never rounded or truncated)")
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(CIFAR10_CLASSES)):
+            raise EvalError(f"{self.files[1]}: labels run from {labels.min()} to {labels.max()}, CIFAR-10 has 0..9")
         return data, labels.astype("int64")
 
     def cells(self, severities: Iterable[int] = ()) -> tuple[list[Cell], list[str]]:
-        fingerprint = _file_fingerprint(*self.files, images=_npy_rows(self.files[0]))
+        data, _ = self._load()  # checked before any forward pass (and a broken file named), not in the cell loop
+        fingerprint = _file_fingerprint(*self.files, images=len(data))
         return [_tensor_cell(self.name, 0, fingerprint, self._load, self.classes, suite=self.name)], []
 
 

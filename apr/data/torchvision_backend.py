@@ -54,9 +54,22 @@ def _decode(path: str):
 
     try:
         with Image.open(path) as img:
-            return img.convert("RGB"), None
+            return _to_rgb(img), None
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for bad data
         return None, f"{type(exc).__name__}: {exc}"
+
+
+def _to_rgb(img):
+    """RGB, 8 bits per channel. 16-bit greyscale (PIL modes ``I;16*``, and ``I`` from a 16-bit PNG) is scaled
+    by 255/65535: PIL's own ``convert("RGB")`` clips it at 255, which turns almost every pixel white."""
+    from PIL import Image
+
+    if img.mode.startswith("I;16") or img.mode == "I":
+        import numpy as np
+
+        scaled = np.asarray(img, dtype=np.float64).clip(0, 65535) * (255.0 / 65535.0)
+        img = Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L")
+    return img.convert("RGB")
 
 
 class _ImageFiles(Dataset):

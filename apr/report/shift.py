@@ -54,7 +54,9 @@ def _suite_summary(name: str, block: dict) -> dict[str, Any]:
         out["error"] = pct(errors[next(iter(cells))]) if cell else None
         out["top5_error"] = pct(cell.get("top5_error")) if cell else None
         out["scored_classes"] = cell.get("scored_classes") if cell else None
-        out["partial"] = False
+        out["missing_classes"] = len(cell.get("missing_classes") or []) if cell else 0
+        # marked: R/A scored on other than their 200 classes, or a set without some of the model's classes
+        out["partial"] = bool(cell) and (out["scored_classes"] not in (None, 200) or out["missing_classes"] > 0)
     return out
 
 
@@ -62,8 +64,10 @@ def _run_summary(result: dict, source: str) -> dict[str, Any]:
     linked = result.get("corruption") or {}
     clean = result.get("clean")
     clean_error = clean["error"] if isinstance(clean, dict) else linked.get("clean_error")
+    clean_missing = len(clean.get("missing_classes") or []) if isinstance(clean, dict) else 0
     return {"run_name": result.get("run_name") or Path(source).stem, "label": run_label(result), "source": source,
             "checkpoint_sha256": result.get("checkpoint_sha256"), "clean_error": pct(clean_error),
+            "clean_missing_classes": clean_missing,
             "mce": linked.get("mce"), "mce_partial": bool(linked.get("partial")),
             "mce_normalisation": linked.get("normalisation"), "mce_dataset": linked.get("dataset"),
             "suites": {name: _suite_summary(name, block) for name, block in (result.get("suites") or {}).items()},
@@ -94,7 +98,8 @@ def _markdown(summary: dict[str, Any]) -> str:
            "5 severities (no AlexNet normalisation exists for it). ImageNet-C mCE comes from the same model's "
            "corruption results.", ""]
     header = ["Model", "Clean err.", "ImageNet-C mCE"] + [SUITE_TITLES[s] for s in suites]
-    rows = [[r["display_name"], format_percent(r["clean_error"]), _cell(r["mce"], r["mce_partial"])]
+    rows = [[r["display_name"], _cell(r["clean_error"], r.get("clean_missing_classes", 0) > 0),
+             _cell(r["mce"], r["mce_partial"])]
             + [_cell(r["suites"].get(s, {}).get("error"), r["suites"].get(s, {}).get("partial", False))
                for s in suites] for r in runs]
     out += markdown_table(header, rows)
@@ -102,11 +107,17 @@ def _markdown(summary: dict[str, Any]) -> str:
     for r in runs:
         if r["mce"] is not None and (r["mce_normalisation"] != "alexnet" or r["mce_dataset"] != "imagenet-c"):
             notes.append(f"{r['display_name']}: mCE on {r['mce_dataset']}, normalised by {r['mce_normalisation']}.")
+        if r.get("clean_missing_classes"):
+            notes.append(f"{PARTIAL_MARK} {r['display_name']}: the clean set has no image of "
+                         f"{r['clean_missing_classes']} of the model's classes.")
         for s, block in r["suites"].items():
             if block.get("scored_classes") and block["scored_classes"] != 200:
-                notes.append(f"{r['display_name']}: {SUITE_TITLES.get(s, s)} scored on {block['scored_classes']} "
-                             "classes (not the published 200).")
-            if block.get("partial"):
+                notes.append(f"{PARTIAL_MARK} {r['display_name']}: {SUITE_TITLES.get(s, s)} scored on "
+                             f"{block['scored_classes']} classes (not the published 200).")
+            if block.get("missing_classes"):
+                notes.append(f"{PARTIAL_MARK} {r['display_name']}: {SUITE_TITLES.get(s, s)} has no image of "
+                             f"{block['missing_classes']} of the model's classes.")
+            if block.get("partial") and s == "imagenet-c-bar":
                 notes.append(f"{PARTIAL_MARK} {r['display_name']}: C-bar covers {block['cells']} of {C_BAR_CELLS} cells.")
         if r["skipped"]:
             notes.append(f"**Skipped** ({r['display_name']}): "
