@@ -55,7 +55,8 @@ fi
 CONFIG=${1:?$usage}
 shift
 
-TASKS_PER_NODE=${SLURM_NTASKS_PER_NODE:-1}
+TASKS_PER_NODE=${SLURM_TASKS_PER_NODE:-1}  # e.g. "8(x4)": tasks on this job's first node
+TASKS_PER_NODE=${SLURM_NTASKS_PER_NODE:-${TASKS_PER_NODE%%[(,]*}}
 GPUS_ON_NODE=${SLURM_GPUS_ON_NODE:-0}
 if [ "$GPUS_ON_NODE" -gt 0 ] && [ "$TASKS_PER_NODE" != "$GPUS_ON_NODE" ]; then
     echo "error: one task per GPU: this job has $GPUS_ON_NODE GPU(s) but $TASKS_PER_NODE task(s) per node;" \

@@ -156,13 +156,17 @@ PartitionName=urgent Nodes={self.node} MaxTime=30 State=UP PriorityTier=10 Preem
         text = "".join(f.read_text(errors="replace") for f in files if f.exists())
         return "\n".join(text.splitlines()[-lines:])
 
+    def cancel_all(self, timeout: float = 30) -> None:
+        """Cancel every job and wait until the queue is empty (a failed test must not hold the CPUs)."""
+        self.run("scancel", "--full", "-u", "root", check=False)
+        deadline = time.monotonic() + timeout
+        while self.squeue() and time.monotonic() < deadline:
+            time.sleep(0.5)
+
     def stop(self) -> None:
         """Cancel every job, then stop slurmd, slurmctld and munged (in that order)."""
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
-            self.run("scancel", "--full", "-u", "root", check=False)
-            deadline = time.monotonic() + 30
-            while self.squeue() and time.monotonic() < deadline:
-                time.sleep(0.5)
+            self.cancel_all()
         for name in ("slurmd", "slurmctld", "munged"):
             proc = self.procs.pop(name, None)
             if proc is not None and proc.poll() is None:

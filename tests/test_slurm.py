@@ -33,6 +33,14 @@ JOB_ENV = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 CORRUPTIONS = ["gaussian_noise", "brightness", "contrast", "fog"]
 
 
+@pytest.fixture(autouse=True)
+def empty_queue_after(request):
+    """A test that failed half-way must not leave its jobs running on the shared test cluster."""
+    yield
+    if "slurm_cluster" in request.fixturenames:
+        request.getfixturevalue("slurm_cluster").cancel_all()
+
+
 # ----------------------------------------------------------------------------- data, recipe, references
 
 
