@@ -282,10 +282,23 @@ def section_pytest(check, args, device, until) -> None:
     check.add("pytest -m cuda", "counts", ", ".join(f"{v} {k.lower()}" for k, v in counts.items()),
               f"exit {'stopped at its deadline' if code is None else code}, {time.monotonic() - t0:.0f} s; "
               f"full log: gpu_check_pytest.log")
-    reasons = {name: why for _, name, why in SUMMARY.findall(text)}
+    reasons = failure_reasons(text)
     for name, outcome in outcomes.items():
         if outcome in ("FAILED", "ERROR"):
-            check.add("pytest -m cuda", outcome.lower(), name, (reasons.get(name) or "")[:200])
+            check.add("pytest -m cuda", outcome.lower(), name, reasons.get(name.split("::")[-1], "")[:200])
+
+
+BLOCK = re.compile(r"^_{3,} (?:ERROR at \w+ of )?(\S+) _{3,}$", re.M)
+
+
+def failure_reasons(text: str) -> dict:
+    """test name (after ``::``) -> the first ``E`` line of its traceback in the FAILURES / ERRORS blocks."""
+    reasons, heads = {}, list(BLOCK.finditer(text))
+    for head, after in zip(heads, heads[1:] + [None]):
+        body = text[head.end():after.start() if after else len(text)]
+        first = next((line[1:].strip() for line in body.splitlines() if line.startswith("E ")), "")
+        reasons.setdefault(head.group(1), first)
+    return reasons
 
 
 def pytest_outcomes(text: str) -> dict:
