@@ -263,8 +263,18 @@ def _run_one(check: Check, p: Plan, state: dict, seconds: float, args, device, s
                                             f" ({last[-3].strip()[:120] if len(last) >= 3 else ''})")
     finally:
         state["seconds"] = time.monotonic() - t0
+        _release_memory(device)
     check.write()
     return True
+
+
+def _release_memory(device: torch.device) -> None:
+    """The next section (or the pytest and compile children) gets the GPU memory this one cached."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------
