@@ -264,6 +264,8 @@ def section_heatmap(check, args, device, until) -> None:
 # pytest -m cuda in a child process: its log kept in full, FAILED and ERROR names parsed
 
 
+CHILD_GRACE_S = 8  # a child stops this long before its section's deadline: 5 s for SIGTERM, then SIGKILL
+
 OUTCOME = re.compile(r"^(\S+::\S+?)\s+(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b", re.M)
 SUMMARY = re.compile(r"^(FAILED|ERROR) (\S+::\S+)(?: - (.*))?$", re.M)
 
@@ -275,7 +277,7 @@ def section_pytest(check, args, device, until) -> None:
     cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-rfE", "--durations=10", "-p", "no:cacheprovider",
            *args.pytest_target]
     t0 = time.monotonic()
-    code = run_child(cmd, until - time.monotonic() - 2, log)
+    code = run_child(cmd, until - time.monotonic() - CHILD_GRACE_S, log)
     text = log.read_text(errors="replace")
     outcomes = pytest_outcomes(text)
     counts = {k: sum(v == k for v in outcomes.values()) for k in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
@@ -321,7 +323,7 @@ def section_compiled(check, args, device, until) -> None:
            "--device", str(device), "--batch", str(args.batch), "--repeats", str(args.repeats),
            "--warmup", str(args.warmup)]
     try:
-        code = run_child(cmd, until - time.monotonic() - 2, log)
+        code = run_child(cmd, until - time.monotonic() - CHILD_GRACE_S, log)
     finally:  # also on SIGTERM: every row the child finished comes back
         for line in rows.read_text().splitlines() if rows.exists() else ():
             check.add(**json.loads(line))

@@ -176,6 +176,26 @@ def test_pytest_section_keeps_the_log_and_names_failed_and_errored_tests(tmp_pat
     assert "the GPU path is wrong" in log and "test_not_cuda" not in log.split("short test summary")[0].split("collected")[1]
 
 
+def test_a_child_section_is_stopped_at_its_deadline_and_keeps_what_ran(tmp_path):
+    """pytest hanging in a CUDA test: stopped (its process group) before the section's deadline, the tests
+    that ran are still named from the verbose log."""
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "test_hang.py").write_text("import time, pytest\n\n@pytest.mark.cuda\ndef test_a_fails():\n    assert 0\n\n"
+                                        "@pytest.mark.cuda\ndef test_b_hangs():\n    time.sleep(120)\n")
+    (suite / "pytest.ini").write_text("[pytest]\nmarkers =\n    cuda: needs a GPU\n")
+    check = Check(tmp_path / "out", {"device": "cpu", "torch": "", "date": "", "quick": True, "budget_s": 60})
+    from apr.gpu_check_sections import CHILD_GRACE_S, section_pytest
+
+    t0 = time.monotonic()
+    section_pytest(check, SimpleNamespace(tmp=tmp_path, pytest_target=[str(suite)]), torch.device("cpu"),
+                   t0 + CHILD_GRACE_S + 6)
+    assert time.monotonic() - t0 < CHILD_GRACE_S + 6
+    rows = {r["item"]: r for r in check.rows}
+    assert "stopped at its deadline" in rows["counts"]["note"] and rows["counts"]["value"].startswith("0 passed, 1 failed")
+    assert rows["failed"]["value"].endswith("test_hang.py::test_a_fails")
+
+
 def test_compile_status_tells_compiled_from_graph_breaks_and_fallbacks():
     from apr.gpu_check_sections import compile_status, reset_compile_counters
 
