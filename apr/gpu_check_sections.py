@@ -64,7 +64,7 @@ def section_env(check, args, device, until) -> None:
     for name in ("torchvision", "timm", "accelerate", "sklearn", *ABSENT_ON_GPU_BOX):
         try:
             present = find_spec(name) is not None
-        except ModuleNotFoundError:
+        except (ImportError, ValueError):  # a parent package missing, or blocked (sys.modules[name] = None)
             present = False
         add(f"package {name}", "present" if present else "absent")
     head = ROOT / ".git"
