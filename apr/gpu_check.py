@@ -228,12 +228,13 @@ def run_plan(check: Check, plan: tuple, args, device: torch.device, sections) ->
     states = {p.key: {"key": p.key, "title": p.title, "status": "not reached", "seconds": None, "reason": ""}
               for p in plan}
     check.sections[:] = list(states.values())
-    for i, p in enumerate(plan):
+    wanted = [p for p in plan if p.key not in args.skip and not (args.quick and p.full_only)]
+    for p in plan:
         state = states[p.key]
-        if p.key in args.skip or (args.quick and p.full_only):
+        if p not in wanted:
             state.update(status="skipped", reason="--skip" if p.key in args.skip else p.full_only)
             continue
-        seconds = section_deadline(p, list(plan[i + 1:]), end - time.monotonic(), args.quick)
+        seconds = section_deadline(p, wanted[wanted.index(p) + 1:], end - time.monotonic(), args.quick)
         if seconds is None:
             state.update(status="skipped", reason=f"budget: {max(0.0, end - time.monotonic()):.0f} s left, "
                                                   f"needs {p.min_s:.0f} s")
