@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.testing import assert_close
 
 import apr.adversarial.run as adv_run
+from apr.adversarial.attacks import _random_start
 from apr.adversarial import (AdversarialError, FGSMPerturbation, autoattack, build_attacks,
                              catastrophic_overfitting_check, fgsm_perturb, masking_flags, parse_eps, pgd_attack,
                              stratified_subset)
@@ -464,3 +466,66 @@ def test_two_ranks_split_the_images_and_sum_the_counts(tiny_checkpoint, cifar10_
     assert abs(two["attacks"]["fgsm"]["correct"] - one["attacks"]["fgsm"]["correct"]) <= 1
     assert all(left == [False, False] for _, _, left, _ in results)  # the attack wrote no parameter gradient
     assert_close(torch.tensor(results[0][3]), torch.tensor(results[1][3]))  # DDP kept the replicas in step
+
+
+# ---------------------------------------------------------------------------------------
+# FGSM / PGD on CUDA against the CPU
+
+
+@pytest.fixture
+def no_tf32():
+    """TF32 off: the comparison is of the attack code on the two devices, not of TF32's 10-bit rounding."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def attack_case(device: str):
+    """cnn_tiny (random weights, fp32) and 16 noise images: continuous values, so no max-pool ties."""
+    torch.manual_seed(0)
+    net = create_model("cnn_tiny", 4).eval()
+    model = ImageClassifier(net.to(device), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), precision="fp32")
+    images = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return model, images, torch.arange(16) % 4
+
+
+def unsure_signs(model, images, labels, rel: float = 1e-3) -> torch.Tensor:
+    """Input-gradient elements within ``rel`` of their image's largest: float32 noise may give them either sign."""
+    x = images.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(F.cross_entropy(model(x), labels, reduction="sum"), x)
+    return grad.abs() <= rel * grad.abs().flatten(1).max(1).values.view(-1, 1, 1, 1)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("random_start", [False, True])
+def test_fgsm_on_cuda_differs_from_cpu_only_where_the_gradient_sign_is_unsure(no_tf32, random_start):
+    cpu_model, images, labels = attack_case("cpu")
+    gpu_model, _, _ = attack_case("cuda")
+    kwargs = dict(eps=8 / 255, alpha=10 / 255 if random_start else 8 / 255, random_start=random_start)
+    cpu = fgsm_perturb(cpu_model, images, labels, generator=torch.Generator().manual_seed(2), **kwargs)
+    gpu = fgsm_perturb(gpu_model, images.cuda(), labels.cuda(), generator=torch.Generator().manual_seed(2), **kwargs)
+    differ = (gpu.cpu() - cpu).abs() > 1e-6
+    # the random start is drawn on the CPU generator: the same start on both devices, the sign taken there
+    start = images + _random_start(images, 8 / 255, torch.Generator().manual_seed(2)) if random_start else images
+    unsure = unsure_signs(cpu_model, start, labels)
+    assert not (differ & ~unsure).any(), int((differ & ~unsure).sum())
+    assert differ.float().mean() <= 1e-3, float(differ.float().mean())
+    assert (gpu.cpu() - images).abs().max() <= 8 / 255 + 1e-6 and 0 <= gpu.min() and gpu.max() <= 1
+
+
+@pytest.mark.cuda
+def test_pgd_on_cuda_is_as_strong_as_on_cpu(no_tf32):
+    cpu_model, images, labels = attack_case("cpu")
+    gpu_model, _, _ = attack_case("cuda")
+    kwargs = dict(eps=8 / 255, alpha=2 / 255, steps=5, restarts=2)
+    cpu = pgd_attack(cpu_model, images, labels, generator=torch.Generator().manual_seed(3), **kwargs)
+    gpu = pgd_attack(gpu_model, images.cuda(), labels.cuda(), generator=torch.Generator().manual_seed(3), **kwargs).cpu()
+    assert (gpu - images).abs().max() <= 8 / 255 + 1e-6 and 0 <= gpu.min() and gpu.max() <= 1
+    with torch.no_grad():
+        losses = [F.cross_entropy(cpu_model(x), labels, reduction="none") for x in (images, cpu, gpu)]
+    clean, want, got = losses
+    assert (got > clean).all()  # the attack climbed on every image
+    # 5 signed steps from the same start: elements whose sign was unsure may differ, the loss hardly
+    assert ((got - want).abs() / want).median() <= 1e-3 and ((got - want).abs() / want).max() <= 0.05
+    assert torch.equal(cpu, pgd_attack(cpu_model, images, labels, generator=torch.Generator().manual_seed(3), **kwargs))

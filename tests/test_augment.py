@@ -13,7 +13,7 @@ from apr import augment as A
 from apr.augment import OP_NAMES, OPS, APRPolicy, apr_p, apr_s, apr_sp, apply_apr_s, sample_apr_s_params
 from apr.config import AugConfig
 from apr.fourier import recombine
-from conftest import sample_photos
+from conftest import assert_images_close, image_errors, sample_photos
 
 
 # ---------------------------------------------------------------------------------------
@@ -461,18 +461,46 @@ def test_parameters_reach_the_device_without_blocking_copies(monkeypatch, digits
 # CUDA (skipped without a GPU)
 
 
+@pytest.mark.parametrize("wrong, caught", [
+    ("same result", False),
+    ("one value one level off", False),
+    ("float32 noise", False),
+    ("two images swapped", True),
+    ("width axis flipped", True),
+    ("no clamp", True),
+    ("bf16 all the way", True),
+])
+def test_the_cuda_bound_catches_a_wrong_gpu_path(digits, photos, wrong, caught):
+    """What assert_images_close (the CUDA tests' bound) lets through and what it stops, shown on the CPU."""
+    x = torch.cat([digits, photos[:, :, :32, :32]])
+    s, want = APRPolicy("apr_sp", p_prob=1.0)(x, torch.Generator().manual_seed(0))
+    redo = lambda policy, images: policy(images, torch.Generator().manual_seed(0))[1]  # noqa: E731
+    got = {"same result": lambda: want.clone(),
+           "one value one level off": lambda: want.clone().index_put_((torch.tensor([3]), torch.tensor([1]),
+                                                                       torch.tensor([3]), torch.tensor([3])),
+                                                                      torch.tensor(1 / 255), accumulate=True),
+           "float32 noise": lambda: want * (1 + 1e-6 * torch.randn(want.shape, generator=torch.Generator().manual_seed(1))),
+           "two images swapped": lambda: want[torch.tensor([1, 0, *range(2, len(want))])],
+           "width axis flipped": lambda: want.flip(-1),
+           "no clamp": lambda: redo(APRPolicy("apr_sp", p_prob=1.0, p_clamp=False), x),
+           "bf16 all the way": lambda: redo(APRPolicy("apr_sp", p_prob=1.0), x.bfloat16())}[wrong]()
+    if caught:
+        with pytest.raises(AssertionError):
+            assert_images_close(got.float(), want)
+    else:
+        assert_images_close(got, want)
+
+
 @pytest.mark.cuda
 def test_apr_s_and_apr_p_cuda_match_cpu(digits, photos):
     x = torch.cat([digits, photos[:, :, :32, :32]])
     cpu = apr_s(x, torch.Generator().manual_seed(0))
     gpu = apr_s(x.cuda(), torch.Generator().manual_seed(0))
     assert gpu.device.type == "cuda" and gpu.dtype == x.dtype
-    diff = (gpu.cpu() - cpu).abs()
-    # rounding to the 0..255 grid may flip a level where float32 results differ in the last bit
-    assert diff.mean() < 1e-4 and diff.max() <= 4.0 / 255
+    assert_images_close(gpu, cpu)  # rounding to the 0..255 grid may flip a level: see assert_images_close
     cpu_p = apr_p(x, 1.0, torch.Generator().manual_seed(1), per_sample=True)
     gpu_p = apr_p(x.cuda(), 1.0, torch.Generator().manual_seed(1), per_sample=True)
-    assert torch.allclose(gpu_p.cpu(), cpu_p, atol=1e-5)
+    torch.testing.assert_close(gpu_p.cpu(), cpu_p, atol=2e-5, rtol=0)  # no grid: float noise only
     bf = apr_s(x.cuda().bfloat16(), torch.Generator().manual_seed(0))
     assert bf.dtype == torch.bfloat16 and bf.device.type == "cuda"
 
@@ -655,9 +683,28 @@ def test_fused_apr_sp_cuda_matches_cpu_without_host_syncs(digits, photos, compil
             gpu = policy(x.cuda(), torch.Generator().manual_seed(0))
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        for c, d in zip(cpu, gpu):
-            diff = (d.cpu() - c).abs()
-            assert diff.mean() < 1e-3 and diff.max() <= 1.0, mode  # the 0..255 grid / wrap may flip a level
+        if mode.get("s_overflow") != "wrap":
+            for c, d in zip(cpu, gpu):
+                assert_images_close(d, c)
+            continue
+        keep = wrapped_s_agrees(gpu[0], cpu[0])
+        assert_images_close(gpu[1][keep.cuda()], cpu[1][keep])
+
+
+def wrapped_s_agrees(gpu: torch.Tensor, cpu: torch.Tensor) -> torch.Tensor:
+    """wrap truncates like ``astype(np.uint8)``: a value within float noise of a level (an identity op recombined
+    with itself gives the whole image on the grid) lands one level lower on one device; one within noise of 256
+    wraps to 0. So each value agrees, is one level off, or (under 1e-3 of them) 255 levels off. Returns the
+    images whose APR-S agrees within noise everywhere: only there is APR-P (the phase of a quantised image,
+    ill-conditioned near empty frequency bins) expected to agree, and that is most images."""
+    diff = (gpu.cpu() - cpu).abs()
+    noise, level = diff <= 2e-5, (diff - 1 / 255).abs() <= 2e-5
+    wrapped = (diff - 255 / 255).abs() <= 2e-5
+    assert (noise | level | wrapped).all(), float(diff[~(noise | level | wrapped)].max())
+    assert wrapped.float().mean() < 1e-3, float(wrapped.float().mean())
+    keep = noise.flatten(1).all(1)
+    assert int(keep.sum()) >= len(keep) // 2, int(keep.sum())
+    return keep
 
 
 def test_reference_switches_from_config_and_validation():

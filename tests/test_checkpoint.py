@@ -246,3 +246,18 @@ def test_clean_stale_temp_files_removes_only_our_temporaries(tmp_path):
         path.write_text("x")
     assert sorted(clean_stale_temp_files(tmp_path)) == sorted(ours)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in theirs)
+
+
+@pytest.mark.cuda
+def test_cuda_rng_state_round_trips_through_a_saved_checkpoint(tmp_path):
+    """The real CUDA generator: saved in a checkpoint file, restored after other draws, the same numbers."""
+    torch.cuda.init()
+    torch.rand(1, device="cuda")  # the generator exists and has moved
+    save_checkpoint({"rng": capture_rng_state()}, tmp_path / "rng.pt")
+    first = torch.rand(1000, device="cuda")
+    dropout = torch.nn.functional.dropout(torch.ones(1000, device="cuda"), 0.5)
+    torch.rand(12345, device="cuda")
+    assert not torch.equal(torch.rand(1000, device="cuda"), first)  # without the restore: other numbers
+    restore_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"])
+    assert torch.equal(torch.rand(1000, device="cuda"), first)
+    assert torch.equal(torch.nn.functional.dropout(torch.ones(1000, device="cuda"), 0.5), dropout)

@@ -48,3 +48,51 @@ def test_two_ranks_sum_and_gather_in_rank_order():
     for rank, summed, gathered in results:
         assert summed == [2.0, 3.0]
         assert gathered == [0.0, 1.0, 10.0, 11.0, 12.0]
+
+
+def _nccl_step_worker(rank: int, port: int, out):
+    """One APR-SP bf16 channels_last train_step of a DDP-wrapped cnn_tiny on this rank's GPU and its own batch."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from apr.augment import APRPolicy
+    from apr.inference import ImageClassifier
+    from apr.models import create_model
+    from apr.train import train_step
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    net = create_model("cnn_tiny", 4).cuda().to(memory_format=torch.channels_last)
+    start = torch.cat([p.detach().flatten() for p in net.parameters()]).cpu()
+    model = DistributedDataParallel(ImageClassifier(net, (0.5,) * 3, (0.25,) * 3, precision="bf16", channels_last=True),
+                                    device_ids=[rank])
+    images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(rank)).cuda()
+    labels = torch.arange(8, device="cuda") % 4
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_step(model, optimizer, images, labels, policy=APRPolicy("apr_sp", p_prob=1.0),
+               generator=torch.Generator().manual_seed(rank))
+    summed = all_reduce_sum(torch.tensor([1.0, rank + 1.0], device="cuda"), World(rank, 2, rank))
+    out.put((rank, start, torch.cat([p.detach().flatten() for p in net.parameters()]).cpu(), summed.cpu().tolist()))
+    dist.destroy_process_group()
+
+
+@pytest.mark.cuda
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs for a 2-process NCCL step")
+def test_two_gpu_nccl_step_keeps_the_replicas_equal():
+    """Different batches per rank, gradients averaged by NCCL: after the step both replicas hold the same
+    weights (bit for bit: one all-reduce result, the same optimizer arithmetic), and they moved."""
+    ctx = mp.get_context("spawn")
+    out, port = ctx.Queue(), _free_port()
+    procs = [ctx.Process(target=_nccl_step_worker, args=(r, port, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted((out.get(timeout=150) for _ in procs), key=lambda r: r[0])
+    for p in procs:
+        p.join(timeout=30)
+    (_, start0, after0, summed0), (_, start1, after1, summed1) = results
+    assert torch.equal(start0, start1) and torch.equal(after0, after1)
+    assert not torch.equal(after0, start0)
+    assert summed0 == summed1 == [2.0, 3.0]

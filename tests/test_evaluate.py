@@ -358,25 +358,52 @@ def test_another_checkpoint_at_the_same_path_starts_over(tiny_checkpoint, tiny_c
     assert second["checkpoint_sha256"] == file_sha256(path) != first["checkpoint_sha256"]
 
 
-def test_bf16_autocast_runs_on_cpu(full_eval, tiny_checkpoint, c_tree, imagenet_tree, tmp_path):
-    result = run_eval(tiny_checkpoint[0], imagenet_c_root=c_tree, val_root=imagenet_tree / "val",
-                                 out_dir=tmp_path, corruptions=["brightness"], severities=(1,),
-                                 **{**FAST, "precision": "bf16"})
-    # bf16 rounding may flip a borderline image, not more
-    assert abs(result["clean"]["error"] - full_eval[0]["clean"]["error"]) <= 1 / 24 + 1e-9
-    assert result["eval"]["precision"] == "bf16"
+@pytest.fixture(scope="module")
+def haze_tree(imagenet_tree, tmp_path_factory) -> Path:
+    """One cell, fog/1, written without imagecorruptions (absent on the GPU machine): the val digits under a
+    grey haze. The evaluator reads the layout; how a cell was made does not matter to it."""
+    root = tmp_path_factory.mktemp("imagenet_c_haze") / "c"
+    for path in sorted((imagenet_tree / "val").rglob("*.JPEG")):
+        with Image.open(path) as img:
+            hazy = (0.6 * np.asarray(img.convert("RGB"), np.float32) + 0.4 * 160).astype(np.uint8)
+        out = root / "fog" / "1" / path.parent.name / path.name
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(hazy).save(out, quality=90)
+    return root
 
 
-@pytest.mark.cuda
-def test_cuda_bf16_agrees_with_cpu(full_eval, tiny_checkpoint, c_tree, imagenet_tree, tmp_path):
-    result = run_eval(tiny_checkpoint[0], imagenet_c_root=c_tree, val_root=imagenet_tree / "val",
-                                 out_dir=tmp_path, corruptions=["fog"], severities=(1,),
-                                 **{**FAST, "device": "cuda", "precision": "bf16"})
-    full = full_eval[0]
-    assert result["clean"]["count"] == 24 and result["corruptions"]["fog"]["1"]["count"] == 24
-    # bf16 on the GPU may flip a borderline image, not more
-    assert abs(result["clean"]["error"] - full["clean"]["error"]) <= 1 / 24 + 1e-9
-    assert abs(result["corruptions"]["fog"]["1"]["error"] - full["corruptions"]["fog"]["1"]["error"]) <= 1 / 24 + 1e-9
+# bf16 autocast rounds the input and the output of each of cnn_tiny's 3 conv + BN layers and its linear layer
+# to 8 significant bits (2**-9 relative each): 8 roundings, 1.6 %, taken as 2 % of the image's largest logit
+BF16_REL = 0.02
+
+
+def borderline(model, folder: Path, cfg: Config) -> int:
+    """Images whose top-2 logit margin (float64 on the CPU) bf16 rounding could close: the most it can flip."""
+    images, _ = load_folder(folder, CLASSES)
+    x = (images.astype(np.float64) / 255.0 - np.asarray(cfg.data.mean)) / np.asarray(cfg.data.std)
+    with torch.no_grad():
+        logits = model.double()(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
+    model.float()
+    top2 = logits.topk(2, dim=1).values
+    return int(((top2[:, 0] - top2[:, 1]) <= 2 * BF16_REL * logits.abs().max(1).values).sum())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_bf16_flips_only_borderline_images(device, tiny_checkpoint, tiny_config, haze_tree, imagenet_tree, tmp_path):
+    """bf16 (on the CPU, on the GPU) against fp32 on the CPU: a cell's error moves by at most the images whose
+    margin bf16 could close, counted from float64 logits, not a fixed 1 in 24."""
+    kwargs = dict(imagenet_c_root=haze_tree, val_root=imagenet_tree / "val", corruptions=["fog"], severities=(1,))
+    fp32 = run_eval(tiny_checkpoint[0], out_dir=tmp_path / "fp32", **kwargs, **FAST)
+    bf16 = run_eval(tiny_checkpoint[0], out_dir=tmp_path / "bf16", **kwargs,
+                    **{**FAST, "device": device, "precision": "bf16"})
+    assert bf16["eval"]["precision"] == "bf16"
+    cells = {"clean": (bf16["clean"], fp32["clean"], imagenet_tree / "val"),
+             "fog/1": (bf16["corruptions"]["fog"]["1"], fp32["corruptions"]["fog"]["1"], haze_tree / "fog" / "1")}
+    for name, (got, want, folder) in cells.items():
+        assert got["count"] == want["count"] == 24, name
+        flips = round(abs(got["error"] - want["error"]) * 24)
+        assert flips <= borderline(tiny_checkpoint[1], folder, tiny_config), name
+    assert 0 < fp32["clean"]["error"] < fp32["corruptions"]["fog"]["1"]["error"] < 0.75  # a model, and a shift
 
 
 def _has_dali() -> bool:
