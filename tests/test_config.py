@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from apr.config import Config, ConfigError, apply_overrides, config_to_dict, load_config, save_config
+from apr.config import Config, ConfigError, apply_overrides, config_to_dict, load_config, save_config, shipped_recipes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,7 +17,7 @@ def test_defaults_are_the_paper_imagenet_recipe():
     assert cfg.optim.schedule == "step" and cfg.optim.step_size == 30 and cfg.train.epochs == 100
 
 
-@pytest.mark.parametrize("recipe", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("recipe", sorted(shipped_recipes().values()), ids=lambda p: p.name)
 def test_every_shipped_recipe_loads(recipe):
     cfg = load_config(recipe)
     assert isinstance(cfg, Config)
