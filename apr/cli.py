@@ -8,6 +8,7 @@ everything with its full traceback.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from typing import Callable, Sequence
@@ -17,6 +18,7 @@ from apr.errors import UserError
 __all__ = ["run_main", "format_user_error", "DEBUG_ENV"]
 
 DEBUG_ENV = "APR_DEBUG"
+_OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 
 
 def format_user_error(exc: BaseException) -> str | None:
@@ -35,6 +37,8 @@ def format_user_error(exc: BaseException) -> str | None:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         return f"{source}YAML syntax error{where}: {problem}"
     if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.errno in _OUTPUT_ERRNOS:  # a full disk or a read-only folder
         return str(exc)
     return None
 

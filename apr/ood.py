@@ -10,8 +10,9 @@ Per checkpoint, the in-distribution set (ImageNet-layout val folder or CIFAR tes
 OOD set are scored through :class:`apr.inference.ImageClassifier`; ``apr.metrics.ood_metrics``
 turns (in, out) scores into AUROC, FPR95, AUPR-in/out and detection accuracy. The results go to
 ``<out>/<run_name>.ood.json`` (schema ``apr.ood/1``), rewritten atomically after each OOD set; a
-rerun skips the sets whose checkpoint sha256 and set fingerprint (resolved path, file count, total
-size, cap) are unchanged. The JSON holds per set and score the metrics, the counts, skipped files
+rerun skips the sets whose checkpoint sha256 and set fingerprint (resolved path, cap, and
+``apr.results.files_fingerprint``: names, sizes and mtimes of the files) are unchanged; concurrent runs
+on the same file merge their sets (``apr.results.ResultsFile``). The JSON holds per set and score the metrics, the counts, skipped files
 and 50-bin score histograms (in and out on shared edges), so a report needs nothing else.
 Under torchrun each set is split over the ranks and the scores are gathered; rank 0 writes.
 
@@ -40,8 +41,8 @@ from apr.data.ood_sets import ImageSet, check_disjoint, open_in_distribution, op
 from apr.distributed import World, all_gather_cat, broadcast_object, join_world, resolve_device
 from apr.errors import UserError
 from apr.inference import ImageClassifier, check_precision, default_precision, predict_batches
-from apr.io import atomic_write_json
-from apr.results import changed_keys, collect_versions, file_sha256, now, reusable
+from apr.results import (ResultsFile, changed_keys, check_output_folder, collect_versions, file_sha256, merge_entries,
+                         now)
 from apr.metrics import (OOD_METRICS, adaptive_rms_calibration_error, expected_calibration_error, ood_metrics,
                          rms_calibration_error)
 
@@ -149,11 +150,19 @@ def load_ood_result(path: str | Path) -> dict:
     return data
 
 
-def _reusable(out_path: Path, identity: dict) -> dict | None:
-    """The previous results for this checkpoint, ID set and settings, or None (with a warning why)."""
-    return reusable(out_path, load_ood_result,
-                    lambda previous: [f"its {', '.join(keys)} changed" for keys in [changed_keys(previous, identity)]
-                                      if keys])
+def _results_file(out_path: Path, identity: dict) -> ResultsFile:
+    """The results file, reusable (and mergeable) when the checkpoint, ID set and settings match."""
+    return ResultsFile(out_path, load_ood_result,
+                       lambda previous: [f"its {', '.join(keys)} changed" for keys in [changed_keys(previous, identity)]
+                                         if keys])
+
+
+def _merge(on_disk: dict, ours: dict, computed: set) -> dict:
+    """This run's record with every OOD set another run (or an earlier one) put in the file meanwhile."""
+    merged = {**ours, "ood_sets": merge_entries(on_disk.get("ood_sets") or {}, ours["ood_sets"], computed)}
+    merged["in_distribution"] = ours["in_distribution"] or on_disk.get("in_distribution")
+    merged["summary"] = summarise(merged["ood_sets"])
+    return merged
 
 
 # ----------------------------------------------------------------------------- the run
@@ -219,6 +228,8 @@ def evaluate_ood(checkpoint_path: str | Path, *, ood: Mapping[str, str], out_dir
     if device.type == "cuda":
         torch.cuda.set_device(device)
     precision = check_precision(precision or default_precision(device))
+    if world.is_main:
+        check_output_folder(out_dir)
     checkpoint_path = Path(checkpoint_path)
     model, cfg, classes, info = load_model_for_eval(checkpoint_path, map_location="cpu")
     in_set, out_sets = _open_sets(cfg, classes, in_folder, in_cifar, ood, max_images)
@@ -228,7 +239,8 @@ def evaluate_ood(checkpoint_path: str | Path, *, ood: Mapping[str, str], out_dir
                 "val_resize": int(cfg.data.val_resize), "histogram_bins": HISTOGRAM_BINS}
     identity = {"checkpoint_sha256": file_sha256(checkpoint_path), "in_fingerprint": in_set.fingerprint,
                 "settings": settings}
-    previous = broadcast_object(_reusable(out_path, identity) if world.is_main else None, world)
+    results_file = _results_file(out_path, identity)
+    previous = broadcast_object(results_file.load() if world.is_main else None, world)
     result = _new_result(checkpoint_path, run_name, cfg, info, identity, previous)
     done = result["ood_sets"]
     todo = [n for n in out_sets if n not in done or done[n]["fingerprint"] != out_sets[n].fingerprint]
@@ -236,11 +248,13 @@ def evaluate_ood(checkpoint_path: str | Path, *, ood: Mapping[str, str], out_dir
                                  channels_last=bool(cfg.model.channels_last)).to(device)
     opts = {"batch_size": batch_size, "backend": backend, "num_workers": num_workers}
     show = progress and world.is_main
+    computed: set[str] = set()
+    written = [result]
 
     def save() -> None:
         result["summary"] = summarise(result["ood_sets"])
         if world.is_main:
-            atomic_write_json(out_path, result, indent=1)
+            written[0] = results_file.save(result, lambda on_disk, ours: _merge(on_disk, ours, computed))
 
     if todo or result["in_distribution"] is None:
         in_scores, _ = _score_set(in_set, classifier, cfg, opts, world, device, show)
@@ -249,12 +263,13 @@ def evaluate_ood(checkpoint_path: str | Path, *, ood: Mapping[str, str], out_dir
     for name in todo:
         out_scores, seconds = _score_set(out_sets[name], classifier, cfg, opts, world, device, show)
         done[name] = set_record(out_sets[name], in_scores, out_scores, seconds)
+        computed.add(name)
         save()
         if on_set_done is not None:
             on_set_done(name, done[name])
     result["complete"] = all(n in done for n in out_sets)
     save()
-    return result
+    return written[0]
 
 
 # ----------------------------------------------------------------------------- command line

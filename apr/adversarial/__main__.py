@@ -19,6 +19,7 @@ from apr.cli import run_main
 from apr.data import BACKENDS
 from apr.distributed import join_world, resolve_device
 from apr.inference import ImageClassifier
+from apr.results import check_output_folder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +95,10 @@ def main(argv=None) -> int:
         raise AdversarialError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.eps_sweep and (args.norm != "Linf" or args.sweep_n < 1 or args.sweep_steps < 1):
         raise AdversarialError("--eps-sweep is a Linf PGD check: use --norm Linf, --sweep-n >= 1, --sweep-steps >= 1")
+    if args.n is not None and args.n < 1:
+        raise AdversarialError(f"--n must be at least 1, got {args.n}")
+    if args.workers < 0:
+        raise AdversarialError(f"--workers must be >= 0, got {args.workers}")
     attacks = build_attacks(args.attack, eps=eps, norm=args.norm, pgd_steps=args.pgd_steps, pgd_alpha=pgd_alpha,
                             pgd_restarts=args.pgd_restarts, seed=args.seed)
     missing = [c for c in args.checkpoint if not Path(c).is_file()]
@@ -102,6 +107,8 @@ def main(argv=None) -> int:
     if args.precision == "bf16":
         warnings.warn(BF16_ATTACK_WARNING, stacklevel=1)
     world = join_world(args.device)
+    if world.is_main:
+        check_output_folder(args.out)
     device = resolve_device(args.device, world)
     from apr.evaluation import plan_run_names
 

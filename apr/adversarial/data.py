@@ -16,6 +16,7 @@ import torch
 from apr.adversarial.attacks import AdversarialError
 from apr.adversarial.run import fingerprint, stratified_subset
 from apr.distributed import World
+from apr.results import files_fingerprint
 from apr.data.base import eval_shard
 
 __all__ = ["EvalSubset", "load_eval_subset", "cifar_subset", "folder_subset"]
@@ -75,9 +76,9 @@ def folder_subset(root: str, classes, *, n: int | None, seed: int, batch_size: i
     order = stratified_subset(labels_t, n, seed).tolist()
     files = [index.files[i] for i in order]
     labels = [int(labels_t[i]) for i in order]
-    listing = "\n".join(f"{os.path.relpath(f, root)}\t{os.path.getsize(f)}\t{y}" for f, y in zip(files, labels))
     info = {"kind": "imagefolder", "root": str(root), "total": len(labels_t), "n": n, "seed": seed,
-            "image_size": image_size, "resize": resize, "fingerprint": fingerprint(listing)}
+            "image_size": image_size, "resize": resize,
+            "fingerprint": files_fingerprint(root, files, labels=fingerprint(" ".join(map(str, labels))))}
 
     def loader(count: int):
         return lambda: build_image_loader(files[:count], labels[:count], index.classes, backend=backend,
