@@ -202,6 +202,7 @@ class ResultsFile:
                  differences: Callable[[dict], list[str]]):
         self.path, self.read, self.differences = Path(path), read, differences
         self._replaceable: tuple | None = None
+        self._written: tuple[tuple | None, dict | None] = (None, None)  # (stamp, content) of this run's last save
 
     def load(self) -> dict | None:
         """The earlier results if they can be reused (see :func:`reusable`), else None."""
@@ -219,13 +220,15 @@ class ResultsFile:
             on_disk = self._current()
             merged = result if on_disk is None else merge(on_disk, result)
             atomic_write_json(self.path, merged, indent=1)
-            self._replaceable = None
+            self._replaceable, self._written = None, (_stamp(self.path), merged)
         return merged
 
     def _current(self) -> dict | None:
         stamp = _stamp(self.path)
         if stamp is None or stamp == self._replaceable:
             return None
+        if stamp == self._written[0]:  # nobody wrote since this run's last save
+            return self._written[1]
         try:
             on_disk = self.read(self.path)
         except UserError as exc:
