@@ -123,7 +123,7 @@ def check_output_folder(folder: str | os.PathLike, what: str = "--out") -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
         try:
-            data = memoryview(b"0" * 4096)  # a full disk refuses data, not always an empty file
+            data = memoryview(b"0" * 512)  # a full disk refuses data, not always an empty file
             while data:
                 data = data[os.write(fd, data):]
             os.fsync(fd)
