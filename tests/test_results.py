@@ -329,3 +329,74 @@ def test_full_disk_is_one_error_line_naming_the_path(command, limit, message, ch
     left = [p for p in out.iterdir() if not p.name.endswith(".lock")]
     assert not [p for p in left if p.name.endswith(".tmp")]
     assert all(json.loads(p.read_text())["schema"] for p in left)  # an earlier save, whole, or nothing
+
+
+# ----------------------------------------------------------------------------- broken report inputs
+
+
+@pytest.fixture(scope="module")
+def ood_result(checkpoint, imagenet_tree, ood_sets, tmp_path_factory) -> str:
+    """The text of a real ``*.ood.json``."""
+    from apr.ood import evaluate_ood
+
+    out = tmp_path_factory.mktemp("ood_result")
+    evaluate_ood(checkpoint, in_folder=imagenet_tree / "val", ood={"a": str(ood_sets["a"])}, out_dir=out,
+                 backend="torchvision", num_workers=0, batch_size=8, precision="fp32", device="cpu", progress=False)
+    return (out / "tiny.ood.json").read_text()
+
+
+def edited(text: str, change) -> str:
+    data = json.loads(text)
+    change(data)
+    return json.dumps(data)
+
+
+BROKEN = {
+    "truncated": lambda text: text[: len(text) // 2],
+    "auroc_a_word": lambda text: edited(text, lambda d: d["ood_sets"]["a"]["metrics"]["msp"].update(auroc="high")),
+    "count_a_word": lambda text: edited(text, lambda d: d["ood_sets"]["a"].update(count="many")),
+    "sets_a_list": lambda text: edited(text, lambda d: d.update(ood_sets=["a"])),
+    "in_distribution_a_number": lambda text: edited(text, lambda d: d.update(in_distribution=3)),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_report_on_a_folder_with_a_broken_file_names_it(case, ood_result, tmp_path, capsys):
+    from apr.report import main as report
+
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "good.ood.json").write_text(ood_result)
+    (folder / "bad.ood.json").write_text(BROKEN[case](ood_result))
+    assert run_main(report, [str(folder), "--out", str(tmp_path / "report"), "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {folder / 'bad.ood.json'}" in err and "--skip-broken" in err and "Traceback" not in err
+    assert not (tmp_path / "report" / "report.md").exists()
+    with pytest.warns(UserWarning, match=f"left out of the report: {folder / 'bad.ood.json'}"):
+        assert run_main(report, [str(folder), "--out", str(tmp_path / "report"), "--no-plots", "--skip-broken"]) == 0
+    assert "good.ood.json" in json.dumps(json.loads((tmp_path / "report" / "summary.json").read_text()))
+
+
+def test_report_on_a_shift_file_without_suites_names_it(tmp_path, capsys):
+    from apr.report import main as report
+
+    path = tmp_path / "m.shift.json"
+    path.write_text(json.dumps({"schema": "apr.shift/1", "run_name": "m", "clean": None, "suites": None}))
+    assert run_main(report, [str(path), "--out", str(tmp_path / "report")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {path}: 'suites' is None" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag", [["--pgd-steps", "0"], ["--pgd-restarts", "0"], ["--n", "0"]])
+def test_bad_attack_numbers_are_refused_before_any_pass(flag, checkpoint, imagenet_tree, tmp_path, capsys,
+                                                        monkeypatch):
+    from apr.adversarial.__main__ import main
+
+    calls = forward_counter(monkeypatch)
+    argv = adv_argv(checkpoint, imagenet_tree, tmp_path, ["fgsm", "pgd"])
+    argv = [str(a) for a in argv]
+    i = argv.index(flag[0]) if flag[0] in argv else len(argv)
+    argv[i:i + 2] = flag
+    assert run_main(main, argv) == 2
+    err = capsys.readouterr().err
+    assert f"error: " in err and flag[0] in err and calls == []
