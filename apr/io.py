@@ -40,11 +40,13 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", fsync: bool = True) -
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise output_error(path, exc) from None
+    recorder = None
     try:
         # mkstemp creates 0600 files; give the result the mode open() would (0666 less the umask)
         os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, mode) as f:
-            yield f
+            recorder = _WriteRecorder(f)
+            yield recorder
             f.flush()
             if fsync:
                 os.fsync(f.fileno())
@@ -54,7 +56,28 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", fsync: bool = True) -
             os.unlink(tmp)
         if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
             raise output_error(path, exc) from None
+        failed = recorder.error if recorder is not None else None  # a writer that wraps the OSError (torch.save)
+        if failed is not None and failed.errno in _DISK_ERRNOS:
+            raise output_error(path, failed) from exc
         raise
+
+
+class _WriteRecorder:
+    """The file of :func:`atomic_open`, remembering the OSError of a failed write: torch.save turns a full
+    disk into an opaque RuntimeError ("unexpected pos ..."), and the user must be told the disk is full."""
+
+    def __init__(self, file: IO[Any]):
+        self._file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self._file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self._file, name)
 
 
 def output_error(path: str | os.PathLike, exc: OSError):

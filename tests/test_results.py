@@ -400,3 +400,47 @@ def test_bad_attack_numbers_are_refused_before_any_pass(flag, checkpoint, imagen
     assert run_main(main, argv) == 2
     err = capsys.readouterr().err
     assert f"error: " in err and flag[0] in err and calls == []
+
+
+def test_report_into_a_read_only_folder_is_one_error_line(ood_result, tmp_path, capsys, mounts):
+    from apr.report import main as report
+
+    (tmp_path / "r.ood.json").write_text(ood_result)
+    out = readonly_folder(tmp_path / "ro")
+    mounts.append(out)
+    assert run_main(report, [str(tmp_path / "r.ood.json"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: cannot write to --out {out}" in err and "Traceback" not in err
+
+
+TORCH_SAVE = """
+import resource, signal, sys, torch
+from apr.cli import run_main
+from apr.io import atomic_open
+def main(argv):
+    with atomic_open(argv[0]) as f:
+        torch.save({"w": torch.zeros(10000)}, f)
+    return 0
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
+sys.exit(run_main(main, sys.argv[1:]))
+"""
+
+
+def test_a_checkpoint_on_a_full_disk_is_named_not_an_opaque_torch_error(tmp_path):
+    """torch.save reports a failed write as 'unexpected pos ...'; training's checkpoints must say the disk is full."""
+    done = subprocess.run([sys.executable, "-c", TORCH_SAVE, str(tmp_path / "last.pt")], env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and f"error: cannot write {tmp_path / 'last.pt'}: File too large" in done.stderr
+    assert list(tmp_path.iterdir()) == []  # no temporary file left
+
+
+@pytest.mark.parametrize("code", ["ENOSPC", "EROFS", "EDQUOT"])
+def test_any_command_prints_a_full_or_read_only_disk_as_one_line(code):
+    """Writes outside atomic_open (a training run's lock file, a log) too."""
+    import errno
+
+    from apr.cli import format_user_error
+
+    exc = OSError(getattr(errno, code), os.strerror(getattr(errno, code)), "/runs/x/.run.lock")
+    assert format_user_error(exc) == str(exc) and "/runs/x/.run.lock" in str(exc)
