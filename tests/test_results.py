@@ -444,3 +444,16 @@ def test_any_command_prints_a_full_or_read_only_disk_as_one_line(code):
 
     exc = OSError(getattr(errno, code), os.strerror(getattr(errno, code)), "/runs/x/.run.lock")
     assert format_user_error(exc) == str(exc) and "/runs/x/.run.lock" in str(exc)
+
+
+def test_training_into_a_read_only_folder_stops_before_the_first_step(imagenet_tree, tmp_path, mounts):
+    out = readonly_folder(tmp_path / "ro")
+    mounts.append(out)
+    overrides = [f"data.root={imagenet_tree}", "data.image_size=32", "data.val_resize=32", "data.num_workers=0",
+                 "model.name=cnn_tiny", "train.epochs=1", "train.batch_size=16", "train.precision=fp32",
+                 f"train.output_dir={out}", "train.run_name=run"]
+    done = subprocess.run([sys.executable, "-m", "apr.commands.train", *[a for o in overrides for a in ("--set", o)]],
+                          env=env(), capture_output=True, text=True, timeout=300)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and len(errors) == 1 and str(out / "run") in errors[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "epoch" not in done.stdout.lower()
