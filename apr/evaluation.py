@@ -325,11 +325,12 @@ def _evaluate_cells(model: EvalModel, cells: list[Cell], result: dict, out_path:
     _keep_unchanged_cells(result, previous, cells, world.is_main)
     todo = [cell for cell in cells if _stored_cell(result, cell) is None]  # the same on every rank
     computed: set[tuple] = set()
+    fingerprints = {_cell_key(cell): cell.fingerprint for cell in cells}
     written = [result]
 
     def save() -> None:
         if world.is_main:
-            written[0] = results_file.save(result, lambda on_disk, ours: _merge(on_disk, ours, computed))
+            written[0] = results_file.save(result, lambda on_disk, ours: _merge(on_disk, ours, computed, fingerprints))
 
     evaluated = [0, 0.0]  # images, seconds in this invocation
     for cell in todo:
@@ -519,13 +520,16 @@ def _put_entry(result: dict, key: tuple, value: dict, origin: dict) -> None:
         block["cells"][key[2]] = value
 
 
-def _merge(on_disk: dict, ours: dict, computed: set[tuple]) -> dict:
+def _merge(on_disk: dict, ours: dict, computed: set[tuple], fingerprints: dict[tuple, dict]) -> dict:
     """This run's result with every cell another run (or an earlier one) put in the file meanwhile;
-    the cells this run scored are its own."""
+    the cells this run scored are its own, and a cell of its files with another fingerprint is dropped."""
     import copy
 
+    def current(key, cell) -> bool:
+        return key not in fingerprints or cell.get("fingerprint") == fingerprints[key]
+
     merged, own = copy.deepcopy(ours), _cell_entries(ours)
-    for key, value in merge_entries(_cell_entries(on_disk), own, computed).items():
+    for key, value in merge_entries(_cell_entries(on_disk), own, computed, current).items():
         _put_entry(merged, key, value, ours if key in own else on_disk)
     if "asked" in ours and isinstance(on_disk.get("asked"), dict):
         merged["asked"] = {k: list(dict.fromkeys(list(on_disk["asked"].get(k) or []) + list(ours["asked"][k])))

@@ -157,9 +157,13 @@ def _results_file(out_path: Path, identity: dict) -> ResultsFile:
                                          if keys])
 
 
-def _merge(on_disk: dict, ours: dict, computed: set) -> dict:
-    """This run's record with every OOD set another run (or an earlier one) put in the file meanwhile."""
-    merged = {**ours, "ood_sets": merge_entries(on_disk.get("ood_sets") or {}, ours["ood_sets"], computed)}
+def _merge(on_disk: dict, ours: dict, computed: set, fingerprints: dict) -> dict:
+    """This run's record with every OOD set another run (or an earlier one) put in the file meanwhile
+    (a set of this run's with another fingerprint is dropped, not kept stale)."""
+    def current(name, record) -> bool:
+        return name not in fingerprints or record.get("fingerprint") == fingerprints[name]
+
+    merged = {**ours, "ood_sets": merge_entries(on_disk.get("ood_sets") or {}, ours["ood_sets"], computed, current)}
     merged["in_distribution"] = ours["in_distribution"] or on_disk.get("in_distribution")
     merged["summary"] = summarise(merged["ood_sets"])
     return merged
@@ -242,8 +246,11 @@ def evaluate_ood(checkpoint_path: str | Path, *, ood: Mapping[str, str], out_dir
     results_file = _results_file(out_path, identity)
     previous = broadcast_object(results_file.load() if world.is_main else None, world)
     result = _new_result(checkpoint_path, run_name, cfg, info, identity, previous)
+    fingerprints = {name: image_set.fingerprint for name, image_set in out_sets.items()}
     done = result["ood_sets"]
-    todo = [n for n in out_sets if n not in done or done[n]["fingerprint"] != out_sets[n].fingerprint]
+    todo = [n for n in out_sets if n not in done or done[n]["fingerprint"] != fingerprints[n]]
+    for name in todo:
+        done.pop(name, None)  # changed files: the old numbers go at the first save, not when rescored
     classifier = ImageClassifier(model, cfg.data.mean, cfg.data.std, precision=precision,
                                  channels_last=bool(cfg.model.channels_last)).to(device)
     opts = {"batch_size": batch_size, "backend": backend, "num_workers": num_workers}
@@ -254,7 +261,7 @@ def evaluate_ood(checkpoint_path: str | Path, *, ood: Mapping[str, str], out_dir
     def save() -> None:
         result["summary"] = summarise(result["ood_sets"])
         if world.is_main:
-            written[0] = results_file.save(result, lambda on_disk, ours: _merge(on_disk, ours, computed))
+            written[0] = results_file.save(result, lambda on_disk, ours: _merge(on_disk, ours, computed, fingerprints))
 
     if todo or result["in_distribution"] is None:
         in_scores, _ = _score_set(in_set, classifier, cfg, opts, world, device, show)

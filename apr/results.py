@@ -183,11 +183,15 @@ def _stamp(path: Path) -> tuple | None:
     return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
 
-def merge_entries(on_disk: Mapping, ours: Mapping, computed: Iterable) -> dict:
+def merge_entries(on_disk: Mapping, ours: Mapping, computed: Iterable,
+                  current: Callable[[object, dict], bool] = lambda key, entry: True) -> dict:
     """Entries (cells, OOD sets, attacks) of two writers of one file: every entry of both, ours where
-    this run computed it, else the file's (it is at least as new as what this run read at its start)."""
+    this run computed it, else the file's (it is at least as new as what this run read at its start).
+    ``current(key, entry)`` is False for an entry of the file made from other inputs than this run's
+    for the same key (another fingerprint or attack settings): it is left out, never kept as stale."""
     computed = set(computed)
-    return {**ours, **on_disk, **{key: ours[key] for key in computed if key in ours}}
+    fresh = {key: entry for key, entry in on_disk.items() if current(key, entry)}
+    return {**ours, **fresh, **{key: ours[key] for key in computed if key in ours}}
 
 
 class ResultsFile:

@@ -196,6 +196,30 @@ def test_ood_set_whose_files_were_replaced_by_same_size_ones_is_scored_again(che
     assert scored == ["s"]
 
 
+def test_numbers_of_changed_files_are_dropped_at_the_first_save_not_kept_until_rescored(checkpoint, imagenet_tree,
+                                                                                       tmp_path, monkeypatch):
+    import apr.ood
+    from apr.ood import evaluate_ood, load_ood_result
+
+    folder = write_bmps(tmp_path / "set", 4, seed=1)
+    args = dict(in_folder=imagenet_tree / "val", ood={"s": str(folder)}, out_dir=tmp_path / "out",
+                backend="torchvision", num_workers=0, batch_size=8, precision="fp32", device="cpu", progress=False)
+    evaluate_ood(checkpoint, **args)
+    write_bmps(folder, 5, seed=2)  # one more file, the others rewritten
+    score_set, calls = apr.ood._score_set, []
+
+    def interrupted(image_set, *rest):
+        calls.append(image_set.name)
+        if image_set.name == "s":
+            raise KeyboardInterrupt  # preempted while scoring the changed set
+        return score_set(image_set, *rest)
+
+    monkeypatch.setattr(apr.ood, "_score_set", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_ood(checkpoint, **args)
+    assert calls == ["in", "s"] and "s" not in load_ood_result(tmp_path / "out" / "tiny.ood.json")["ood_sets"]
+
+
 def test_files_fingerprint_sees_names_sizes_and_rewrites(tmp_path):
     from apr.results import files_fingerprint
 

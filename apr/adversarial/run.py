@@ -9,6 +9,7 @@ merge their attacks under its lock (``apr.results.ResultsFile``). Under torchrun
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -178,9 +179,13 @@ def _results_file(out_path: Path, identity: dict) -> ResultsFile:
                                          for keys in [changed_keys(previous, identity)] if keys])
 
 
-def _merge(on_disk: dict, ours: dict, computed: set) -> dict:
-    """This run's result with every attack another run (or an earlier one) put in the file meanwhile."""
-    merged = {**ours, "attacks": merge_entries(on_disk.get("attacks") or {}, ours["attacks"], computed)}
+def _merge(on_disk: dict, ours: dict, computed: set, settings: dict) -> dict:
+    """This run's result with every attack another run (or an earlier one) put in the file meanwhile
+    (one of this run's attacks with other settings is dropped, not kept stale)."""
+    def current(name, attack) -> bool:
+        return name not in settings or attack.get("settings") == settings[name]
+
+    merged = {**ours, "attacks": merge_entries(on_disk.get("attacks") or {}, ours["attacks"], computed, current)}
     merged["clean"] = ours["clean"] or on_disk.get("clean")
     if "eps_sweep" not in computed:
         merged["eps_sweep"] = on_disk.get("eps_sweep") or ours["eps_sweep"]
@@ -200,10 +205,14 @@ def evaluate_attacks(classifier, make_batches: Callable[[], Iterable], *, attack
     out_path = Path(out_path)
     results_file = _results_file(out_path, identity)
     previous = broadcast_object(results_file.load() if world.is_main else None, world) or {}
+    settings = {attack.name: json.loads(json.dumps(attack.settings)) for attack in attacks}  # as the file holds them
     old_attacks = previous.get("attacks", {})
-    # earlier attacks not asked for this time stay: they are measurements of the same model and images
+    # earlier attacks not asked for this time stay: they are measurements of the same model and images;
+    # an asked one made with other settings goes at the first save (not kept stale until it is rerun)
+    kept = {name: done for name, done in old_attacks.items()
+            if name not in settings or done.get("settings") == settings[name]}
     result = {"schema": SCHEMA, **identity, **extra, "n": n, "seed": seed, "clean": previous.get("clean"),
-              "attacks": dict(old_attacks), "eps_sweep": previous.get("eps_sweep"), "flags": [], "finished": False}
+              "attacks": kept, "eps_sweep": previous.get("eps_sweep"), "flags": [], "finished": False}
 
     computed: set[str] = set()
     written = [result]
@@ -211,7 +220,7 @@ def evaluate_attacks(classifier, make_batches: Callable[[], Iterable], *, attack
     def save():
         result["flags"] = masking_flags(result)
         if world.is_main:
-            written[0] = results_file.save(result, lambda on_disk, ours: _merge(on_disk, ours, computed))
+            written[0] = results_file.save(result, lambda on_disk, ours: _merge(on_disk, ours, computed, settings))
 
     def measure(attack: AttackSpec | None, batches_fn, label: str) -> dict:
         bar = progress_factory(label) if progress_factory is not None and world.is_main else None
