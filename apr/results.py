@@ -154,7 +154,8 @@ def results_lock(path: str | os.PathLike, timeout: float = LOCK_WAIT_S) -> Itera
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as exc:
-        raise OutputError(f"cannot write to {path.parent} (lock file {lock_path.name}): {exc.strerror or exc}") from None
+        raise OutputError(f"cannot write to {path.parent} (lock file {lock_path.name}): "
+                          f"{exc.strerror or exc}") from None
     try:
         deadline = time.monotonic() + timeout
         while True:

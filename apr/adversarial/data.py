@@ -6,7 +6,6 @@ fingerprints it (so a resumed result is known to be about the same images).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable, Iterable
 

@@ -3,7 +3,8 @@
 One JSON per checkpoint, rewritten atomically after the clean pass and after every attack; a rerun
 with the same checkpoint (sha256), the same image subset (fingerprint) and the same attack settings
 skips what is done; earlier attacks not asked again are kept, and runs writing the same file at once
-merge their attacks under its lock (``apr.results.ResultsFile``). Under torchrun the n images are split over the ranks and the counts summed.
+merge their attacks under its lock (``apr.results.ResultsFile``). Under torchrun the n images are split
+over the ranks and the counts summed.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def build_attacks(names: Iterable[str], *, eps: float, norm: str = "Linf", pgd_s
     if norm != "Linf" and set(names) - {"autoattack"}:
         raise AdversarialError("fgsm and pgd are Linf attacks here; use --norm Linf or only --attack autoattack")
     if "pgd" in names and (pgd_steps < 1 or pgd_restarts < 1):  # refused before the clean pass, not after FGSM
-        raise AdversarialError(f"PGD needs --pgd-steps >= 1 and --pgd-restarts >= 1, got {pgd_steps} and {pgd_restarts}")
+        raise AdversarialError(f"PGD needs --pgd-steps >= 1 and --pgd-restarts >= 1, got {pgd_steps} and "
+                               f"{pgd_restarts}")
     specs = []
     for name in dict.fromkeys(names):
         if name == "fgsm":
