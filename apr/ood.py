@@ -13,7 +13,8 @@ turns (in, out) scores into AUROC, FPR95, AUPR-in/out and detection accuracy. Th
 rerun skips the sets whose checkpoint sha256 and set fingerprint (resolved path, cap, and
 ``apr.results.files_fingerprint``: names, sizes and mtimes of the files) are unchanged; concurrent runs
 on the same file merge their sets (``apr.results.ResultsFile``). The JSON holds per set and score the
-metrics, the counts, skipped files and 50-bin score histograms (in and out on shared edges), so a report needs nothing else.
+metrics, the counts, skipped files and 50-bin score histograms (in and out on shared edges), so a
+report needs nothing else.
 Under torchrun each set is split over the ranks and the scores are gathered; rank 0 writes.
 
     python -m apr.ood --checkpoint base.pt apr_sp.pt --in /data/imagenet/val \
