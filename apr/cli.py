@@ -13,6 +13,7 @@ every ``--help``. Old spellings stay as hidden aliases that print a one-line dep
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from typing import Callable, Sequence
@@ -23,6 +24,7 @@ __all__ = ["run_main", "format_user_error", "DEBUG_ENV", "VOCABULARY", "DEPRECAT
            "add_common", "add_flag", "add_deprecated", "DefaultsHelpFormatter"]
 
 DEBUG_ENV = "APR_DEBUG"
+_OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 
 
 def format_user_error(exc: BaseException) -> str | None:
@@ -41,6 +43,8 @@ def format_user_error(exc: BaseException) -> str | None:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         return f"{source}YAML syntax error{where}: {problem}"
     if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.errno in _OUTPUT_ERRNOS:  # a full disk or a read-only folder
         return str(exc)
     return None
 

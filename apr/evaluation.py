@@ -7,6 +7,8 @@ module is built around three promises:
 - a preempted run loses at most one cell: the JSON is rewritten atomically after each cell and
   a rerun with the same checkpoint (same sha256) skips the cells whose files are unchanged
   (each cell records a fingerprint of its files; a changed or other tree is evaluated again);
+  cells of earlier runs that are not asked again are kept, and runs writing the same file at
+  once merge their cells under its lock (``apr.results.ResultsFile``);
 - under torchrun each cell is sharded by rank (each image exactly once) and the counts are
   summed over ranks (``apr.distributed``), so N GPUs give the numbers of one.
 
@@ -33,15 +35,14 @@ from apr.data import BACKENDS, resolve_backend
 from apr.data.suites import Cell, EvalError, LoaderOptions
 from apr.distributed import World, all_reduce_sum, broadcast_object, gather_skipped, join_world, resolve_device
 from apr.inference import PRECISIONS, ImageClassifier, predict_batches, resolve_precision
-from apr.io import atomic_write_json
-from apr.results import collect_versions, file_sha256, now, reusable
+from apr.results import ResultsFile, check_output_folder, collect_versions, file_sha256, merge_entries, now
 from apr.metrics import ALL_CORRUPTIONS, CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITIES, CalibrationBins
 from apr.report import RESULTS_SCHEMA as SCHEMA
 from apr.report import ReportError, load_result as _load_report_result
 
 __all__ = ["SCHEMA", "SHIFT_SCHEMA", "SEVERITIES", "EvalError", "EvalOptions", "EvalModel", "load_eval_model",
-           "evaluate", "evaluate_suites", "evaluate_checkpoint", "evaluate_shift", "plan_run_names", "evaluate_loader", "CellStats", "file_sha256",
-           "collect_versions", "load_result"]
+           "evaluate", "evaluate_suites", "evaluate_checkpoint", "evaluate_shift", "plan_run_names", "evaluate_loader",
+           "CellStats", "file_sha256", "collect_versions", "load_result", "load_shift_result"]
 
 SHIFT_SCHEMA = "apr.shift/1"  # one JSON per model: the distribution-shift suites' cells (apr.report.shift)
 
@@ -283,6 +284,7 @@ def evaluate_checkpoint(checkpoint_path: str | Path | EvalModel, suite, out_dir:
     ``options.allow_partial`` (then they are skipped and listed)."""
     options = options.resolved()
     corruptions = options.corruption_list()
+    _check_out(out_dir)
     model = _as_eval_model(checkpoint_path)
     suite.bind(model.classes, model.data_cfg)
     cells, skipped = _preflight(suite, corruptions, options)
@@ -300,8 +302,9 @@ def evaluate_shift(source: str | Path | EvalModel, suites: Sequence, out_dir: st
     when ``clean_suite`` is given, on its clean test set (no suites: a clean-only evaluation); write ``<out_dir>/<run_name>.shift.json``
     (schema ``apr.shift/1``, rank 0, after every cell; resumable per cell like the corruption JSON).
     Suites of an earlier evaluation of the same model that are not asked again are kept."""
-    model = _as_eval_model(source)
     options = options.resolved()
+    _check_out(out_dir)
+    model = _as_eval_model(source)
     suites = list(suites)
     if not suites and clean_suite is None:
         raise EvalError("nothing to evaluate: no distribution-shift suite (--suite NAME=FOLDER) and no clean set "
@@ -412,19 +415,24 @@ def _evaluate_cells(model: EvalModel, cells: list[Cell], result: dict, out_path:
     loader_options = LoaderOptions(options.batch_size, options.backend, options.num_workers, model.image_size,
                                    model.val_resize, world.rank, world.world_size, world.local_rank, device,
                                    options.max_images)
-    previous = broadcast_object(_load_previous(out_path, result) if world.is_main else None, world)
+    results_file = ResultsFile(out_path, lambda path: _read_previous(path, result["schema"]),
+                               lambda previous: _differences(previous, result))
+    previous = broadcast_object(results_file.load() if world.is_main else None, world)
     _keep_unchanged_cells(result, previous, cells, world.is_main)
+    todo = [cell for cell in cells if _stored_cell(result, cell) is None]  # the same on every rank
+    computed: set[tuple] = set()
+    fingerprints = {_cell_key(cell): cell.fingerprint for cell in cells}
+    written = [result]
 
     def save() -> None:
         if world.is_main:
-            atomic_write_json(out_path, result, indent=1)
+            written[0] = results_file.save(result, lambda on_disk, ours: _merge(on_disk, ours, computed, fingerprints))
 
     evaluated = [0, 0.0]  # images, seconds in this invocation
-    for cell in cells:
-        if _stored_cell(result, cell) is not None:
-            continue
+    for cell in todo:
         stats, skipped = _run_cell(classifier, cell, loader_options, world, options.progress and world.is_main)
         _record(result, cell, stats, evaluated, skipped)
+        computed.add(_cell_key(cell))
         save()
         if on_cell_done is not None:
             on_cell_done(cell.corruption, cell.severity, _stored_cell(result, cell))
@@ -432,7 +440,15 @@ def _evaluate_cells(model: EvalModel, cells: list[Cell], result: dict, out_path:
     save()
     if world.is_main:
         _log_done(result["run_name"], evaluated, device, out_path)
-    return result
+    return written[0]
+
+
+def _check_out(out_dir: str | Path) -> None:
+    """The output folder is a writable folder: found out before any image is read (rank 0, where it writes)."""
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        check_output_folder(out_dir)
 
 
 # ---------------------------------------------------------------------------------------
@@ -507,12 +523,6 @@ _SETTINGS = ("precision", "backend", "image_size", "val_resize", "max_images")
 _NORMALISATION = ("mean", "std")  # recorded since third-party weights; absent in older files (then in the config)
 
 
-def _load_previous(out_path: Path, result: dict) -> dict | None:
-    """An earlier result of the same checkpoint, dataset and settings, or None (with a warning why not)."""
-    return reusable(out_path, lambda path: _read_previous(path, result["schema"]),
-                    lambda previous: _differences(previous, result))
-
-
 def _differences(previous: dict, result: dict) -> list[str]:
     reasons = []
     sha = result["checkpoint_sha256"]
@@ -528,6 +538,11 @@ def _differences(previous: dict, result: dict) -> list[str]:
     if old != new:
         reasons.append(f"its settings {old} differ from {new}")
     return reasons
+
+
+def load_shift_result(path: str | Path) -> dict:
+    """Read a ``*.shift.json`` (EvalError for anything else)."""
+    return _read_previous(Path(path), SHIFT_SCHEMA)
 
 
 def _read_previous(path: Path, schema: str) -> dict:
@@ -546,7 +561,7 @@ def _read_previous(path: Path, schema: str) -> dict:
 
 def _keep_unchanged_cells(result: dict, previous: dict | None, cells: list[Cell], log: bool) -> None:
     """Copy the earlier cells whose files are unchanged (same fingerprint); say which are evaluated again.
-    Shift suites evaluated earlier but not asked now are kept whole."""
+    Cells of the same data source (shift suites: of any source) that are not asked now are kept whole."""
     if previous is None:
         return
     result["created"] = previous.get("created", result["created"])
@@ -557,6 +572,11 @@ def _keep_unchanged_cells(result: dict, previous: dict | None, cells: list[Cell]
             result["suites"].setdefault(name, block)
         if previous.get("corruption"):  # the same model's ImageNet-C link (clean error, mCE) stays
             result["corruption"] = previous["corruption"]
+    asked = {_cell_key(cell) for cell in cells}
+    same_source = previous.get("source") == result["source"]
+    for key, value in _cell_entries(previous).items():
+        if key not in asked and (same_source or key[0] == "suites"):
+            _put_entry(result, key, value, previous)
     changed = []
     for cell in cells:
         old = _stored_cell(previous, cell)
@@ -571,6 +591,52 @@ def _keep_unchanged_cells(result: dict, previous: dict | None, cells: list[Cell]
     if log and changed:
         print(f"{result['run_name']}: re-evaluating {len(changed)} cell(s) whose files differ from the earlier "
               f"evaluation (file count, sizes or names): {', '.join(changed)}")
+
+
+def _cell_key(cell: Cell) -> tuple:
+    if cell.suite is not None:
+        return "suites", cell.suite, cell.name
+    return ("clean",) if cell.corruption == "clean" else ("corruptions", cell.corruption, str(cell.severity))
+
+
+def _cell_entries(result: dict) -> dict[tuple, dict]:
+    """Every scored cell of a result by :func:`_cell_key`."""
+    entries = {("clean",): result["clean"]} if result.get("clean") is not None else {}
+    for corruption, severities in (result.get("corruptions") or {}).items():
+        entries.update({("corruptions", corruption, s): value for s, value in severities.items()})
+    for suite, block in (result.get("suites") or {}).items():
+        entries.update({("suites", suite, name): value for name, value in (block.get("cells") or {}).items()})
+    return entries
+
+
+def _put_entry(result: dict, key: tuple, value: dict, origin: dict) -> None:
+    if key[0] == "clean":
+        result["clean"] = value
+    elif key[0] == "corruptions":
+        result.setdefault("corruptions", {}).setdefault(key[1], {})[key[2]] = value
+    else:
+        block = result.setdefault("suites", {}).setdefault(key[1], {"source": origin["suites"][key[1]].get("source"),
+                                                                     "cells": {}})
+        block["cells"][key[2]] = value
+
+
+def _merge(on_disk: dict, ours: dict, computed: set[tuple], fingerprints: dict[tuple, dict]) -> dict:
+    """This run's result with every cell another run (or an earlier one) put in the file meanwhile;
+    the cells this run scored are its own, and a cell of its files with another fingerprint is dropped."""
+    import copy
+
+    def current(key, cell) -> bool:
+        return key not in fingerprints or cell.get("fingerprint") == fingerprints[key]
+
+    merged, own = copy.deepcopy(ours), _cell_entries(ours)
+    for key, value in merge_entries(_cell_entries(on_disk), own, computed, current).items():
+        _put_entry(merged, key, value, ours if key in own else on_disk)
+    if "asked" in ours and isinstance(on_disk.get("asked"), dict):
+        merged["asked"] = {k: list(dict.fromkeys(list(on_disk["asked"].get(k) or []) + list(ours["asked"][k])))
+                           for k in ours["asked"]}
+    merged["skipped"] = {**(on_disk.get("skipped") or {}), **ours["skipped"]}
+    _sort_cells(merged)
+    return merged
 
 
 def _stored_cell(result: dict, cell: Cell) -> dict | None:
@@ -635,7 +701,13 @@ def _record(result: dict, cell: Cell, stats: CellStats, evaluated: list, skipped
 
 
 def _finish(result: dict) -> None:
-    """Cells in the canonical order (resumed runs insert in another order); the result is complete."""
+    """Cells in the canonical order; the result is complete."""
+    _sort_cells(result)
+    result["finished"] = True
+
+
+def _sort_cells(result: dict) -> None:
+    """Cells in the canonical order (resumed and merged runs insert in another order)."""
     order = {c: i for i, c in enumerate(ALL_CORRUPTIONS)}
     if "corruptions" in result:
         result["corruptions"] = {
@@ -644,7 +716,6 @@ def _finish(result: dict) -> None:
         }
     for block in (result.get("suites") or {}).values():
         block["cells"] = dict(sorted(block["cells"].items()))
-    result["finished"] = True
 
 
 def _log_done(run_name: str, evaluated: list, device, out_path: Path) -> None:

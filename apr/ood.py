@@ -10,9 +10,11 @@ Per checkpoint, the in-distribution set (ImageNet-layout val folder or CIFAR tes
 OOD set are scored through :class:`apr.inference.ImageClassifier`; ``apr.metrics.ood_metrics``
 turns (in, out) scores into AUROC, FPR95, AUPR-in/out and detection accuracy. The results go to
 ``<out>/<run_name>.ood.json`` (schema ``apr.ood/1``), rewritten atomically after each OOD set; a
-rerun skips the sets whose checkpoint sha256 and set fingerprint (resolved path, file count, total
-size, cap) are unchanged. The JSON holds per set and score the metrics, the counts, skipped files
-and 50-bin score histograms (in and out on shared edges), so a report needs nothing else.
+rerun skips the sets whose checkpoint sha256 and set fingerprint (resolved path, cap, and
+``apr.results.files_fingerprint``: names, sizes and mtimes of the files) are unchanged; concurrent runs
+on the same file merge their sets (``apr.results.ResultsFile``). The JSON holds per set and score the
+metrics, the counts, skipped files and 50-bin score histograms (in and out on shared edges), so a
+report needs nothing else.
 Under torchrun each set is split over the ranks and the scores are gathered; rank 0 writes.
 
     python -m apr.ood --checkpoint base.pt apr_sp.pt --in /data/imagenet/val \
@@ -42,8 +44,8 @@ from apr.distributed import World, all_gather_cat, broadcast_object, gather_skip
 from apr.cli import add_common, add_flag
 from apr.errors import UserError
 from apr.inference import ImageClassifier, predict_batches, resolve_precision
-from apr.io import atomic_write_json
-from apr.results import changed_keys, collect_versions, file_sha256, now, reusable
+from apr.results import (ResultsFile, changed_keys, check_output_folder, collect_versions, file_sha256, merge_entries,
+                         now)
 from apr.metrics import (OOD_METRICS, adaptive_rms_calibration_error, expected_calibration_error, ood_metrics,
                          rms_calibration_error)
 
@@ -152,11 +154,23 @@ def load_ood_result(path: str | Path) -> dict:
     return data
 
 
-def _reusable(out_path: Path, identity: dict) -> dict | None:
-    """The previous results for this checkpoint, ID set and settings, or None (with a warning why)."""
-    return reusable(out_path, load_ood_result,
-                    lambda previous: [f"its {', '.join(keys)} changed" for keys in [changed_keys(previous, identity)]
-                                      if keys])
+def _results_file(out_path: Path, identity: dict) -> ResultsFile:
+    """The results file, reusable (and mergeable) when the checkpoint, ID set and settings match."""
+    return ResultsFile(out_path, load_ood_result,
+                       lambda previous: [f"its {', '.join(keys)} changed" for keys in [changed_keys(previous, identity)]
+                                         if keys])
+
+
+def _merge(on_disk: dict, ours: dict, computed: set, fingerprints: dict) -> dict:
+    """This run's record with every OOD set another run (or an earlier one) put in the file meanwhile
+    (a set of this run's with another fingerprint is dropped, not kept stale)."""
+    def current(name, record) -> bool:
+        return name not in fingerprints or record.get("fingerprint") == fingerprints[name]
+
+    merged = {**ours, "ood_sets": merge_entries(on_disk.get("ood_sets") or {}, ours["ood_sets"], computed, current)}
+    merged["in_distribution"] = ours["in_distribution"] or on_disk.get("in_distribution")
+    merged["summary"] = summarise(merged["ood_sets"])
+    return merged
 
 
 # ----------------------------------------------------------------------------- the run
@@ -231,6 +245,8 @@ def evaluate_ood(checkpoint_path: str | Path, *, ood: Mapping[str, str], out_dir
     if device.type == "cuda":
         torch.cuda.set_device(device)
     precision = resolve_precision(precision, device)
+    if world.is_main:
+        check_output_folder(out_dir)
     checkpoint_path = Path(checkpoint_path)
     model, cfg, classes, info = load_model_for_eval(checkpoint_path, map_location="cpu")
     pre = eval_preprocessing(cfg.data, image_size=image_size, resize=resize)
@@ -241,19 +257,25 @@ def evaluate_ood(checkpoint_path: str | Path, *, ood: Mapping[str, str], out_dir
                 "val_resize": pre.resize, "preprocessing": pre.describe(), "histogram_bins": HISTOGRAM_BINS}
     identity = {"checkpoint_sha256": file_sha256(checkpoint_path), "in_fingerprint": in_set.fingerprint,
                 "settings": settings}
-    previous = broadcast_object(_reusable(out_path, identity) if world.is_main else None, world)
+    results_file = _results_file(out_path, identity)
+    previous = broadcast_object(results_file.load() if world.is_main else None, world)
     result = _new_result(checkpoint_path, run_name, cfg, info, identity, previous)
+    fingerprints = {name: image_set.fingerprint for name, image_set in out_sets.items()}
     done = result["ood_sets"]
-    todo = [n for n in out_sets if n not in done or done[n]["fingerprint"] != out_sets[n].fingerprint]
+    todo = [n for n in out_sets if n not in done or done[n]["fingerprint"] != fingerprints[n]]
+    for name in todo:
+        done.pop(name, None)  # changed files: the old numbers go at the first save, not when rescored
     classifier = ImageClassifier(model, cfg.data.mean, cfg.data.std, precision=precision,
                                  channels_last=bool(cfg.model.channels_last)).to(device)
     opts = {"batch_size": batch_size, "backend": backend, "num_workers": num_workers}
     show = progress and world.is_main
+    computed: set[str] = set()
+    written = [result]
 
     def save() -> None:
         result["summary"] = summarise(result["ood_sets"])
         if world.is_main:
-            atomic_write_json(out_path, result, indent=1)
+            written[0] = results_file.save(result, lambda on_disk, ours: _merge(on_disk, ours, computed, fingerprints))
 
     if todo or result["in_distribution"] is None:
         in_scores, _, in_skipped = _score_set(in_set, classifier, pre, opts, world, device, show)
@@ -262,12 +284,13 @@ def evaluate_ood(checkpoint_path: str | Path, *, ood: Mapping[str, str], out_dir
     for name in todo:
         out_scores, seconds, skipped = _score_set(out_sets[name], classifier, pre, opts, world, device, show)
         done[name] = set_record(out_sets[name], in_scores, out_scores, seconds, skipped)
+        computed.add(name)
         save()
         if on_set_done is not None:
             on_set_done(name, done[name])
     result["complete"] = all(n in done for n in out_sets)
     save()
-    return result
+    return written[0]
 
 
 # ----------------------------------------------------------------------------- command line

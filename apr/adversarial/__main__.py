@@ -19,6 +19,7 @@ from apr.cli import DefaultsHelpFormatter, add_common, add_flag, run_main
 from apr.data import BACKENDS
 from apr.distributed import join_world, resolve_device
 from apr.inference import ImageClassifier, resolve_precision
+from apr.results import check_output_folder
 
 # data -> (Linf eps, images attacked): RobustBench's ImageNet Linf protocol (4/255 on a fixed 5,000-image subset
 # of val) and its CIFAR one (8/255 on the 10,000 test images)
@@ -142,6 +143,10 @@ def main(argv=None) -> int:
         raise AdversarialError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.eps_sweep and (args.norm != "Linf" or args.sweep_n < 1 or args.sweep_steps < 1):
         raise AdversarialError("--eps-sweep is a Linf PGD check: use --norm Linf, --sweep-n >= 1, --sweep-steps >= 1")
+    if args.n is not None and args.n < 1:
+        raise AdversarialError(f"--n must be at least 1, got {args.n}")
+    if args.workers < 0:
+        raise AdversarialError(f"--workers must be >= 0, got {args.workers}")
     attacks = build_attacks(args.attack, eps=eps, norm=args.norm, pgd_steps=args.pgd_steps, pgd_alpha=pgd_alpha,
                             pgd_restarts=args.pgd_restarts, seed=args.seed)
     missing = [c for c in args.checkpoint if not Path(c).is_file()]
@@ -153,6 +158,8 @@ def main(argv=None) -> int:
         for path in args.checkpoint:
             check_autoattack_classes(load_checkpoint(path)["num_classes"], f"checkpoint {path}")
     world = join_world(args.device)
+    if world.is_main:
+        check_output_folder(args.out)
     device = resolve_device(args.device, world)
     args.precision = resolve_precision(args.precision, device)
     if args.precision in ("bf16", "fp16"):

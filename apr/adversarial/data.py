@@ -6,7 +6,6 @@ fingerprints it (so a resumed result is known to be about the same images).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -16,6 +15,7 @@ import torch
 from apr.adversarial.attacks import AdversarialError
 from apr.adversarial.run import fingerprint, stratified_subset
 from apr.distributed import World
+from apr.results import files_fingerprint
 from apr.data.base import eval_shard
 
 __all__ = ["EvalSubset", "load_eval_subset", "cifar_subset", "folder_subset"]
@@ -80,12 +80,11 @@ def folder_subset(root: str, classes, *, n: int | None, seed: int, clamp: bool =
     order = stratified_subset(labels_t, n, seed).tolist()
     files = [index.files[i] for i in order]
     labels = [int(labels_t[i]) for i in order]
-    listing = "\n".join(f"{os.path.relpath(f, root)}\t{os.path.getsize(f)}\t{y}" for f, y in zip(files, labels))
     info = {"kind": "imagefolder", "root": str(root), "total": len(labels_t), "n": n, "seed": seed,
             "image_size": image_size, "resize": resize,
             "preprocessing": f"resize shorter side to {resize}, centre crop {image_size}",
             "skipped_count": len(index.skipped), "skipped": index.skipped[:1000], "missing_classes": missing,
-            "fingerprint": fingerprint(listing)}
+            "fingerprint": files_fingerprint(root, files, labels=fingerprint(" ".join(map(str, labels))))}
 
     def loader(count: int):
         return lambda: build_image_loader(files[:count], labels[:count], index.classes, backend=backend,

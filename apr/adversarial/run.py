@@ -2,12 +2,15 @@
 
 One JSON per checkpoint, rewritten atomically after the clean pass and after every attack; a rerun
 with the same checkpoint (sha256), the same image subset (fingerprint) and the same attack settings
-skips what is done. Under torchrun the n images are split over the ranks and the counts summed.
+skips what is done; earlier attacks not asked again are kept, and runs writing the same file at once
+merge their attacks under its lock (``apr.results.ResultsFile``). Under torchrun the n images are split
+over the ranks and the counts summed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -18,9 +21,8 @@ import torch
 
 from apr.adversarial.attacks import AdversarialError, autoattack, autoattack_settings, check_eps, pgd_attack
 from apr.data.base import balanced_subset, mix_seed
-from apr.distributed import World, all_reduce_sum
-from apr.io import atomic_write_json
-from apr.results import changed_keys, reusable
+from apr.distributed import World, all_reduce_sum, broadcast_object
+from apr.results import ResultsFile, changed_keys, merge_entries
 
 __all__ = ["SCHEMA", "ATTACKS", "AttackSpec", "pgd_spec", "build_attacks", "stratified_subset", "evaluate_attacks",
            "masking_flags", "load_adv_result", "EPS_SWEEP_FACTORS"]
@@ -70,6 +72,9 @@ def build_attacks(names: Iterable[str], *, eps: float, norm: str = "Linf", pgd_s
         raise AdversarialError(f"unknown attack(s) {unknown or names}; choose from {' '.join(ATTACKS)}")
     if norm != "Linf" and set(names) - {"autoattack"}:
         raise AdversarialError("fgsm and pgd are Linf attacks here; use --norm Linf or only --attack autoattack")
+    if "pgd" in names and (pgd_steps < 1 or pgd_restarts < 1):  # refused before the clean pass, not after FGSM
+        raise AdversarialError(f"PGD needs --pgd-steps >= 1 and --pgd-restarts >= 1, got {pgd_steps} and "
+                               f"{pgd_restarts}")
     specs = []
     for name in dict.fromkeys(names):
         if name == "fgsm":
@@ -157,11 +162,25 @@ def load_adv_result(path: str | Path) -> dict:
     return result
 
 
-def _previous(out_path: Path, identity: dict) -> dict | None:
-    """An earlier result of the same checkpoint, data and precision, or None (with a warning if it differs)."""
-    return reusable(out_path, load_adv_result,
-                    lambda previous: [f"it was made with other {', '.join(keys)}"
-                                      for keys in [changed_keys(previous, identity)] if keys])
+def _results_file(out_path: Path, identity: dict) -> ResultsFile:
+    """The results file, reusable (and mergeable) for the same checkpoint, data and precision."""
+    return ResultsFile(out_path, load_adv_result,
+                       lambda previous: [f"it was made with other {', '.join(keys)}"
+                                         for keys in [changed_keys(previous, identity)] if keys])
+
+
+def _merge(on_disk: dict, ours: dict, computed: set, settings: dict) -> dict:
+    """This run's result with every attack another run (or an earlier one) put in the file meanwhile
+    (one of this run's attacks with other settings is dropped, not kept stale)."""
+    def current(name, attack) -> bool:
+        return name not in settings or attack.get("settings") == settings[name]
+
+    merged = {**ours, "attacks": merge_entries(on_disk.get("attacks") or {}, ours["attacks"], computed, current)}
+    merged["clean"] = ours["clean"] or on_disk.get("clean")
+    if "eps_sweep" not in computed:
+        merged["eps_sweep"] = on_disk.get("eps_sweep") or ours["eps_sweep"]
+    merged["flags"] = masking_flags(merged)
+    return merged
 
 
 def evaluate_attacks(classifier, make_batches: Callable[[], Iterable], *, attacks: list[AttackSpec],
@@ -174,16 +193,24 @@ def evaluate_attacks(classifier, make_batches: Callable[[], Iterable], *, attack
     attack is reused only when its settings match too. Rank 0 writes the JSON after each step.
     """
     out_path = Path(out_path)
-    previous = _previous(out_path, identity) or {}
+    results_file = _results_file(out_path, identity)
+    previous = broadcast_object(results_file.load() if world.is_main else None, world) or {}
+    settings = {attack.name: json.loads(json.dumps(attack.settings)) for attack in attacks}  # as the file holds them
     old_attacks = previous.get("attacks", {})
-    # earlier attacks not asked for this time stay: they are measurements of the same model and images
+    # earlier attacks not asked for this time stay: they are measurements of the same model and images;
+    # an asked one made with other settings goes at the first save (not kept stale until it is rerun)
+    kept = {name: done for name, done in old_attacks.items()
+            if name not in settings or done.get("settings") == settings[name]}
     result = {"schema": SCHEMA, **identity, **extra, "n": n, "seed": seed, "clean": previous.get("clean"),
-              "attacks": dict(old_attacks), "eps_sweep": previous.get("eps_sweep"), "flags": [], "finished": False}
+              "attacks": kept, "eps_sweep": previous.get("eps_sweep"), "flags": [], "finished": False}
+
+    computed: set[str] = set()
+    written = [result]
 
     def save():
         result["flags"] = masking_flags(result)
         if world.is_main:
-            atomic_write_json(out_path, result)
+            written[0] = results_file.save(result, lambda on_disk, ours: _merge(on_disk, ours, computed, settings))
 
     def measure(attack: AttackSpec | None, batches_fn, label: str) -> dict:
         bar = progress_factory(label) if progress_factory is not None and world.is_main else None
@@ -206,11 +233,14 @@ def evaluate_attacks(classifier, make_batches: Callable[[], Iterable], *, attack
         result["attacks"][attack.name] = {"settings": attack.settings, "correct": counts["correct"],
                                           "n": counts["n"], "robust_accuracy": counts["accuracy"],
                                           "seconds": counts["seconds"]}
+        computed.add(attack.name)
         save()
     if sweep:
         result["eps_sweep"] = _run_sweep(sweep, previous.get("eps_sweep"), measure, make_sweep_batches)
+        computed.add("eps_sweep")
     result["finished"] = True
     save()
+    result = written[0]
     for flag in result["flags"]:
         if world.is_main:
             warnings.warn(f"{out_path.name}: possible gradient masking: {flag}", stacklevel=2)

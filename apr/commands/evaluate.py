@@ -141,12 +141,12 @@ def _baseline_source(args, names: list[str]):
 
 def _add_metrics(results: list[dict], baseline: dict | None, out: Path) -> None:
     """Store the normalised metrics (computed by apr.report, the one place) next to the raw cells."""
-    from apr.io import atomic_write_json
-    from apr.report import metrics_for
+    from apr.report import load_result, metrics_for
 
     base_name = baseline.get("run_name") if baseline else None
     for result in results:
-        result["metrics"] = metrics_for(result, baseline)
+        result.update(_update(out / f"{result['run_name']}.json", load_result,
+                              lambda on_disk: {**on_disk, "metrics": metrics_for(on_disk, baseline)}))
         if result["metrics"]["normalisation"] == "none":
             print(f"{result['run_name']}: raw errors, no CE/mCE (a folder-c tree; --baseline RUN normalises by a run)")
         elif baseline is None:
@@ -155,7 +155,23 @@ def _add_metrics(results: list[dict], baseline: dict | None, out: Path) -> None:
             print(f"{result['run_name']}: this is the baseline run, evaluated once; its CE is 100 by definition")
         else:
             print(f"{result['run_name']}: CE/mCE normalised by the baseline run {base_name!r}")
-        atomic_write_json(out / f"{result['run_name']}.json", result, indent=1)
+
+
+def _update(path: Path, read, change) -> dict:
+    """``change`` applied to the results file as it is now (other runs may have added cells), under its lock."""
+    from apr.results import update_results
+
+    return update_results(path, read, change)
+
+
+def _check_out(out: str) -> None:
+    """--out is a writable folder, found out before any model is loaded (rank 0, where the files are written)."""
+    import os
+
+    from apr.results import check_output_folder
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        check_output_folder(out)
 
 
 def _models(args, names: list[str]):
@@ -186,14 +202,15 @@ def _evaluate_model(args, name: str, model, options) -> tuple[dict | None, dict 
 def _link_corruption(shift: dict, corruption: dict, out: Path) -> None:
     """Give the shift results the clean error and mCE of the same model's corruption results (normalised
     by apr.report, stored as the corruption JSON stores them), for the shift table's first columns."""
-    from apr.io import atomic_write_json
-
     metrics = corruption.get("metrics") or {}
-    shift["corruption"] = {"source": f"{corruption['run_name']}.json", "dataset": corruption.get("dataset"),
+    link = {"source": f"{corruption['run_name']}.json", "dataset": corruption.get("dataset"),
                            "clean_error": corruption["clean"]["error"], "normalisation": metrics.get("normalisation"),
                            "mce": metrics.get("mce"), "mean_corruption_error": metrics.get("mean_corruption_error"),
                            "partial": metrics.get("partial"), "units": "clean_error: fraction; mce: percent"}
-    atomic_write_json(out / f"{shift['run_name']}.shift.json", shift, indent=1)
+    from apr.evaluation import load_shift_result
+
+    shift.update(_update(out / f"{shift['run_name']}.shift.json", load_shift_result,
+                         lambda on_disk: {**on_disk, "corruption": link}))
 
 
 def _evaluate_all(argv) -> int:
@@ -202,6 +219,7 @@ def _evaluate_all(argv) -> int:
     from apr.evaluation import EvalOptions, plan_run_names
     from apr.report import write_report
 
+    _check_out(args.out)
     names = plan_run_names(args.checkpoint, args.weights)
     baseline_index, baseline = _baseline_source(args, names)
     options = EvalOptions(corruptions=args.corruptions, extra=args.extra, severities=args.severities,

@@ -352,20 +352,12 @@ def find_undecodable(files: Sequence[str], workers: int = 4, progress: bool = Tr
 
 
 def folder_fingerprint(root: str | os.PathLike) -> dict:
-    """What an evaluation cell was computed from, cheaply: image count, total bytes and a hash of the
-    sorted ``class/file size`` list (a copied, regenerated or edited tree gives another fingerprint)."""
-    import hashlib
+    """What an evaluation cell was computed from: ``apr.results.files_fingerprint`` of its class folders'
+    images (a copied, regenerated or edited tree gives another fingerprint)."""
+    from apr.results import files_fingerprint
 
     root = Path(root)
-    digest = hashlib.sha1()
-    count = total = 0
-    for name in _class_dirs(root):
-        for path in _list_class_dir(root / name):
-            size = os.path.getsize(path)
-            digest.update(f"{name}/{os.path.basename(path)}\t{size}\n".encode())
-            count += 1
-            total += size
-    return {"files": count, "bytes": total, "sha1": digest.hexdigest()}
+    return files_fingerprint(root, (path for name in _class_dirs(root) for path in _list_class_dir(root / name)))
 
 
 def find_missing_cells(root: str | Path, corruptions: Iterable[str], severities: Iterable[int]

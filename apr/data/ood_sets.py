@@ -49,7 +49,7 @@ class ImageSet:
     """One set on disk, resolved: its files or in-memory images, and what identifies it for resume.
 
     Exactly one of ``files`` (decoded by the image loaders) or ``images`` (uint8 N x H x W x 3) is set.
-    ``fingerprint``: resolved path, file count and total bytes of what was read, and the cap.
+    ``fingerprint``: resolved path, the cap and :func:`apr.results.files_fingerprint` of what was read.
     """
 
     name: str
@@ -139,7 +139,11 @@ def stratified_subset(labels: np.ndarray, max_images: int | None) -> np.ndarray:
 
 
 def _fingerprint(path: Path, files: Sequence[Path | str], max_images: int | None) -> dict:
-    return {"path": str(path), "files": len(files), "bytes": int(sum(os.path.getsize(f) for f in files)),
+    """The resolved path, the cap and ``apr.results.files_fingerprint`` of every file read (a file
+    replaced by another of the same size is seen)."""
+    from apr.results import files_fingerprint
+
+    return {"path": str(path), **files_fingerprint(path if path.is_dir() else path.parent, files),
             "max_images": max_images}
 
 

@@ -190,14 +190,10 @@ def find_missing_cifar_c(root: str | Path, corruptions: Iterable[str]) -> tuple[
 
 
 def _file_fingerprint(*paths: Path, images: int) -> dict:
-    """Images of the cell, bytes of the files it is cut from, and their names, sizes and mtimes."""
-    import hashlib
+    """Images of the cell and ``apr.results.files_fingerprint`` of the files it is cut from."""
+    from apr.results import files_fingerprint
 
-    digest = hashlib.sha1()
-    for path in paths:
-        stat = path.stat()
-        digest.update(f"{path.name}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
-    return {"files": images, "bytes": sum(p.stat().st_size for p in paths), "sha1": digest.hexdigest()}
+    return {**files_fingerprint(paths[0].parent, paths), "files": images}
 
 
 def _tensor_cell(corruption: str, severity: int, fingerprint: dict, load: Callable, classes: list[str],

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from apr.report.common import format_percent, markdown_table, pct, run_label
+from apr.report.common import ReportError, format_percent, markdown_table, pct, run_label
 from apr.report.sections import register
 
 __all__ = ["SHIFT_SCHEMA", "SUITE_TITLES", "PUBLISHED_SHIFT", "summarize_shift", "render_shift"]
@@ -61,6 +61,9 @@ def _suite_summary(name: str, block: dict) -> dict[str, Any]:
 
 
 def _run_summary(result: dict, source: str) -> dict[str, Any]:
+    if not isinstance(result.get("suites"), dict) or not result["suites"]:
+        raise ReportError(f"{source}: 'suites' is {result.get('suites')!r}, not the suites' results: no "
+                          "distribution-shift number to report; re-run eval_imagenet_c.py --suite ...")
     linked = result.get("corruption") or {}
     clean = result.get("clean")
     clean_error = clean["error"] if isinstance(clean, dict) else linked.get("clean_error")
