@@ -121,7 +121,7 @@ def ood_argv(checkpoint, imagenet_tree, out, sets: dict) -> list:
 
 
 def adv_argv(checkpoint, imagenet_tree, out, attacks: list[str], *extra) -> list:
-    return ["--checkpoint", checkpoint, "--val", imagenet_tree / "val", "--attack", *attacks, "--n", "8",
+    return ["--checkpoint", checkpoint, "--val", imagenet_tree / "val", "--attack", *attacks, "--max-images", "8",
             "--pgd-steps", "2", "--out", out, "--backend", "torchvision", "--workers", "0", "--batch-size", "8",
             "--device", "cpu", *extra]
 
@@ -411,7 +411,7 @@ def test_report_on_a_shift_file_without_suites_names_it(tmp_path, capsys):
     assert f"error: {path}: 'suites' is None" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("flag", [["--pgd-steps", "0"], ["--pgd-restarts", "0"], ["--n", "0"]])
+@pytest.mark.parametrize("flag", [["--pgd-steps", "0"], ["--pgd-restarts", "0"], ["--max-images", "0"]])
 def test_bad_attack_numbers_are_refused_before_any_pass(flag, checkpoint, imagenet_tree, tmp_path, capsys,
                                                         monkeypatch):
     from apr.adversarial.__main__ import main

@@ -143,8 +143,8 @@ def main(argv=None) -> int:
         raise AdversarialError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.eps_sweep and (args.norm != "Linf" or args.sweep_n < 1 or args.sweep_steps < 1):
         raise AdversarialError("--eps-sweep is a Linf PGD check: use --norm Linf, --sweep-n >= 1, --sweep-steps >= 1")
-    if args.n is not None and args.n < 1:
-        raise AdversarialError(f"--n must be at least 1, got {args.n}")
+    if args.max_images < 1:
+        raise AdversarialError(f"--max-images must be at least 1, got {args.max_images}")
     if args.workers < 0:
         raise AdversarialError(f"--workers must be >= 0, got {args.workers}")
     attacks = build_attacks(args.attack, eps=eps, norm=args.norm, pgd_steps=args.pgd_steps, pgd_alpha=pgd_alpha,

@@ -61,11 +61,11 @@ def _suite_summary(name: str, block: dict) -> dict[str, Any]:
 
 
 def _run_summary(result: dict, source: str) -> dict[str, Any]:
-    if not isinstance(result.get("suites"), dict) or not result["suites"]:
-        raise ReportError(f"{source}: 'suites' is {result.get('suites')!r}, not the suites' results: no "
-                          "distribution-shift number to report; re-run eval_imagenet_c.py --suite ...")
+    suites, clean = result.get("suites"), result.get("clean")
+    if not isinstance(suites, dict) or not (suites or isinstance(clean, dict)):  # no suites: clean-only is fine
+        raise ReportError(f"{source}: 'suites' is {suites!r}, not the suites' results: no "
+                          "distribution-shift number to report; re-run apr-eval --suite ...")
     linked = result.get("corruption") or {}
-    clean = result.get("clean")
     clean_error = clean["error"] if isinstance(clean, dict) else linked.get("clean_error")
     clean_missing = len(clean.get("missing_classes") or []) if isinstance(clean, dict) else 0
     return {"run_name": result.get("run_name") or Path(source).stem, "label": run_label(result), "source": source,
