@@ -26,7 +26,7 @@
 #   OUT                       results folder (default: eval)
 #   BASELINE                  optional: run name or results JSON to normalise CE/mCE by (default: AlexNet)
 #   GPUS                      tasks (processes) to start (default: every task of the job, one per GPU)
-#   BATCH_SIZE (256), BACKEND (auto: DALI where installed), WORKERS (8 per task), PRECISION (bf16)
+#   BATCH_SIZE (256), BACKEND (auto: DALI where installed), WORKERS (8 per task), PRECISION (auto: bf16 on a GPU, fp32 on a CPU)
 #   EXTRA_ARGS                anything else for apr.commands.evaluate, e.g. "--extra --allow-partial"
 #
 # Every cell is split across the tasks; rank 0 rewrites the results JSON after EVERY cell. 120 s before the
@@ -85,7 +85,7 @@ else
     fi
     # shellcheck disable=SC2206  # EXTRA_ARGS is meant to split into words
     args+=(--out "${OUT:-eval}" --batch-size "${BATCH_SIZE:-256}" --backend "${BACKEND:-auto}"
-           --workers "${WORKERS:-8}" --precision "${PRECISION:-bf16}" ${EXTRA_ARGS:-})
+           --workers "${WORKERS:-8}" --precision "${PRECISION:-auto}" ${EXTRA_ARGS:-})
 fi
 
 TASKS=${GPUS:-${SLURM_NTASKS:-1}}
