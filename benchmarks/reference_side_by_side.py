@@ -222,7 +222,7 @@ def reference_state_to_apr(state: dict) -> dict:
     return out
 
 
-def evaluate_runs(out: Path, threads: int) -> None:
+def evaluate_runs(out: Path, threads: int, corruption: bool = True) -> None:
     import torch
 
     from apr.data.cifar import load_cifar
@@ -243,11 +243,13 @@ def evaluate_runs(out: Path, threads: int) -> None:
         model, info = _load_weights(run)
         if "clean" not in info:
             info["clean"] = error(model, x, y)
+            _note(run, info)
+        if corruption and "corruption" not in info:
             info["corruption"] = float(np.mean([error(model, np.load(out / f"data/CIFAR-10-C/{c}.npy"), labels_c)
                                                 for c in CORRUPTIONS]))
             _note(run, info)
         rows.append((run.name, info))
-        print(f"{run.name:40s} clean {info['clean']:5.1f}  corruption {info['corruption']:5.1f}  "
+        print(f"{run.name:40s} clean {info['clean']:5.1f}  corruption {info.get('corruption', float('nan')):5.1f}  "
               f"({info['seconds']:.0f} s)", flush=True)
 
 
@@ -262,6 +264,7 @@ def main(argv=None) -> int:
     p.add_argument("--aug", default="aprs", choices=["aprs", "none"], help="reference --aug (none = APR-P only)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--set", action="append", default=[], help="apr side: extra --set overrides")
+    p.add_argument("--clean-only", action="store_true", help="eval: skip the corruption set")
     a = p.parse_args(argv)
     if a.what == "data":
         make_data(a.out)
@@ -270,7 +273,7 @@ def main(argv=None) -> int:
     elif a.what == "apr":
         run_apr(a.out, a)
     else:
-        evaluate_runs(a.out, a.threads)
+        evaluate_runs(a.out, a.threads, corruption=not a.clean_only)
     return 0
 
 
