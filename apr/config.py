@@ -60,6 +60,7 @@ class DataConfig:
     crop_padding: int = 4  # CIFAR: random crop with this padding
     pad_fill: int = 0  # CIFAR: pixel value (0..255) of the crop padding; reference: 128 (RandomCrop fill=128)
     apr_s_before_crop: bool = False  # CIFAR apr_sp: APR-S on the 32x32 image before crop+flip (reference)
+    drop_last: bool = True  # CIFAR training: drop the last partial batch; false: keep it (reference DataLoader)
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     num_workers: int = 4  # DALI CPU threads / DataLoader workers per process
@@ -229,6 +230,9 @@ def _check_reference_data(data: DataConfig, aug: AugConfig) -> None:
     """The CIFAR reference-mode switches: where they apply and what they combine with."""
     if not 0 <= data.pad_fill <= 255:
         raise ConfigError(f"data.pad_fill is a pixel value 0..255 (the reference pads with 128), got {data.pad_fill}")
+    if not data.drop_last and data.dataset not in ("cifar10", "cifar100"):
+        raise ConfigError("data.drop_last=false applies to the CIFAR loader only (data.dataset cifar10 or cifar100); "
+                          "the ImageNet loaders always drop the last partial batch")
     if not data.apr_s_before_crop:
         return
     if data.dataset not in ("cifar10", "cifar100"):

@@ -122,7 +122,7 @@ def build_train_loader(cfg, *, rank: int = 0, world_size: int = 1, local_rank: i
         images, labels, classes = load_cifar(d.root, d.dataset, train=True)
         return TensorBatchLoader(images, labels, cfg.train.batch_size, train=True, crop_padding=d.crop_padding,
                                  seed=seed, rank=rank, world_size=world_size, device=device, classes=classes,
-                                 pad_fill=d.pad_fill, pre_crop=loader_apr_s(cfg))
+                                 pad_fill=d.pad_fill, pre_crop=loader_apr_s(cfg), drop_last=d.drop_last)
     roots = [_split_root(cfg, d.train_dir)] + [Path(r) for r in d.extra_roots]
     index = scan_train_roots(roots, verify=d.verify_images, decode=_decode_check(cfg, device))
     loader = build_image_loader(index.files, index.labels, index.classes, backend=d.backend,

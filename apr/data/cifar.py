@@ -162,7 +162,8 @@ class TensorBatchLoader(SeededPosition):
     """Batches from in-memory uint8 images (N x H x W x 3): batch contract, sharding, exact resume.
 
     ``train=True``: seeded per-epoch permutation shared by all ranks, split ``rank::world_size``,
-    last partial batch dropped, random crop (padding filled with pixel value ``pad_fill``, 0..255) + flip
+    last partial batch dropped (``drop_last=False``: kept, as the reference's DataLoader; every rank still
+    runs the same number of steps, since the shards are equal), random crop (padding filled with pixel value ``pad_fill``, 0..255) + flip
     on the device. ``pre_crop(images, generator)``: a batched transform of the uncropped float [0, 1]
     images that runs before the crop (the reference's APR-S), drawing from the batch's own generator.
     ``train=False``: the rank's samples in order (each sample exactly once over all ranks), last partial
@@ -175,7 +176,7 @@ class TensorBatchLoader(SeededPosition):
                  batch_size: int, *, train: bool = False, crop_padding: int = 4, flip: bool = True, seed: int = 0,
                  rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
                  classes: Sequence[str] | None = None, pad_fill: int = 0,
-                 pre_crop: PreCropTransform | None = None):
+                 pre_crop: PreCropTransform | None = None, drop_last: bool = True):
         if not 0 <= int(pad_fill) <= 255:
             raise ValueError(f"pad_fill is a pixel value 0..255, got {pad_fill}")
         images = torch.as_tensor(np.asarray(images_uint8))
@@ -189,14 +190,17 @@ class TensorBatchLoader(SeededPosition):
         self.images = images.permute(0, 3, 1, 2).contiguous().to(self.device)  # N x 3 x H x W uint8
         self.label_tensor = labels.to(self.device)
         self.crop_padding, self.flip = int(crop_padding), bool(flip)
-        self.pad_fill, self.pre_crop = int(pad_fill), pre_crop
+        self.pad_fill, self.pre_crop, self.drop_last = int(pad_fill), pre_crop, bool(drop_last)
+        if self.train and not self.drop_last:  # the partial batch counts as a step
+            self.num_samples = train_shard_size(len(images), self.world_size)
+            self._len = -(-self.num_samples // self.batch_size)
 
     def _indices(self) -> torch.Tensor:
         n = len(self.images)
         if not self.train:
             return torch.arange(self.rank, n, self.world_size)
         order = epoch_permutation(n, self.seed, self.epoch)[: train_shard_size(n, self.world_size) * self.world_size]
-        return order[self.rank::self.world_size][: self._len * self.batch_size]
+        return order[self.rank::self.world_size][: self.num_samples]
 
     def __iter__(self):
         epoch, _ = self._begin_pass()
