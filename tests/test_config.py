@@ -20,7 +20,7 @@ def test_defaults_are_the_paper_imagenet_recipe():
 @pytest.mark.parametrize("recipe", sorted(shipped_recipes().values()), ids=lambda p: p.name)
 def test_every_shipped_recipe_loads(recipe):
     cfg = load_config(recipe)
-    assert isinstance(cfg, Config)
+    assert isinstance(cfg, Config) and cfg.validate() is cfg
     if "apr_sp" in recipe.name:
         assert cfg.aug.name == "apr_sp"
     if "deepaugment" in recipe.name:
