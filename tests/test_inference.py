@@ -22,10 +22,10 @@ def test_normaliser_refuses_bad_stats(mean, std):
         Normaliser(mean, std)
 
 
-def test_precision_vocabulary_is_bf16_or_fp32():
-    assert check_precision("bf16") == "bf16"
-    for bad in ("no", "fp16", "float32"):
-        with pytest.raises(ValueError, match="bf16 \\| fp32"):
+def test_precision_vocabulary_is_bf16_fp16_or_fp32():
+    assert [check_precision(p) for p in ("bf16", "fp16", "fp32")] == ["bf16", "fp16", "fp32"]
+    for bad in ("no", "half", "float32"):
+        with pytest.raises(ValueError, match="bf16 \\| fp16 \\| fp32"):
             check_precision(bad)
     with autocast("cpu", "bf16"):
         assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.bfloat16
