@@ -164,9 +164,6 @@ def test_constraints_pin_versions_inside_the_supported_ranges():
 
 # ----------------------------------------------------------------------------- README and docs
 
-DOCS_OF_OTHER_BRANCHES = {"docs/reliability.md", "docs/slurm.md", "docs/gpu.md", "docs/studies.md"}  # issue 18, 19, 21, 22
-
-
 def _readme() -> str:
     if not (ROOT / "README.md").is_file():
         pytest.skip("not a source checkout")
@@ -185,7 +182,9 @@ def test_readme_is_short_and_its_two_commands_are_what_ci_runs():
 
 
 @pytest.mark.parametrize("page", ["README.md", "docs/training.md", "docs/evaluation.md", "docs/ood.md",
-                                  "docs/adversarial.md", "docs/library.md", "docs/demo.md"])
+                                  "docs/adversarial.md", "docs/library.md", "docs/demo.md",
+                                  "docs/reliability.md", "docs/slurm.md", "docs/gpu.md", "docs/studies.md",
+                                  "docs/reference-differences.md"])
 def test_relative_links_lead_to_files(page):
     import re
 
@@ -195,5 +194,4 @@ def test_relative_links_lead_to_files(page):
         if "://" in target:
             continue
         path = ((ROOT / page).parent / target).resolve()
-        rel = path.relative_to(ROOT).as_posix() if ROOT in path.parents else str(path)
-        assert path.exists() or rel in DOCS_OF_OTHER_BRANCHES, f"{page}: {target}"
+        assert path.exists(), f"{page}: {target}"
