@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -130,6 +131,33 @@ def assert_images_close(got: torch.Tensor, want: torch.Tensor, worst: float = 1e
     assert got.shape == want.shape and torch.isfinite(got).all()
     assert errors.max() <= worst, f"worst image {int(errors.argmax())}: {float(errors.max()):.2e} > {worst}"
     assert errors.median() <= typical, f"median image error {float(errors.median()):.2e} > {typical}"
+
+
+def has_dali() -> bool:
+    """DALI is importable here (the dev extra brings its CPU twin; the GPU machine has none)."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def single_thread():
+    """cnn_tiny on 32 px is ~15x faster on one thread than on two when the 2-core box is busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """A module's tests on one torch thread (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    with single_thread():
+        yield
 
 
 from slurm_cluster import slurm_cluster  # noqa: E402,F401  (session fixture: a real one-node slurm)

@@ -22,26 +22,13 @@ from PIL import Image
 
 from apr.cli import run_main
 from apr.errors import UserError
+from conftest import has_dali
 from test_ood import CLASSES, FAST, bright_images, save_detector, write_nested_pngs
 
-
-def _has_dali() -> bool:
-    try:
-        import nvidia.dali  # noqa: F401
-    except ImportError:
-        return False
-    return True
+pytestmark = pytest.mark.usefixtures("one_thread")  # cnn_tiny runs ~15x faster on one thread on a busy box
 
 
-BACKENDS = ["torchvision", "gpu"] + (["dali"] if _has_dali() else [])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+BACKENDS = ["torchvision", "gpu"] + (["dali"] if has_dali() else [])
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +170,7 @@ def test_an_image_too_large_to_decode_is_counted_as_skipped(detector, imagenet_t
     assert sum(record["histograms"]["msp"]["out"]) == record["count"]
 
 
-@pytest.mark.skipif(not _has_dali(), reason="needs NVIDIA DALI")
+@pytest.mark.skipif(not has_dali(), reason="needs NVIDIA DALI")
 def test_dali_training_leaves_out_and_lists_a_garbled_file(imagenet_tree, tmp_path):
     from apr.config import Config
     from apr.data import build_train_loader

@@ -8,7 +8,6 @@ preprocessing, NumPy ECE), not against the code under test.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
@@ -30,6 +29,9 @@ from apr.evaluation import EvalError, EvalOptions, evaluate_checkpoint, file_sha
 from apr.metrics import ALEXNET_ERRORS, CORRUPTIONS
 from apr.models import create_model
 from apr.report import metrics_for
+from conftest import has_dali, single_thread
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # cnn_tiny runs ~15x faster on one thread on a busy box
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = [f"n{k:08d}" for k in range(4)]
@@ -101,23 +103,6 @@ def reference_cell(model, images, labels, cfg) -> dict:
 
 
 # ----------------------------------------------------------------------------- fixtures
-
-
-@contextlib.contextmanager
-def single_thread():
-    """cnn_tiny on 32 px is ~15x faster on one thread than on two when the 2-core box is busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with single_thread():
-        yield
 
 
 def train_tiny(images: np.ndarray, labels: np.ndarray, num_classes: int, cfg: Config, steps: int = 40):
@@ -406,15 +391,7 @@ def test_bf16_flips_only_borderline_images(device, tiny_checkpoint, tiny_config,
     assert 0 < fp32["clean"]["error"] < fp32["corruptions"]["fog"]["1"]["error"] < 0.75  # a model, and a shift
 
 
-def _has_dali() -> bool:
-    try:
-        import nvidia.dali  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _has_dali(), reason="needs NVIDIA DALI")
+@pytest.mark.skipif(not has_dali(), reason="needs NVIDIA DALI")
 def test_dali_backend_agrees_with_torchvision(full_eval, tiny_checkpoint, c_tree, imagenet_tree, tmp_path):
     result = run_eval(tiny_checkpoint[0], imagenet_c_root=c_tree, val_root=imagenet_tree / "val",
                                  out_dir=tmp_path, corruptions=["fog"], severities=(1, 5),

@@ -33,13 +33,7 @@ from conftest import write_cifar10_folder
 CLASSES = [f"n{k:08d}" for k in range(4)]
 FAST = dict(backend="torchvision", num_workers=0, batch_size=16, precision="fp32", device="cpu", progress=False)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # cnn_tiny runs ~15x faster on one thread on a busy box
 
 
 # ----------------------------------------------------------------------------- metrics by hand
