@@ -318,6 +318,12 @@ class PreemptionFlag:
     def is_set(self) -> bool:
         return self.received is not None
 
+    def adopt(self, signum: int) -> None:
+        """Stop as if ``signum`` had arrived here: a peer rank got it first (slurm signals every task, and
+        a task may stop on its peer's flag before its own signal lands; rank 0 must still requeue)."""
+        if self.received is None:
+            self._handle(signum, None)
+
 
 def ignore_stop_signals(*_) -> None:
     """In a data-loading worker process: leave SIGTERM/SIGUSR1 to the parent. slurm signals every process of

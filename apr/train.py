@@ -499,14 +499,18 @@ def save(run: Run, epoch: int, step: int, meter: LossMeter | None, metric: float
 
 
 def stop_requested(run: Run, force_check: bool = False) -> bool:
-    """True on every rank once any rank got SIGTERM/SIGUSR1. One process: a flag read, no sync.
-    Several: an all-reduce every PREEMPT_CHECK_EVERY steps (same steps on all ranks), not per step."""
+    """True on every rank once any rank got SIGTERM/SIGUSR1, and every rank then holds that signal (so
+    rank 0 requeues after a USR1 that reached only its peer). One process: a flag read, no sync.
+    Several: an all-reduce (max of the signal numbers) every PREEMPT_CHECK_EVERY steps, not per step."""
     if run.world == 1:
         return run.preempt.is_set
     if not force_check and run.global_step % PREEMPT_CHECK_EVERY:
         return False
-    local = torch.tensor([1.0 if run.preempt.is_set else 0.0], device=run.device)
-    return bool(run.accelerator.reduce(local, reduction="sum").item() > 0)
+    signum = torch.tensor([float(run.preempt.received or 0)], device=run.device)
+    torch.distributed.all_reduce(signum, op=torch.distributed.ReduceOp.MAX)
+    if signum.item() > 0:
+        run.preempt.adopt(int(signum.item()))
+    return signum.item() > 0
 
 
 def _progress(run: Run, initial: int, epoch: int):

@@ -290,6 +290,40 @@ def test_torchrun_two_cpu_ranks_keep_identical_weights(imagenet_tree, tmp_path, 
     assert not list(run.glob("*.tmp"))
 
 
+SIGNAL_ONE_RANK = """
+import atexit, signal
+from apr.checkpoint import PreemptionFlag
+_check = T.stop_requested
+def _usr1_to_rank_1_only(run, force_check=False):
+    if os.environ["RANK"] == "1" and run.global_step == 2 and not run.preempt.is_set:
+        os.kill(os.getpid(), signal.SIGUSR1)  # slurm's time-limit warning, landing on one task only
+    return _check(run, force_check)
+T.stop_requested = _usr1_to_rank_1_only
+atexit.register(lambda: open(os.path.join({out!r}, "signal" + os.environ["RANK"]), "w").write(
+    str(PreemptionFlag.last_received)))
+"""
+
+
+def test_a_signal_that_reaches_one_rank_stops_every_rank_with_that_signal(imagenet_tree, tmp_path):
+    """slurm signals each task on its own: a rank whose peer stopped first must stop too, and hold the
+    peer's signal, so that rank 0 requeues after a USR1 that only rank 1 received."""
+    overrides = [f"data.root={imagenet_tree}", "data.image_size=32", "data.val_resize=32", "data.num_workers=0",
+                 "model.name=cnn_tiny", "train.epochs=3", "train.batch_size=8", "train.precision=fp32",
+                 f"train.output_dir={tmp_path / 'runs'}", "train.run_name=one", "optim.lr_base_batch=0",
+                 "train.val_every=0"]
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(root=str(ROOT), overrides=overrides, out=str(tmp_path), resume=None,
+                                    setup=SIGNAL_ONE_RANK.format(out=str(tmp_path))))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={29537}", str(script)], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [(tmp_path / f"signal{r}").read_text() for r in range(2)] == [str(int(signal.SIGUSR1))] * 2
+    state = load_checkpoint(find_latest_checkpoint(tmp_path / "runs" / "one"))
+    assert state["global_step"] == 4 < 12  # stopped at the first cross-rank check (the end of epoch 1 of 3)
+    assert (tmp_path / "rank0.txt").read_text() == (tmp_path / "rank1.txt").read_text()
+
+
 def test_cifar_recipe_trains_and_resumes_exactly(cifar10_folder, tmp_path):
     """The CIFAR path (in-memory uint8 tensors, crop 32 pad 4 + flip on the device) through the same loop."""
     extra = ("data.dataset=cifar10", f"data.root={cifar10_folder}", "aug.name=apr_sp", "train.batch_size=16",
