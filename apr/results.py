@@ -19,6 +19,7 @@ import hashlib
 import os
 import platform
 import socket
+import sys
 import tempfile
 import time
 import warnings
@@ -45,21 +46,33 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+# distributions that install the module, for a version read without importing it
+_DISTRIBUTIONS = {"torchvision": ("torchvision",), "timm": ("timm",),
+                  "nvidia.dali": ("nvidia-dali-cuda130", "nvidia-dali-cuda120", "nvidia-dali-cuda110", "nvidia-dali")}
+
+
+def installed_version(module: str) -> str | None:
+    """A library's installed version without importing it: importing torchvision, timm or DALI costs
+    seconds, and every evaluation records the versions."""
+    from importlib import metadata
+
+    for name in _DISTRIBUTIONS[module]:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return getattr(sys.modules.get(module), "__version__", None)  # run from a source tree, not installed
+
+
 def collect_versions() -> dict:
     """Library versions, so a number in a report can be traced to the stack that made it."""
     import torch
-    import torchvision
 
     import apr
 
-    def version(module: str) -> str | None:
-        try:
-            return __import__(module, fromlist=["__version__"]).__version__
-        except ImportError:
-            return None
-
-    return {"apr": apr.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "timm": version("timm"), "dali": version("nvidia.dali"), "python": platform.python_version()}
+    return {"apr": apr.__version__, "torch": torch.__version__, "torchvision": installed_version("torchvision"),
+            "timm": installed_version("timm"), "dali": installed_version("nvidia.dali"),
+            "python": platform.python_version()}
 
 
 def changed_keys(previous: dict, identity: dict) -> list[str]:
