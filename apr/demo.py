@@ -1,4 +1,4 @@
-"""The embedded demo: the whole mission on a real dataset that ships inside a package.
+"""The embedded demo: the whole mission on a real dataset that ships inside a package, as a study.
 
     python -m apr.demo                 # baseline vs APR-SP, one seed, about 3-4 min on 2 CPU cores
     python -m apr.demo --seeds 0 1 2 --augs none apr_p apr_s apr_sp
@@ -6,15 +6,16 @@
 1. scikit-learn's 1,797 real handwritten digits -> 32x32 RGB JPEGs in ImageNet layout (cached);
 2. an ImageNet-C-style tree of its val split: 15 corruptions x 5 severities (apr.corrupt), and two
    out-of-distribution sets made from pictures that ship with scikit-learn / scikit-image (cached);
-3. trains each augmentation with apr.train (DALI on CPU + accelerate), recipe apr/configs/demo.yaml;
-4. evaluates every checkpoint on clean + corrupted images (apr.evaluation; CE normalised by the
-   baseline run, since AlexNet's ImageNet numbers mean nothing on digits), OOD detection
-   (apr.ood: digits val = in, photos / textures = out) and PGD robust accuracy (apr.adversarial),
-   and writes the report (apr.report);
-5. Fourier heat maps of the runs side by side (apr.analysis);
-6. summary.md over seeds: corruption, OOD and adversarial tables.
+3. the demo's study (``<out>/study.yaml``), run by apr.study's local launcher like any study: each aug x
+   seed trained from apr/configs/demo.yaml (DALI on CPU + accelerate), each checkpoint evaluated on clean
+   + corrupted images (CE normalised by the baseline run of the same seed, since AlexNet's ImageNet
+   numbers mean nothing on digits), OOD detection (digits val = in, photos / textures = out) and PGD robust
+   accuracy, then the report; a rerun skips what is done and resumes what was interrupted;
+4. Fourier heat maps of the runs side by side (apr.analysis);
+5. summary.md over seeds: corruption, OOD and adversarial tables.
 
-Everything runs in this process through the library: an installed ``apr-demo`` works from any folder.
+The steps are the commands a user runs (apr-train, apr-eval, apr-ood, apr-attack, apr-report), each a
+subprocess with its log under ``<out>/logs``; an installed ``apr-demo`` works from any folder.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Iterator
 
 from apr.cli import add_flag
+from apr.errors import UserError
 from apr.report.common import AUG_LABELS
 
 RECIPE = "configs/demo.yaml"  # inside the apr package (package data)
@@ -36,6 +38,10 @@ OOD_PER_SET = 300  # images per OOD set
 ADV_EPS_255 = (2, 4)  # PGD eps in pixel units of 1/255: small, for 32x32 digits
 ADV_STEPS = 10  # PGD iterations, step eps/4 (the apr.adversarial default rule)
 OOD_SCORES = (("max_logit", "max logit"), ("msp", "MSP"), ("energy", "energy"))
+
+
+class DemoError(UserError, RuntimeError):
+    """A demo step that failed; its log says why."""
 
 
 @contextlib.contextmanager
@@ -68,123 +74,111 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="the reduced demo CI runs: 1 epoch, 4 corrupted images per class, small heat map, "
                         "100 OOD images per set, 50 attacked images")
-    p.add_argument("--verbose", action="store_true", help="show each step's full output (else it goes to a log)")
+    p.add_argument("--verbose", action="store_true", help="show each step's output as it runs (it also goes to its log under <out>/logs)")
     add_flag(p, "debug")
     return p.parse_args(argv)
 
 
-@contextlib.contextmanager
-def step(title: str, log: Path, verbose: bool) -> Iterator[None]:
-    """Announce a step and time it; unless ``verbose``, its output goes to ``log`` (shown when it fails)."""
-    print(title, flush=True)
-    start = time.perf_counter()
-    if verbose:
-        yield
-    else:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "w") as stream:
-            try:
-                with contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
-                    yield
-            except BaseException:
-                stream.flush()
-                sys.stderr.write(log.read_text()[-6000:])
-                sys.stderr.write(f"\n(the step's full output: {log})\n")
-                raise
-    print(f"   ({time.perf_counter() - start:.0f} s)", flush=True)
+# ----------------------------------------------------------------------------- the study
 
 
-# ----------------------------------------------------------------------------- the steps
+def demo_study(args, out: Path, recipe: Path, data_root: Path, c_root: Path,
+               ood_folders: dict[str, Path] | None) -> dict:
+    """The demo as a study (apr.study): every aug x seed trained from the recipe, each checkpoint evaluated
+    on clean + corrupted digits (CE normalised by the first aug of the same seed), OOD sets and PGD at each
+    of ADV_EPS_255 on a fixed class-balanced subset, then one report."""
+    baseline = f"demo_{args.augs[0]}"
+    common = [f"data.root={data_root}", *([f"train.epochs={args.epochs}"] if args.epochs is not None else []),
+              *args.overrides]
+    study = {"name": "demo", "out": str(out), "set": common,
+             "trainings": [{"name": f"demo_{aug}", "recipe": str(recipe), "seeds": list(args.seeds),
+                            "set": [f"aug.name={aug}"]} for aug in args.augs],
+             "data": {"val": str(data_root / "val")},
+             "corruption": {"root": str(c_root), "baseline": baseline, "options": ["--batch-size", "256"]},
+             "report": {"baseline": baseline}}
+    if ood_folders:
+        study["ood"] = {"sets": {name: str(folder) for name, folder in ood_folders.items()}}
+    if args.adv_images:
+        n = str(args.adv_images)  # one batch: the subset and its random starts as the attack seeds them
+        study["attacks"] = {"attack": ["pgd"], "eps": [f"{e}/255" for e in ADV_EPS_255],
+                            "options": ["--pgd-steps", str(ADV_STEPS), "--max-images", n, "--batch-size", n,
+                                        "--workers", "2", "--seed", "0"]}
+    return study
 
 
-def train_one(recipe: Path, data_root: Path, runs: Path, aug: str, seed: int, epochs: int | None,
-              overrides: list[str], progress: bool) -> Path:
-    """Train (or resume / reuse) one run of the recipe; return its newest checkpoint."""
-    from apr.checkpoint import find_latest_checkpoint
-    from apr.config import load_config
-    from apr.train import train
+def write_study(study: dict, path: Path) -> Path:
+    """The study file of this demo run (``apr-study status/run`` read it too); rewritten only when it changed."""
+    import yaml
 
-    run_name = f"demo_{aug}_s{seed}"
-    sets = [f"data.root={data_root}", f"aug.name={aug}", f"train.seed={seed}", f"train.output_dir={runs}",
-            f"train.run_name={run_name}"]
-    sets += [f"train.epochs={epochs}"] if epochs is not None else []
-    train(load_config(recipe, sets + list(overrides)), resume="auto", progress=progress)
-    return find_latest_checkpoint(runs / run_name)
+    from apr.io import atomic_write_text
+
+    text = ("# written by python -m apr.demo: the demo as a study; `apr-study status` shows its steps\n"
+            + yaml.safe_dump(study, sort_keys=False))
+    if not path.is_file() or path.read_text() != text:
+        atomic_write_text(path, text)
+    return path
 
 
-def evaluate_corruptions(checkpoints: dict[str, Path], c_root: Path, val_root: Path, report_dir: Path,
-                         progress: bool) -> list[dict]:
-    """Clean + corruption cells per checkpoint (baseline = the first), CE normalised by the baseline."""
-    from apr.data.suites import make_suite
-    from apr.evaluation import EvalOptions, evaluate_checkpoint
-    from apr.io import atomic_write_json
-    from apr.report import metrics_for
+def run_study(path: Path, verbose: bool) -> tuple:
+    """Run every step of the demo's study not done yet with the local launcher, as ``apr-study run`` does."""
+    from apr.study import load_study, plan
+    from apr.study.local import run_local
+    from apr.study.plan import step_log, step_state
 
-    options = EvalOptions(batch_size=256, progress=progress)  # eval_imagenet_c.py's defaults
-    results = [evaluate_checkpoint(path, make_suite(imagenet_c=str(c_root), val=str(val_root)), report_dir,
-                                   options, run_name=name) for name, path in checkpoints.items()]
-    for result in results:
-        result["metrics"] = metrics_for(result, results[0])
-        atomic_write_json(report_dir / f"{result['run_name']}.json", result, indent=1)
-    return results
-
-
-def evaluate_ood_sets(checkpoints: dict[str, Path], val_root: Path, ood_folders: dict[str, Path],
-                      report_dir: Path, progress: bool) -> list[dict]:
-    """OOD detection per checkpoint: digits val in, every demo OOD set out (``<run>.ood.json``)."""
-    from apr.ood import evaluate_ood
-
-    ood = {name: str(folder) for name, folder in ood_folders.items()}
-    return [evaluate_ood(path, ood=ood, out_dir=report_dir, in_folder=val_root, run_name=name, progress=progress)
-            for name, path in checkpoints.items()]
+    study = load_study(path)
+    steps = plan(study)
+    print(f"3/5 study {path}: {len(steps)} steps (trainings, evaluations, report), each step's output in "
+          f"{study.out / 'logs'}", flush=True)
+    if run_local(study, steps, echo=lambda line, **_: print(f"    {line}", flush=True), tee=verbose) != 0:
+        for step in steps:
+            if step_state(study, step).status == "failed":
+                sys.stderr.write(step_log(study, step.id).read_text(errors="replace")[-6000:])
+        raise DemoError(f"a step of the demo failed (above); `apr-study status {path}` lists each step, and "
+                        "rerunning the demo continues from where it stopped")
+    return study, steps
 
 
-def evaluate_pgd(checkpoints: dict[str, Path], val_root: Path, report_dir: Path, n: int) -> list[dict]:
-    """PGD robust accuracy at each of ADV_EPS_255 on a fixed class-balanced subset (``<run>.adv.json``)."""
-    from apr.adversarial.__main__ import build_parser, evaluate_checkpoint
-    from apr.adversarial.run import pgd_spec
-    from apr.distributed import join_world, resolve_device
+def read_results(study) -> dict[int, list[dict]]:
+    """Per seed, one summary row per run, from the results files the study's steps wrote."""
+    import json
 
-    attacks = [pgd_spec(f"pgd_{e}/255", e / 255, e / 255 / 4, steps=ADV_STEPS) for e in ADV_EPS_255]
-    world = join_world(None)
-    device = resolve_device(None, world)
-    results = []
-    for name, path in checkpoints.items():
-        args = build_parser().parse_args(["--checkpoint", str(path), "--val", str(val_root), "--out", str(report_dir),
-                                          "--max-images", str(n), "--batch-size", str(n), "--workers", "2", "--seed", "0"])
-        results.append(evaluate_checkpoint(str(path), name, args, attacks, world, device))
-    return results
+    from apr.study.plan import attack_folder
+
+    def load(path: Path) -> dict | None:
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    eval_dir, per_seed = study.out / "eval", {}
+    for seed in study.trainings[0].seeds:
+        runs = [f"{training.name}_s{seed}" for training in study.trainings]
+        corruption = [load(eval_dir / f"{run}.json") for run in runs]
+        ood = [r for r in (load(eval_dir / f"{run}.ood.json") for run in runs) if r]
+        adversarial = {eps: [r for r in (load(attack_folder(study, eps) / f"{run}.adv.json") for run in runs) if r]
+                       for eps in (study.attacks or {}).get("eps", [])}
+        per_seed[seed] = summarise(corruption, runs[0], ood, adversarial)
+    return per_seed
 
 
-def heat_maps(checkpoints: dict[str, Path], val_root: Path, out: Path, images: int, quick: bool) -> None:
+def heat_maps(checkpoints: list[Path], val_root: Path, out: Path, images: int, quick: bool) -> None:
     """Fourier heat maps of the runs, side by side (apr.analysis)."""
     from apr.analysis import main as analysis_main
 
-    argv = ["heatmap", "--checkpoint", *map(str, checkpoints.values()), "--val", str(val_root), "--out", str(out),
+    argv = ["heatmap", "--checkpoint", *map(str, checkpoints), "--val", str(val_root), "--out", str(out),
             "--max-images", str(images)] + (["--max-frequency", "4"] if quick else [])
-    if analysis_main(argv) != 0:
-        raise RuntimeError("the Fourier heat map step failed")
-
-
-def write_seed_report(report_dir: Path, corruption: list[dict], extra: list[dict]) -> Path:
-    """report.md of one seed: the corruption section, plus the OOD / adversarial sections the report knows."""
-    from apr.report import write_report
-    from apr.report.sections import registered
-
-    # apr.report's OOD / adversarial sections register their schemas at import (apr/report/ood.py,
-    # adversarial.py); a results file whose section is not there stays beside report.md, in summary.md only.
-    known = [r for r in extra if r.get("schema") in registered()]
-    return write_report(corruption + known, report_dir, baseline=corruption[0])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_suffix(".log"), "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        status = analysis_main(argv)
+    if status != 0:
+        raise DemoError(f"the Fourier heat map step failed: see {out.with_suffix('.log')}")
 
 
 # ----------------------------------------------------------------------------- summary over seeds
 
 
-def summarise(results: list[dict], baseline_name: str, ood: list[dict] = (), adversarial: list[dict] = ()) -> list[dict]:
+def summarise(results: list[dict], baseline_name: str, ood: list[dict] = (),
+              adversarial: dict[str, list[dict]] | None = None) -> list[dict]:
     """One row per run (percentages): clean error, mean corruption error, mCE vs the baseline, and when
-    measured the OOD AUROC / FPR95 per set and score and the PGD robust accuracy per eps."""
+    measured the OOD AUROC / FPR95 per set and score and the PGD robust accuracy per eps (``pgd_<eps>``)."""
     ood_by_run = {r["run_name"]: r for r in ood}
-    adv_by_run = {r["run_name"]: r for r in adversarial}
     rows = []
     for res in results:
         m = res["metrics"]
@@ -195,11 +189,13 @@ def summarise(results: list[dict], baseline_name: str, ood: list[dict] = (), adv
             sets = ood_by_run[res["run_name"]]["ood_sets"]
             row["ood"] = {name: {score: {k: 100 * record["metrics"][score][k] for k in ("auroc", "fpr95")}
                                  for score, _ in OOD_SCORES} for name, record in sets.items()}
-        if res["run_name"] in adv_by_run:
-            adv = adv_by_run[res["run_name"]]
-            row["adversarial"] = {"n": adv["clean"]["n"], "clean_accuracy": 100 * adv["clean"]["accuracy"],
-                                  **{f"pgd_{e}/255": 100 * adv["attacks"][f"pgd_{e}/255"]["robust_accuracy"]
-                                     for e in ADV_EPS_255}}
+        attacked = {eps: adv for eps, files in (adversarial or {}).items()
+                    for adv in files if adv["run_name"] == res["run_name"]}
+        if attacked:
+            first = next(iter(attacked.values()))
+            row["adversarial"] = {"n": first["clean"]["n"], "clean_accuracy": 100 * first["clean"]["accuracy"],
+                                  **{f"pgd_{eps}": 100 * adv["attacks"]["pgd"]["robust_accuracy"]
+                                     for eps, adv in attacked.items()}}
         rows.append(row)
     return rows
 
@@ -262,7 +258,7 @@ def adversarial_table(per_seed: dict[int, list[dict]], augs: list[str]) -> str |
 
 
 def summary_markdown(per_seed: dict[int, list[dict]], augs: list[str], report_root: Path) -> str:
-    """summary.md: the three tables over seeds and links to each seed's report and heat maps."""
+    """summary.md: the three tables over seeds and links to the report and each seed's heat maps."""
     parts = ["# Demo summary (scikit-learn digits, 32x32)\n",
              ("Mean ± standard deviation over seeds; percentages.\n" if len(per_seed) > 1
               else "One seed (no spread to show); percentages.\n"),
@@ -277,12 +273,11 @@ def summary_markdown(per_seed: dict[int, list[dict]], augs: list[str], report_ro
     if adv is not None:
         parts += [f"\n## Adversarial robustness (Linf PGD, {ADV_STEPS} steps of eps/4, random start; "
                   "a fixed class-balanced subset of digits val)\n", adv]
-    links = []
+    links = ["- every run: [report](report.md)"]
     for seed in per_seed:
-        heatmap = report_root / f"seed{seed}" / "heatmap" / "heatmaps_side_by_side.png"
-        links.append(f"- seed {seed}: [report](seed{seed}/report.md)" + (
-            f", ![Fourier heat maps, seed {seed}](seed{seed}/heatmap/heatmaps_side_by_side.png)"
-            if heatmap.is_file() else ""))
+        heatmap = report_root / "heatmaps" / f"seed{seed}" / "heatmaps_side_by_side.png"
+        if heatmap.is_file():
+            links.append(f"- seed {seed}: ![Fourier heat maps, seed {seed}](heatmaps/seed{seed}/heatmaps_side_by_side.png)")
     return "\n".join(parts) + "\n\n" + "\n".join(links) + "\n"
 
 
@@ -303,33 +298,6 @@ def print_summary(per_seed: dict[int, list[dict]]) -> None:
 
 
 # ----------------------------------------------------------------------------- the driver
-
-
-def run_seed(args, seed: int, recipe: Path, data_root: Path, c_root: Path, ood_folders: dict[str, Path] | None,
-             out: Path) -> list[dict]:
-    """Train every aug of one seed, evaluate corruptions / OOD / PGD, write the seed's report and heat maps."""
-    verbose = args.verbose
-    checkpoints = {}
-    for aug in args.augs:
-        name = f"demo_{aug}_s{seed}"
-        with step(f"3/5 train {AUG_LABELS[aug]} (seed {seed}) -> {out / 'runs' / name}",
-                  out / "runs" / f"{name}.log", verbose):
-            checkpoints[name] = train_one(recipe, data_root, out / "runs", aug, seed, args.epochs, args.overrides,
-                                          verbose)
-    report_dir = out / "report" / f"seed{seed}"
-    val_root = data_root / "val"
-    with step(f"4/5 evaluate {len(checkpoints)} checkpoints: clean + 75 corruption cells"
-              + (", OOD detection" if ood_folders else "") + (", PGD" if args.adv_images else "")
-              + f" -> {report_dir}", report_dir.with_suffix(".log"), verbose):
-        results = evaluate_corruptions(checkpoints, c_root, val_root, report_dir, verbose)
-        ood = evaluate_ood_sets(checkpoints, val_root, ood_folders, report_dir, verbose) if ood_folders else []
-        adv = evaluate_pgd(checkpoints, val_root, report_dir, args.adv_images) if args.adv_images else []
-        write_seed_report(report_dir, results, ood + adv)
-    if args.heatmap_images > 0:
-        with step(f"5/5 Fourier heat maps ({args.heatmap_images} val images) -> {report_dir / 'heatmap'}",
-                  report_dir.with_name(f"heatmap_seed{seed}.log"), verbose):
-            heat_maps(checkpoints, val_root, report_dir / "heatmap", args.heatmap_images, args.quick)
-    return summarise(results, next(iter(checkpoints)), ood, adv)
 
 
 def _apply_quick(args) -> argparse.Namespace:
@@ -362,6 +330,7 @@ def built_once(label: str, marker: Path, build):
 
 
 def _demo(argv=None) -> int:
+    from apr.checkpoint import find_latest_checkpoint
     from apr.corrupt import make_corrupted_tree
     from apr.data.demo import MARKER as DATA_MARKER, build_demo_dataset
     from apr.data.demo_ood import MARKER as OOD_MARKER, build_demo_ood_sets
@@ -385,13 +354,22 @@ def _demo(argv=None) -> int:
                                  ood_root / OOD_MARKER,
                                  lambda: build_demo_ood_sets(ood_root, image_size=32, per_set=per_set, seed=0))
     with contextlib.ExitStack() as stack:
-        recipe = Path(args.config) if args.config else stack.enter_context(packaged_recipe())
+        recipe = Path(args.config).resolve() if args.config else stack.enter_context(packaged_recipe())
         print(f"recipe: {recipe}", flush=True)
-        per_seed = {seed: run_seed(args, seed, recipe, data_root, c_root, ood_folders, out) for seed in args.seeds}
+        study_file = write_study(demo_study(args, out, recipe, data_root, c_root, ood_folders), out / "study.yaml")
+        study, _ = run_study(study_file, args.verbose)
     report_root = out / "report"
+    if args.heatmap_images > 0:
+        print(f"4/5 Fourier heat maps ({args.heatmap_images} val images) -> {report_root / 'heatmaps'}", flush=True)
+        for seed in args.seeds:
+            checkpoints = [find_latest_checkpoint(out / "runs" / f"demo_{aug}_s{seed}") for aug in args.augs]
+            heat_maps(checkpoints, data_root / "val", report_root / "heatmaps" / f"seed{seed}",
+                      args.heatmap_images, args.quick)
+    per_seed = read_results(study)
+    print("5/5 summary over seeds", flush=True)
     atomic_write_text(report_root / "summary.md", summary_markdown(per_seed, args.augs, report_root))
     atomic_write_json(report_root / "summary.json", per_seed, indent=2)
-    print(f"\nreport: {report_root}  (report.md per seed, summary.md over seeds)")
+    print(f"\nreport: {report_root}  (report.md over every run, summary.md over seeds)")
     print_summary(per_seed)
     print(f"demo finished in {time.perf_counter() - started:.0f} s")
     return 0

@@ -1,5 +1,6 @@
 """The embedded demo, reduced (1 epoch, 4 corrupted images per class): the whole mission end to
-end through the library, its report consistent with its JSON, deterministic per seed.
+end as a study run by apr.study's local launcher, its report consistent with its JSON, deterministic
+per seed, resumed step by step.
 
 The end-to-end runs use a copy of the ``apr`` package alone (as ``pip install .`` puts it in
 site-packages) and run from another folder: a demo that reads a repo-root script or recipe fails."""
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -65,11 +67,32 @@ def demo_run(tmp_path_factory, installed_copy):
     return out, run_demo(out, installed_copy)
 
 
+STEPS = ["train:demo_none_s0", "train:demo_apr_sp_s0",
+         "eval:demo_none_s0", "ood:demo_none_s0", "attack:demo_none_s0:2/255", "attack:demo_none_s0:4/255",
+         "eval:demo_apr_sp_s0", "ood:demo_apr_sp_s0", "attack:demo_apr_sp_s0:2/255", "attack:demo_apr_sp_s0:4/255",
+         "report"]
+
+
+@pytest.mark.slow
+def test_demo_is_a_study_run_by_the_local_launcher(demo_run, installed_copy):
+    out, stdout = demo_run
+    # the steps are the study's, in dependency order, each with its log, and the study says all are done
+    started = re.findall(r"^    (\S+): running \((\S+)\)", stdout, re.M)
+    assert [step for step, _ in started] == STEPS
+    assert all(Path(log).is_file() and Path(log).parent == out / "logs" for _, log in started)
+    env = {**os.environ, "PYTHONPATH": str(installed_copy)}
+    status = subprocess.run([sys.executable, "-m", "apr.study", "status", str(out / "study.yaml")], env=env,
+                            capture_output=True, text=True, timeout=300)
+    lines = status.stdout.splitlines()
+    assert status.returncode == 0 and len(lines) == 11, status.stdout + status.stderr
+    assert all(line.split()[1] == "done" for line in lines), status.stdout
+
+
 @pytest.mark.slow
 def test_demo_writes_a_complete_consistent_report(demo_run):
     out, stdout = demo_run
-    seed_dir = out / "report" / "seed0"
-    results = {name: json.loads((seed_dir / f"{name}.json").read_text()) for name in ("demo_none_s0", "demo_apr_sp_s0")}
+    eval_dir = out / "eval"
+    results = {name: json.loads((eval_dir / f"{name}.json").read_text()) for name in ("demo_none_s0", "demo_apr_sp_s0")}
     for name, res in results.items():
         assert res["aug"] == name.split("_s0")[0].removeprefix("demo_")
         assert res["clean"]["count"] == 450  # the whole val split of the digits
@@ -78,7 +101,8 @@ def test_demo_writes_a_complete_consistent_report(demo_run):
         assert res["metrics"]["normalisation"] == "baseline:demo_none_s0"
     assert results["demo_none_s0"]["metrics"]["mce"] == pytest.approx(100.0)
 
-    table = results_table((seed_dir / "report.md").read_text())
+    report_dir = out / "report"
+    table = results_table((report_dir / "report.md").read_text())
     for name, res in results.items():
         row, m = table[name], res["metrics"]
         assert row["Clean err."] == format_percent(100 * res["clean"]["error"])
@@ -91,55 +115,64 @@ def test_demo_writes_a_complete_consistent_report(demo_run):
         assert f"clean error {100 * res['clean']['error']:5.2f}%" in stdout
         assert f"mean corruption error {m['mean_corruption_error']:5.2f}%" in stdout
 
-    for png in ("ce_per_corruption.png", "error_vs_severity.png", "heatmap/heatmaps_side_by_side.png"):
-        assert (seed_dir / png).stat().st_size > 5000, png
+    for png in ("ce_per_corruption.png", "error_vs_severity.png", "heatmaps/seed0/heatmaps_side_by_side.png"):
+        assert (report_dir / png).stat().st_size > 5000, png
     # OOD and PGD: the summary carries what their JSONs hold
-    rows = {r["run"]: r for r in json.loads((out / "report" / "summary.json").read_text())["0"]}
+    rows = {r["run"]: r for r in json.loads((report_dir / "summary.json").read_text())["0"]}
     for name in results:
-        ood = json.loads((seed_dir / f"{name}.ood.json").read_text())
+        ood = json.loads((eval_dir / f"{name}.ood.json").read_text())
         assert set(ood["ood_sets"]) == {"photos", "textures"} and ood["in_distribution"]["count"] == 450
         for set_name, record in ood["ood_sets"].items():
             assert record["count"] == 100
             for score in ("max_logit", "msp", "energy"):
                 assert rows[name]["ood"][set_name][score]["auroc"] == pytest.approx(100 * record["metrics"][score]["auroc"])
-        adv = json.loads((seed_dir / f"{name}.adv.json").read_text())
-        assert adv["clean"]["n"] == 50 and adv["finished"]
+        clean = None
         for eps in (2, 4):
-            attack = adv["attacks"][f"pgd_{eps}/255"]
+            adv = json.loads((eval_dir / f"eps-{eps}_255" / f"{name}.adv.json").read_text())
+            assert adv["clean"]["n"] == 50 and adv["finished"]
+            assert clean is None or drop_seconds(clean) == drop_seconds(adv["clean"])  # both eps: the same images
+            clean, attack = adv["clean"], adv["attacks"]["pgd"]
             assert attack["settings"]["eps"] == pytest.approx(eps / 255) and attack["settings"]["steps"] == 10
             assert attack["correct"] <= adv["clean"]["correct"]  # an attack never helps (same images)
             assert rows[name]["adversarial"][f"pgd_{eps}/255"] == pytest.approx(100 * attack["robust_accuracy"])
-        assert f"PGD robust accuracy (50 images, clean {100 * adv['clean']['accuracy']:5.2f}%)" in stdout
-    summary = (out / "report" / "summary.md").read_text()
+        assert f"PGD robust accuracy (50 images, clean {100 * clean['accuracy']:5.2f}%)" in stdout
+    summary = (report_dir / "summary.md").read_text()
     assert "## Out-of-distribution detection" in summary and "## Adversarial robustness" in summary
     assert "| baseline | 1 |" in summary and "| APR-SP | 1 |" in summary
-    assert f"report: {out / 'report'}" in stdout
+    assert f"report: {report_dir}" in stdout
+
+
+def result_files(out: Path) -> list[Path]:
+    return sorted(p for p in (out / "eval").rglob("*.json") if not p.name.startswith("."))
 
 
 @pytest.mark.slow
-def test_demo_is_deterministic_and_reuses_its_cache(demo_run, installed_copy, tmp_path):
+def test_demo_is_deterministic_and_resumes_step_by_step(demo_run, installed_copy, tmp_path):
     out, _ = demo_run
     # a second run in a new folder: same dataset, same corruptions, same training -> same numbers
     second = tmp_path / "out"
     stdout = run_demo(second, installed_copy)
-    for name in ("demo_none_s0", "demo_apr_sp_s0"):
-        a = json.loads((out / "report" / "seed0" / f"{name}.json").read_text())
-        b = json.loads((second / "report" / "seed0" / f"{name}.json").read_text())
-        assert drop_seconds(a["clean"]) == drop_seconds(b["clean"]), name  # fingerprints hold the files' mtimes
-        assert drop_seconds(a["corruptions"]) == drop_seconds(b["corruptions"]), name
-        for kind, keys in ((".ood.json", ("in_distribution", "ood_sets")), (".adv.json", ("clean", "attacks"))):
-            a = json.loads((out / "report" / "seed0" / f"{name}{kind}").read_text())
-            b = json.loads((second / "report" / "seed0" / f"{name}{kind}").read_text())
-            for key in keys:
-                assert drop_seconds(a[key]) == drop_seconds(b[key]), (name, kind, key)
-    # rerunning in place resumes: nothing is regenerated, trained or evaluated again
+    assert [p.relative_to(second) for p in result_files(second)] == [p.relative_to(out) for p in result_files(out)]
+    for a_path in result_files(out):
+        a, b = json.loads(a_path.read_text()), json.loads((second / a_path.relative_to(out)).read_text())
+        for key in ("clean", "corruptions", "in_distribution", "ood_sets", "attacks"):
+            assert drop_seconds(a.get(key)) == drop_seconds(b.get(key)), (a_path.name, key)
+    # rerunning in place: every step is done, nothing is regenerated, trained or evaluated again
     products = [p for p in second.rglob("*") if p.suffix in (".pt", ".JPEG")]
     stamps = {p: p.stat().st_mtime_ns for p in products}
-    results = {p: json.loads(p.read_text())["corruptions"] for p in second.rglob("demo_*_s0.json")}
+    results = {p: p.read_text() for p in result_files(second)}
     again = run_demo(second, installed_copy)
     assert "demo finished" in again and "demo finished" in stdout
+    assert re.findall(r"^    (\S+): done$", again, re.M) == STEPS and ": running" not in again
     assert len(products) > 3000 and {p: p.stat().st_mtime_ns for p in products} == stamps
-    assert {p: json.loads(p.read_text())["corruptions"] for p in results} == results
+    assert {p: p.read_text() for p in results} == results
+    # a lost results file: only its step runs again, with the same numbers
+    lost = second / "eval" / "demo_apr_sp_s0.ood.json"
+    before = json.loads(lost.read_text())
+    lost.unlink()
+    third = run_demo(second, installed_copy)
+    assert re.findall(r"^    (\S+): running", third, re.M) == ["ood:demo_apr_sp_s0", "report"]
+    assert drop_seconds(json.loads(lost.read_text())["ood_sets"]) == drop_seconds(before["ood_sets"])
 
 
 # ----------------------------------------------------------------------------- fast checks

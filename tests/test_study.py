@@ -49,6 +49,7 @@ corruption:
   baseline: base
   options: [--corruptions, gaussian_noise, contrast, --severities, 1, 3, --backend, torchvision, --workers, 0,
             --precision, fp32]
+suites: {{imagenet-sketch: "${{paths.data}}/val"}}
 ood:
   sets: {{bright: "${{paths.ood}}"}}
   options: [--backend, torchvision, --workers, 0, --precision, fp32]
@@ -134,6 +135,8 @@ def test_tiny_study_end_to_end(finished):
         assert corruption["finished"] and set(corruption["corruptions"]) == {"gaussian_noise", "contrast"}
         assert corruption["metrics"]["normalisation"] != "alexnet"  # CE normalised by the study's baseline
         assert json.loads((out / "eval" / f"{name}.ood.json").read_text())["complete"]
+        shift = json.loads((out / "eval" / f"{name}.shift.json").read_text())  # the --suite sets, same step
+        assert shift["finished"] and list(shift["suites"]) == ["imagenet-sketch"], shift.keys()
     report = (out / "report" / "report.md").read_text()
     assert "base_s0" in report and "sp_s0" in report
     assert all(state.startswith("done") for state in states(path).values()), states(path)
@@ -199,6 +202,25 @@ def test_killed_step_resumes(finished, tmp_path):
     done = study_cli("run", path, "--out", out)
     assert ran(done.stdout) == ["train:sp_s0", "eval:sp_s0", "ood:sp_s0", "report"]
     assert "resumed from" in (out / "logs" / "train_sp_s0.log").read_text()
+    assert all(state.startswith("done") for state in states(path).values())
+
+
+def test_two_processes_per_step_run_under_torchrun(study_data, tmp_path):
+    """gpus: 2 on the local launcher: every step but the report runs as torchrun with 2 processes (CPU, gloo
+    here; one per GPU on a GPU machine), and the study ends done as with one."""
+    path = write_study(tmp_path, study_data)
+    path.write_text(path.read_text().replace("name: tiny\n", "name: tiny\ngpus: 2\n"))
+    done = study_cli("run", path, "--out", tmp_path / "out")
+    assert ran(done.stdout) == STEPS
+    logs = {step: (tmp_path / "out" / "logs" / f"{step.replace(':', '_')}.log").read_text() for step in STEPS}
+    for step in STEPS[:-1]:
+        command = logs[step].splitlines()[1]
+        assert " -m torch.distributed.run --standalone --nproc_per_node 2 -m apr." in command, (step, command)
+    assert "2 process(es), global batch 32" in logs["train:base_s0"]
+    assert " -m apr.report " in logs["report"].splitlines()[1]
+    for name in ("base_s0", "sp_s0"):
+        assert json.loads((tmp_path / "out" / "eval" / f"{name}.json").read_text())["finished"]
+        assert json.loads((tmp_path / "out" / "eval" / f"{name}.ood.json").read_text())["complete"]
     assert all(state.startswith("done") for state in states(path).values())
 
 

@@ -27,6 +27,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="set a path variable of the study, e.g. --set paths.imagenet=/data/imagenet; repeat as needed")
     p.add_argument("--out", default=None, help="the study folder (default: the study's out:, else studies/<name>)")
     p.add_argument("--dry-run", action="store_true", help="print the commands that would run, run nothing")
+    p.add_argument("--verbose", action="store_true",
+                   help="local launcher: show each step's output as it runs (it also goes to the step's log)")
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return p.parse_args(argv)
 
@@ -76,7 +78,7 @@ def _main(argv=None) -> int:
                          f"paths.NAME=/data/... (see paths: in {args.study})")
     from apr.study.local import run_local
 
-    return run_local(study, steps)
+    return run_local(study, steps, tee=args.verbose)
 
 
 def main(argv=None) -> int:

@@ -51,8 +51,8 @@ def study_lock(study: Study) -> Iterator[None]:
             f.truncate()
 
 
-def _run_step(study: Study, step: Step, python: str) -> bool:
-    """One step as a subprocess, its output (stdout and stderr) appended to its log file."""
+def _run_step(study: Study, step: Step, python: str, tee: bool = False) -> bool:
+    """One step as a subprocess, its output (stdout and stderr) appended to its log file (and shown: ``tee``)."""
     if step.before is not None:
         step.before()
     log = log_path(study, step.id)
@@ -61,9 +61,13 @@ def _run_step(study: Study, step: Step, python: str) -> bool:
     with open(log, "a") as stream:
         stream.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n")
         stream.flush()
-        proc = subprocess.Popen(argv, stdout=stream, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE if tee else stream, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, text=tee)
         record(study, step, "running", pid=os.getpid(), step_pid=proc.pid, log=log)  # the runner: it holds the lock
         try:
+            for line in proc.stdout if tee else ():
+                stream.write(line)
+                sys.stdout.write(line)
             rc = proc.wait()
         except BaseException:  # Ctrl-C: the step stops too, and is resumed next time
             proc.terminate()
@@ -77,8 +81,9 @@ def _run_step(study: Study, step: Step, python: str) -> bool:
     return ok
 
 
-def run_local(study: Study, steps: list[Step], python: str = sys.executable, echo=print) -> int:
-    """Run every step that is not done, in order; 0 when all are done, 1 when a step failed."""
+def run_local(study: Study, steps: list[Step], python: str = sys.executable, echo=print, tee: bool = False) -> int:
+    """Run every step that is not done, in order; 0 when all are done, 1 when a step failed.
+    ``tee`` shows each step's output as it runs, besides its log."""
     failed: set[str] = set()
     with study_lock(study):
         for step in steps:
@@ -93,7 +98,7 @@ def run_local(study: Study, steps: list[Step], python: str = sys.executable, ech
                 continue
             start = time.perf_counter()
             echo(f"{step.id}: running ({log_path(study, step.id)})", flush=True)
-            if _run_step(study, step, python):
+            if _run_step(study, step, python, tee):
                 echo(f"{step.id}: done in {time.perf_counter() - start:.0f} s")
             else:
                 failed.add(step.id)

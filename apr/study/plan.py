@@ -22,7 +22,7 @@ from typing import Callable
 from apr.study import commands as C
 from apr.study.spec import Study
 
-__all__ = ["Step", "plan", "step_state", "StepState", "record", "read_record"]
+__all__ = ["Step", "plan", "step_state", "StepState", "record", "read_record", "attack_folder"]
 
 
 @dataclass
@@ -179,7 +179,8 @@ def _result_step(study: Study, step_id: str, module: str, args: list[str], needs
     return step
 
 
-def _eps_folder(study: Study, eps: str) -> Path:
+def attack_folder(study: Study, eps: str) -> Path:
+    """Where the attack results of one eps go: eval/ for a single eps, eval/eps-<eps>/ for several."""
     eval_dir = study.out / "eval"
     if len(study.attacks["eps"]) == 1:
         return eval_dir
@@ -203,7 +204,7 @@ def _evaluation_steps(study: Study, runs: list[_Run]) -> list[Step]:
             steps.append(_result_step(study, f"ood:{run.name}", C.OOD, C.ood_args(study, run.checkpoint, eval_dir),
                                       needs, [eval_dir / f"{run.name}.ood.json"], run))
         for eps in (study.attacks or {}).get("eps", []):
-            folder = _eps_folder(study, eps)
+            folder = attack_folder(study, eps)
             steps.append(_result_step(study, f"attack:{run.name}:{eps}", C.ADVERSARIAL,
                                       C.attack_args(study, run.checkpoint, folder, eps), needs,
                                       [folder / f"{run.name}.adv.json"], run))
@@ -211,7 +212,7 @@ def _evaluation_steps(study: Study, runs: list[_Run]) -> list[Step]:
 
 
 def _report_step(study: Study, evaluations: list[Step], runs: list[_Run]) -> Step:
-    folders = sorted({study.out / "eval"} | ({_eps_folder(study, e) for e in study.attacks["eps"]}
+    folders = sorted({study.out / "eval"} | ({attack_folder(study, e) for e in study.attacks["eps"]}
                                              if study.attacks else set()))
     baseline = _baseline_run(study, runs[0], runs, study.report if (study.report or {}).get("baseline")
                              else study.corruption)
