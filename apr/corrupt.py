@@ -403,8 +403,30 @@ def make_corrupted_tree(src: str | os.PathLike, dst: str | os.PathLike, corrupti
                 _run_in_workers(items, settings, workers, start_method, tally)
         finally:
             bar.close()
+    if counts["skipped"] == 0:
+        _record_decodable(dst_path, items, corruptions, severities)
     return CorruptionSummary(str(dst_path), len(items), len(items) * len(corruptions) * len(severities),
                              counts["written"], counts["skipped"], round(time.perf_counter() - start, 3))
+
+
+def _record_decodable(dst: Path, items: list[tuple[str, str]], corruptions: Sequence[str],
+                      severities: Sequence[int]) -> None:
+    """A tree written whole by this run was just encoded by PIL: its folders go into the decode-check cache
+    (apr.data.layout.record_decodable), each only where it holds exactly the files this run wrote."""
+    from apr.data.layout import _list_class_dir, record_decodable
+
+    expected: dict[Path, set[str]] = {}
+    for cls, name in items:
+        for c in corruptions:
+            for s in severities:
+                out = output_path(dst, c, s, cls, name)
+                expected.setdefault(out.parent, set()).add(str(out))
+    files = []
+    for folder, outs in expected.items():
+        listed = _list_class_dir(folder)
+        if set(listed) == outs:
+            files += listed
+    record_decodable(files)
 
 
 def _run_here(items: list[tuple[str, str]], settings: _Settings, tally: Callable[[int, int], None]) -> None:

@@ -118,6 +118,31 @@ def test_resume_rewrites_only_missing(generated, src_tree):
         make_corrupted_tree(src_tree, dst, resize=None, crop=None, quality=90, workers=1, progress=False)
 
 
+def test_a_fresh_tree_needs_no_decode_check_but_a_foreign_file_is_checked(src_tree, tmp_path, monkeypatch):
+    """apr-corrupt just encoded every file of a fresh tree with PIL: the evaluators' decode check finds them in
+    its cache; a folder holding a file apr-corrupt did not write is decoded as before, and so is a resumed tree."""
+    from apr.data import layout
+
+    monkeypatch.setenv("APR_CACHE_DIR", str(tmp_path / "cache"))
+    dst = tmp_path / "c"
+    (dst / "fog" / "2" / CLASSES[0]).mkdir(parents=True)
+    Image.new("RGB", (32, 32)).save(dst / "fog" / "2" / CLASSES[0] / "foreign.png")
+    make_corrupted_tree(src_tree, dst, corruptions=["fog", "contrast"], severities=(1, 2), resize=None, crop=None,
+                        workers=0, progress=False)
+    decoded = []
+    monkeypatch.setattr(layout, "decode_problem", lambda path: decoded.append(Path(path)))
+    files = sorted(str(f) for f in dst.rglob("*") if f.suffix in (".JPEG", ".png"))
+    assert layout.check_files(files, decode=True) == [None] * len(files)
+    assert {f.parent for f in decoded} == {dst / "fog" / "2" / CLASSES[0]}  # only the folder with a foreign file
+    (dst / "contrast" / "1" / CLASSES[1] / (sources(src_tree)[3].stem + ".JPEG")).unlink()
+    monkeypatch.setenv("APR_CACHE_DIR", str(tmp_path / "cache2"))
+    make_corrupted_tree(src_tree, dst, corruptions=["fog", "contrast"], severities=(1, 2), resize=None, crop=None,
+                        workers=0, progress=False)  # resumed: one file written, the rest skipped
+    decoded.clear()
+    layout.check_files(files, decode=True)
+    assert len(decoded) == len(files)  # nothing recorded: the kept files were not encoded by this run
+
+
 def test_deterministic_in_process(generated, src_tree, tmp_path):
     """Another run, in this process instead of two workers, gives the same bytes; the caller's
     NumPy RNG is left alone."""

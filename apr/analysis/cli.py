@@ -117,7 +117,7 @@ def _cmd_heatmap(args) -> int:
         result = fourier_heatmap(
             entry["model"], images, labels, mean=cfg.data.mean, std=cfg.data.std, eps=args.noise_norm,
             max_frequency=max_frequency, batch_size=args.batch_size, device=device, precision=precision,
-            channels_last=cfg.model.channels_last and device.type == "cuda", seed=args.seed,
+            channels_last=bool(cfg.model.channels_last), seed=args.seed,  # as eval / OOD / attacks: 2x on CPU too
             progress=args.progress, resume_path=model_dir / "progress.npz")
         title = f"{entry['name']} ({cfg.aug.name})"
         result.params.update({"checkpoint": str(entry["path"]), "run_name": entry["name"], "aug": cfg.aug.name,

@@ -129,6 +129,13 @@ def check_files(files: Sequence[str], decode: bool = False, workers: int = 16) -
     return [cached[f] if f in cached else found[f] for f in files]
 
 
+def record_decodable(files: Sequence[str]) -> None:
+    """Record ``files`` as decodable without decoding them: the complete image lists of folders this process
+    has just written with PIL (apr.corrupt's fresh trees), so the first evaluation does not decode them
+    all again (ImageNet-C: about 12 core-minutes). A file changed later no longer matches its folder's key."""
+    _store_decode_results(_folder_keys([str(f) for f in files]), {})
+
+
 def _decode_cache_dir() -> Path:
     return Path(os.environ.get("APR_CACHE_DIR") or Path.home() / ".cache" / "apr") / "decode-check"
 
