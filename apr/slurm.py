@@ -7,6 +7,8 @@
   (preemption, ``scancel``) stop the task cleanly: training saves where it stands (its own
   :class:`~apr.checkpoint.PreemptionFlag` is active in the loop); any other command stops where it is
   (results files are rewritten after every finished cell, so nothing finished is lost).
+- SIGUSR2 (``scancel --signal=USR2 JOBID``) prints every thread's Python stack of every task into the job's
+  output and lets it run on: where a job that seems hung is waiting.
 - Then rank 0 requeues the job once (``scontrol requeue``): after SIGUSR1, and after the SIGTERM of a
   preemption (slurm requeues a preempted job only if it is still running when GraceTime ends; one that
   saved and exited early would count as COMPLETED). After the SIGTERM of ``scancel`` it does not.
@@ -14,6 +16,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import re
 import runpy
@@ -116,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip() + f"\n\nMODULE: one of {', '.join(MODULES)}", file=sys.stderr)
         return 0 if argv else 2
     adopt_slurm_ranks()
+    faulthandler.register(signal.SIGUSR2, all_threads=True)  # where a job that seems hung waits
     code = run_module(argv[0], argv[1:])
     if PreemptionFlag.last_received is not None:
         name = signal.Signals(PreemptionFlag.last_received).name

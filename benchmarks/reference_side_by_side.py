@@ -47,6 +47,8 @@ REFERENCE_SHIMS = [
     "numpy.trapz = numpy.trapezoid (core/evaluation.py, NumPy 2)",
     "torch.set_num_threads(--threads) (a shared CPU)",
     "--depth D: WideResNet(40, ...) built as WideResNet(D, ...) (scale only; D = 40 is the reference as is)",
+    "--snapshots K: core.train wrapped to copy the weights after each of the last K epochs to "
+    "OUTF/snapshots/epochE.pth (observation only: the call and its arguments are unchanged)",
 ]
 
 
@@ -153,6 +155,15 @@ for cls in (dc.CIFAR10D, dc.CIFAR100D):
         _orig(self, *a, **k)
         self.num_classes = len(self.train_loader.dataset.classes)
     cls.__init__ = _init
+import core
+_train = core.train
+def _train_and_snapshot(net, *a, epoch=None, **k):
+    result = _train(net, *a, epoch=epoch, **k)
+    if epoch + 1 > {args.epochs} - {args.snapshots}:
+        folder = os.path.join({args.ref_args[3]!r}, 'snapshots'); os.makedirs(folder, exist_ok=True)
+        torch.save({{n: t.detach().clone() for n, t in net.state_dict().items()}}, os.path.join(folder, f'epoch{{epoch + 1:04d}}.pth'))
+    return result
+core.train = _train_and_snapshot
 sys.argv = ['main.py'] + {args.ref_args!r}
 runpy.run_path('main.py', run_name='__main__')
 """
@@ -175,7 +186,8 @@ def run_apr(out: Path, args) -> None:
         "cifar10_wrn40_2_apr_sp_reference.yaml" if args.aug == "aprs" else "cifar10_wrn40_2_apr_p_reference.yaml")
     sets = [f"data.root={out / 'data/cifar10'}", f"train.epochs={args.epochs}", f"train.seed={args.seed}",
             f"model.name=wrn{args.depth}_2", f"train.output_dir={out}", f"train.run_name={name}",
-            "train.val_every=0", f"train.num_threads={args.threads}", "checkpoint.keep_last=1", *args.set]
+            "train.val_every=0", f"train.num_threads={args.threads}", f"checkpoint.keep_last={max(1, args.snapshots)}",
+            *args.set]
     t0 = time.time()
     subprocess.run([sys.executable, "-m", "apr.commands.train", "--config", str(recipe), "--no-progress",
                     *sum((["--set", s] for s in sets), [])], check=True)
@@ -190,21 +202,28 @@ def _note(run: Path, info: dict) -> None:
 # ------------------------------------------------------------------------------------------------- eval
 
 
-def _load_weights(run: Path):
-    """Each side's final weights in apr's WideResNet (the same architecture; the reference's names mapped)."""
+def _weight_files(run: Path, side: str) -> list[Path]:
+    """Each side's saved weights, oldest epoch first (the last is the final weights)."""
+    if side == "apr":
+        return sorted(run.glob("checkpoint-e*.pt"))  # zero-padded epoch numbers sort as numbers
+    final = next((run / "checkpoints").glob("*_.pth"))
+    snapshots = sorted((run / "snapshots").glob("epoch*.pth"))
+    return snapshots or [final]
+
+
+def _load_weights(path: Path, depth: int, side: str):
+    """One side's weights in apr's WideResNet (the same architecture; the reference's names mapped)."""
     import torch
 
     from apr.models import create_model
 
-    info = json.loads((run / "side_by_side.json").read_text())
-    model = create_model(f"wrn{info['depth']}_2", 6)
-    if info["side"] == "apr":
-        ckpt = max(run.glob("checkpoint-e*.pt"))
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)["model"]
+    model = create_model(f"wrn{depth}_2", 6)
+    if side == "apr":
+        state = torch.load(path, map_location="cpu", weights_only=False)["model"]
     else:
-        state = reference_state_to_apr(torch.load(next((run / "checkpoints").glob("*_.pth")), map_location="cpu"))
+        state = reference_state_to_apr(torch.load(path, map_location="cpu"))
     model.load_state_dict(state)
-    return model.eval(), info
+    return model.eval()
 
 
 def reference_state_to_apr(state: dict) -> dict:
@@ -238,19 +257,24 @@ def evaluate_runs(out: Path, threads: int, corruption: bool = True) -> None:
             pred = torch.cat([model((b - mean) / std).argmax(1) for b in t.split(256)])
         return float((pred.numpy() != labels).mean() * 100)
 
-    rows = []
     for run in sorted(p.parent for p in out.glob("*/side_by_side.json")):
-        model, info = _load_weights(run)
+        info = json.loads((run / "side_by_side.json").read_text())
+        files = _weight_files(run, info["side"])
+        model = _load_weights(files[-1], info["depth"], info["side"])
         if "clean" not in info:
             info["clean"] = error(model, x, y)
+            _note(run, info)
+        if len(files) > 1 and "clean_per_epoch" not in info:  # the last K epochs' weights: less noise than one
+            info["clean_per_epoch"] = [error(_load_weights(f, info["depth"], info["side"]), x, y) for f in files]
             _note(run, info)
         if corruption and "corruption" not in info:
             info["corruption"] = float(np.mean([error(model, np.load(out / f"data/CIFAR-10-C/{c}.npy"), labels_c)
                                                 for c in CORRUPTIONS]))
             _note(run, info)
-        rows.append((run.name, info))
+        last_k = info.get("clean_per_epoch")
         print(f"{run.name:40s} clean {info['clean']:5.1f}  corruption {info.get('corruption', float('nan')):5.1f}  "
-              f"({info['seconds']:.0f} s)", flush=True)
+              + (f"clean, mean of last {len(last_k)} epochs {np.mean(last_k):5.1f}  " if last_k else "")
+              + f"({info['seconds']:.0f} s)", flush=True)
 
 
 def main(argv=None) -> int:
@@ -263,6 +287,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=16)
     p.add_argument("--aug", default="aprs", choices=["aprs", "none"], help="reference --aug (none = APR-P only)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--snapshots", type=int, default=4, help="keep the weights of the last K epochs on both sides")
     p.add_argument("--set", action="append", default=[], help="apr side: extra --set overrides")
     p.add_argument("--clean-only", action="store_true", help="eval: skip the corruption set")
     a = p.parse_args(argv)

@@ -229,8 +229,18 @@ PartitionName=urgent Nodes={self.node} MaxTime=30 State=UP PriorityTier=10 Preem
                                    f"{self.log_tail('slurmctld', 15)}")
             time.sleep(poll)
 
-    def wait_done(self, job_id: int | str, timeout: float = 300) -> dict:
-        return self.wait_state(job_id, FINAL_STATES, timeout)
+    def wait_done(self, job_id: int | str, timeout: float = 300, log: Path | None = None) -> dict:
+        """Wait for the job's end; past ``timeout`` its tasks print their Python stacks (apr.slurm's SIGUSR2)
+        into ``log``, whose tail the error then shows: a hang says where it waits."""
+        try:
+            return self.wait_state(job_id, FINAL_STATES, timeout)
+        except TimeoutError as exc:
+            if log is None:
+                raise
+            self.run("scancel", "--signal=USR2", str(job_id), check=False)
+            time.sleep(3)
+            tail = "\n".join(Path(log).read_text(errors="replace").splitlines()[-150:]) if Path(log).exists() else ""
+            raise TimeoutError(f"{exc}\n--- {log}, after SIGUSR2 (every task's stacks):\n{tail}") from None
 
     def wait_until(self, predicate, timeout: float = 120, poll: float = 0.5, what: str = "condition"):
         """Poll ``predicate()`` until it returns a true value (returned)."""

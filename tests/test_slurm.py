@@ -179,7 +179,7 @@ def test_time_limit_signal_saves_mid_epoch_requeues_once_and_resumes_to_identica
     pids = pause_tasks(slurm_cluster, job, has_rows(tmp_path / "run", 5))
     try:
         reach_time_limit_signal(slurm_cluster, job)
-        info = slurm_cluster.wait_done(job, timeout=300)
+        info = slurm_cluster.wait_done(job, timeout=300, log=log)
     finally:
         resume_all(pids)
     assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), log.read_text()[-3000:]
@@ -200,7 +200,7 @@ def test_preemption_saves_and_slurm_requeues(slurm_cluster, recipe, reference, t
                                                     f"--output={tmp_path / 'urgent.out'}"])
         slurm_cluster.wait_until(lambda: slurm_cluster.job(job).get("Restarts") == "1", timeout=120)
         assert slurm_cluster.wait_done(urgent, timeout=120)["JobState"] == "COMPLETED"
-        info = slurm_cluster.wait_done(job, timeout=300)
+        info = slurm_cluster.wait_done(job, timeout=300, log=log)
     finally:
         resume_all(pids)
     assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), log.read_text()[-3000:]
@@ -219,7 +219,7 @@ def test_two_srun_tasks_train_and_resume_exactly_as_two_processes(slurm_cluster,
     pids = pause_tasks(slurm_cluster, job, has_rows(tmp_path / "run", 3))
     try:
         reach_time_limit_signal(slurm_cluster, job)
-        info = slurm_cluster.wait_done(job, timeout=300)
+        info = slurm_cluster.wait_done(job, timeout=300, log=log)
     finally:
         resume_all(pids)
     assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), log.read_text()[-3000:]
@@ -232,10 +232,17 @@ def test_two_srun_tasks_train_and_resume_exactly_as_two_processes(slurm_cluster,
 
 
 def test_scancel_leaves_no_process_and_releases_the_run_lock(slurm_cluster, recipe, tmp_path):
+    """(And before it: ``scancel --signal=USR2`` prints the task's Python stacks into the job log and the
+    training runs on, the diagnosis of a job that seems hung.)"""
     log = tmp_path / "job.out"
     job = slurm_cluster.submit(TRAIN_SH, str(recipe), *train_args(tmp_path, "run", "--set", "train.epochs=100"),
                                sbatch=[*CPU_JOB, f"--output={log}"], env=JOB_ENV)
     slurm_cluster.wait_until(has_rows(tmp_path / "run", 3), timeout=240, poll=0.1)
+    slurm_cluster.cancel(job, "--signal=USR2")
+    slurm_cluster.wait_until(lambda: "most recent call first" in log.read_text(), timeout=30, what="the stack dump")
+    assert re.search(r'File ".*apr/train\.py", line \d+ in (run_epoch|train_step|_loop)', log.read_text())
+    rows = len(metrics_rows(tmp_path / "run"))
+    slurm_cluster.wait_until(has_rows(tmp_path / "run", rows + 2), timeout=60, poll=0.1, what="training going on")
     pids = slurm_cluster.pids(job) + slurm_cluster.pids(job, "batch")
     slurm_cluster.cancel(job)
     info = slurm_cluster.wait_done(job, timeout=60)
@@ -306,7 +313,7 @@ def test_eval_stopped_by_the_time_limit_resumes_without_recomputing(slurm_cluste
     done_at_stop = cells(results)
     try:
         reach_time_limit_signal(slurm_cluster, job)
-        info = slurm_cluster.wait_done(job, timeout=300)
+        info = slurm_cluster.wait_done(job, timeout=300, log=log)
     finally:
         resume_all(pids)
     assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), log.read_text()[-3000:]
