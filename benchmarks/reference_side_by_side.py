@@ -257,6 +257,7 @@ def evaluate_runs(out: Path, threads: int, corruption: bool = True) -> None:
             pred = torch.cat([model((b - mean) / std).argmax(1) for b in t.split(256)])
         return float((pred.numpy() != labels).mean() * 100)
 
+    rows = []
     for run in sorted(p.parent for p in out.glob("*/side_by_side.json")):
         info = json.loads((run / "side_by_side.json").read_text())
         files = _weight_files(run, info["side"])
@@ -275,6 +276,42 @@ def evaluate_runs(out: Path, threads: int, corruption: bool = True) -> None:
         print(f"{run.name:40s} clean {info['clean']:5.1f}  corruption {info.get('corruption', float('nan')):5.1f}  "
               + (f"clean, mean of last {len(last_k)} epochs {np.mean(last_k):5.1f}  " if last_k else "")
               + f"({info['seconds']:.0f} s)", flush=True)
+        rows.append(info)
+    print_comparison(rows)
+
+
+def print_comparison(rows: list[dict]) -> None:
+    """Per side (and set of overrides): mean +- sample std over seeds, and reference minus apr with its
+    standard error (Welch): how far apart the sides are in units of their seed-to-seed noise."""
+    import statistics
+
+    def key(info):
+        return (info["side"], info["depth"], tuple(info.get("sets", [])))
+
+    groups: dict[tuple, list[dict]] = {}
+    for info in rows:
+        groups.setdefault(key(info), []).append(info)
+    metrics = {"clean": lambda i: i.get("clean"), "corruption": lambda i: i.get("corruption"),
+               "clean_last_epochs": lambda i: float(np.mean(i["clean_per_epoch"])) if "clean_per_epoch" in i else None}
+    stats = {}
+    for group, infos in sorted(groups.items()):
+        line = []
+        for name, get in metrics.items():
+            values = [v for v in map(get, infos) if v is not None]
+            if len(values) >= 2:
+                stats[(group, name)] = (statistics.mean(values), statistics.stdev(values), len(values))
+                line.append(f"{name} {statistics.mean(values):5.1f} +- {statistics.stdev(values):4.1f}")
+        print(f"{' '.join(map(str, group[:2]))} {list(group[2]) or ''} (seeds {sorted(i['seed'] for i in infos)}): "
+              + ", ".join(line))
+    sides = sorted({g for g, _ in stats})
+    for ref in (g for g in sides if g[0] == "reference"):
+        for apr in (g for g in sides if g[0] == "apr" and g[1] == ref[1]):
+            for name in metrics:
+                if (ref, name) in stats and (apr, name) in stats:
+                    (m1, s1, n1), (m2, s2, n2) = stats[(ref, name)], stats[(apr, name)]
+                    se = (s1 ** 2 / n1 + s2 ** 2 / n2) ** 0.5
+                    print(f"  reference - apr {list(apr[2]) or ''}, {name}: {m1 - m2:+5.1f} points "
+                          f"(standard error {se:4.1f}, {abs(m1 - m2) / se if se else float('inf'):.1f} SE)")
 
 
 def main(argv=None) -> int:
