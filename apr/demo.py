@@ -74,7 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="the reduced demo CI runs: 1 epoch, 4 corrupted images per class, small heat map, "
                         "100 OOD images per set, 50 attacked images")
-    p.add_argument("--verbose", action="store_true", help="show each step's output as it runs (it also goes to its log under <out>/logs)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show each step's output as it runs (it also goes to its log under <out>/logs)")
     add_flag(p, "debug")
     return p.parse_args(argv)
 
@@ -119,7 +120,7 @@ def write_study(study: dict, path: Path) -> Path:
     return path
 
 
-def run_study(path: Path, verbose: bool) -> tuple:
+def run_study(path: Path, verbose: bool):
     """Run every step of the demo's study not done yet with the local launcher, as ``apr-study run`` does."""
     from apr.study import load_study, plan
     from apr.study.local import run_local
@@ -135,7 +136,7 @@ def run_study(path: Path, verbose: bool) -> tuple:
                 sys.stderr.write(step_log(study, step.id).read_text(errors="replace")[-6000:])
         raise DemoError(f"a step of the demo failed (above); `apr-study status {path}` lists each step, and "
                         "rerunning the demo continues from where it stopped")
-    return study, steps
+    return study
 
 
 def read_results(study) -> dict[int, list[dict]]:
@@ -277,7 +278,8 @@ def summary_markdown(per_seed: dict[int, list[dict]], augs: list[str], report_ro
     for seed in per_seed:
         heatmap = report_root / "heatmaps" / f"seed{seed}" / "heatmaps_side_by_side.png"
         if heatmap.is_file():
-            links.append(f"- seed {seed}: ![Fourier heat maps, seed {seed}](heatmaps/seed{seed}/heatmaps_side_by_side.png)")
+            links.append(f"- seed {seed}: ![Fourier heat maps, seed {seed}]"
+                         f"(heatmaps/seed{seed}/heatmaps_side_by_side.png)")
     return "\n".join(parts) + "\n\n" + "\n".join(links) + "\n"
 
 
@@ -357,7 +359,7 @@ def _demo(argv=None) -> int:
         recipe = Path(args.config).resolve() if args.config else stack.enter_context(packaged_recipe())
         print(f"recipe: {recipe}", flush=True)
         study_file = write_study(demo_study(args, out, recipe, data_root, c_root, ood_folders), out / "study.yaml")
-        study, _ = run_study(study_file, args.verbose)
+        study = run_study(study_file, args.verbose)
     report_root = out / "report"
     if args.heatmap_images > 0:
         print(f"4/5 Fourier heat maps ({args.heatmap_images} val images) -> {report_root / 'heatmaps'}", flush=True)

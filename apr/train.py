@@ -508,9 +508,10 @@ def stop_requested(run: Run, force_check: bool = False) -> bool:
         return False
     signum = torch.tensor([float(run.preempt.received or 0)], device=run.device)
     torch.distributed.all_reduce(signum, op=torch.distributed.ReduceOp.MAX)
-    if signum.item() > 0:
-        run.preempt.adopt(int(signum.item()))
-    return signum.item() > 0
+    agreed = int(signum.item())  # one host sync
+    if agreed:
+        run.preempt.adopt(agreed)
+    return bool(agreed)
 
 
 def _progress(run: Run, initial: int, epoch: int):

@@ -136,6 +136,21 @@ def resume_all(pids: list[int]) -> None:
             pass
 
 
+def complete_after_time_limit(cluster, job: int, ready, log: Path, when_paused=None):
+    """Pause the job's tasks once ``ready()``, let the time-limit signal stop them, and wait for the requeued
+    job: it completes after exactly one restart. ``when_paused()`` runs while the tasks stand still (its
+    value is returned)."""
+    pids = pause_tasks(cluster, job, ready)
+    try:
+        at_pause = when_paused() if when_paused is not None else None
+        reach_time_limit_signal(cluster, job)
+        info = cluster.wait_done(job, timeout=300, log=log)
+    finally:
+        resume_all(pids)
+    assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), log.read_text()[-3000:]
+    return at_pause
+
+
 def reach_time_limit_signal(cluster, job: int) -> None:
     """Lower the time limit so that 60-120 s remain: the script's --signal=USR1@120 fires at slurm's next
     time-limit check (every 30 s); after the requeue, raise it again so that the resumed job finishes."""
@@ -176,13 +191,7 @@ def test_time_limit_signal_saves_mid_epoch_requeues_once_and_resumes_to_identica
     log = tmp_path / "job.out"
     job = slurm_cluster.submit(TRAIN_SH, str(recipe), *train_args(tmp_path, "run"),
                                sbatch=[*CPU_JOB, f"--output={log}"], env=JOB_ENV)
-    pids = pause_tasks(slurm_cluster, job, has_rows(tmp_path / "run", 5))
-    try:
-        reach_time_limit_signal(slurm_cluster, job)
-        info = slurm_cluster.wait_done(job, timeout=300, log=log)
-    finally:
-        resume_all(pids)
-    assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), log.read_text()[-3000:]
+    complete_after_time_limit(slurm_cluster, job, has_rows(tmp_path / "run", 5), log)
     assert len(matches(log, r"requeueing job")) == 1
     assert_resumed_where_it_stopped(log, signal.SIGUSR1)
     assert_trained_like(tmp_path / "run", reference)
@@ -216,13 +225,7 @@ def test_two_srun_tasks_train_and_resume_exactly_as_two_processes(slurm_cluster,
     log = tmp_path / "job.out"
     job = slurm_cluster.submit(TRAIN_SH, str(recipe), *train_args(tmp_path, "run"),
                                sbatch=[*CPU_JOB, "--ntasks-per-node=2", f"--output={log}"], env=JOB_ENV)
-    pids = pause_tasks(slurm_cluster, job, has_rows(tmp_path / "run", 3))
-    try:
-        reach_time_limit_signal(slurm_cluster, job)
-        info = slurm_cluster.wait_done(job, timeout=300, log=log)
-    finally:
-        resume_all(pids)
-    assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), log.read_text()[-3000:]
+    complete_after_time_limit(slurm_cluster, job, has_rows(tmp_path / "run", 3), log)
     text = log.read_text()
     assert text.count("2 process(es), global batch 16") == 2 and len(matches(log, r"requeueing job")) == 1
     assert len(matches(log, r"rank \d stopped cleanly after SIGUSR1")) == 2
@@ -309,14 +312,8 @@ def test_eval_stopped_by_the_time_limit_resumes_without_recomputing(slurm_cluste
     args = eval_args(checkpoint, c_tree, digits_tree / "val", tmp_path / "slurm")
     job = slurm_cluster.submit(EVAL_SH, "--module", "apr.commands.evaluate", *args,
                                sbatch=[*CPU_JOB, f"--output={log}"], env=JOB_ENV)
-    pids = pause_tasks(slurm_cluster, job, lambda: cells(results) >= 2)
-    done_at_stop = cells(results)
-    try:
-        reach_time_limit_signal(slurm_cluster, job)
-        info = slurm_cluster.wait_done(job, timeout=300, log=log)
-    finally:
-        resume_all(pids)
-    assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), log.read_text()[-3000:]
+    done_at_stop = complete_after_time_limit(slurm_cluster, job, lambda: cells(results) >= 2, log,
+                                             when_paused=lambda: cells(results))
     assert len(matches(log, r"requeueing job")) == 1
     assert len(matches(log, r"rank 0 stopped cleanly after SIGUSR1")) == 1
     resumed = json.loads(results.read_text())

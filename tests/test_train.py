@@ -315,12 +315,12 @@ def test_a_signal_that_reaches_one_rank_stops_every_rank_with_that_signal(imagen
     script.write_text(WORKER.format(root=str(ROOT), overrides=overrides, out=str(tmp_path), resume=None,
                                     setup=SIGNAL_ONE_RANK.format(out=str(tmp_path))))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={29537}", str(script)], capture_output=True, text=True,
+                           "--master_port=29537", str(script)], capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [(tmp_path / f"signal{r}").read_text() for r in range(2)] == [str(int(signal.SIGUSR1))] * 2
     state = load_checkpoint(find_latest_checkpoint(tmp_path / "runs" / "one"))
-    assert state["global_step"] == 4 < 12  # stopped at the first cross-rank check (the end of epoch 1 of 3)
+    assert state["global_step"] == 4  # of 12: stopped at the first cross-rank check (the end of epoch 1 of 3)
     assert (tmp_path / "rank0.txt").read_text() == (tmp_path / "rank1.txt").read_text()
 
 
