@@ -291,7 +291,13 @@ class PreemptionFlag:
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-    last_received: int | None = None  # process-wide: which signal stopped the run (apr.slurm requeues on USR1)
+    first_received: int | None = None  # process-wide: the signal that stopped the run (what a rank reports)
+    last_received: int | None = None  # the latest (rank 0 requeues on USR1, not on a scancel's later SIGTERM)
+
+    @classmethod
+    def record(cls, signum: int) -> None:
+        cls.first_received = cls.first_received or signum
+        cls.last_received = signum
 
     def __init__(self):
         self.received: int | None = None
@@ -299,7 +305,7 @@ class PreemptionFlag:
 
     def _handle(self, signum, frame):  # noqa: ARG002
         self.received = signum
-        PreemptionFlag.last_received = signum
+        PreemptionFlag.record(signum)
 
     def __enter__(self) -> "PreemptionFlag":
         for sig in self.SIGNALS:

@@ -44,7 +44,7 @@ def _stop(signum, frame):  # noqa: ARG001
     """Raise Stopped now and again every second until it unwinds the command: an exception raised where
     Python ignores them (a fork hook, a finalizer) would otherwise let the command run on."""
     if signum != signal.SIGALRM:
-        PreemptionFlag.last_received = signum
+        PreemptionFlag.record(signum)
         signal.setitimer(signal.ITIMER_REAL, RETRY_S, RETRY_S)
     if _running:
         raise Stopped(signal.Signals(PreemptionFlag.last_received).name)
@@ -82,6 +82,13 @@ def run_module(module: str, args: list[str]) -> int:
         print(f"apr.slurm: {type(exc).__name__}: {exc} (while stopping)", file=sys.stderr)
         code = 0
     return code
+
+
+def _stop_signals() -> str:
+    """The signal that stopped this task, and a later one if any: rank 0's requeue sends SIGTERM to peers
+    that are still exiting after their SIGUSR1 stop."""
+    first, last = (signal.Signals(s).name for s in (PreemptionFlag.first_received, PreemptionFlag.last_received))
+    return first if first == last else f"{first} (then {last})"
 
 
 def _rank() -> int:
@@ -122,8 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     faulthandler.register(signal.SIGUSR2, all_threads=True)  # where a job that seems hung waits
     code = run_module(argv[0], argv[1:])
     if PreemptionFlag.last_received is not None:
-        name = signal.Signals(PreemptionFlag.last_received).name
-        print(f"apr.slurm: rank {_rank()} stopped cleanly after {name}", file=sys.stderr, flush=True)
+        print(f"apr.slurm: rank {_rank()} stopped cleanly after {_stop_signals()}", file=sys.stderr, flush=True)
         requeue_if_asked()
     return code
 

@@ -68,7 +68,10 @@ def study_cli(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedP
     done = subprocess.run([sys.executable, "-m", "apr.study", *map(str, args)], capture_output=True, text=True,
                           timeout=600, **kwargs)
     if check and done.returncode != 0:
-        raise AssertionError(f"apr.study {' '.join(map(str, args))} -> {done.returncode}\n{done.stdout}\n{done.stderr}")
+        logs = [Path(p) for p in re.findall(r"^\S+: FAILED, see (\S+):", done.stdout, re.M)]
+        tails = "".join(f"\n--- {log}:\n" + "\n".join(log.read_text().splitlines()[-30:]) for log in logs)
+        raise AssertionError(f"apr.study {' '.join(map(str, args))} -> {done.returncode}\n{done.stdout}\n"
+                             f"{done.stderr}{tails}")
     return done
 
 
@@ -178,6 +181,28 @@ def test_failed_step_stops_only_what_needs_it(finished, tmp_path, study_data):
     assert now["train:sp_s0"].startswith("failed") and "no_such_net" in now["train:sp_s0"]
     assert all(now[s].startswith("done") for s in ("train:base_s0", "eval:base_s0", "ood:base_s0"))
     assert json.loads((out / "eval" / "base_s0.json").read_text())["finished"]
+
+
+def test_a_step_that_exits_non_zero_is_failed_even_with_its_results_written(finished, tmp_path):
+    """The exit status is the command's verdict (a crash in teardown, a killed peer rank): the step is failed,
+    its line says how it exited, and the next run runs it again."""
+    from apr.study.local import run_local
+
+    path = copy_of(finished, tmp_path)
+    out = path.parent / "out"
+    (out / "report" / "report.md").unlink()
+    python = tmp_path / "python"  # the real command, then a non-zero exit
+    python.write_text(f'#!/bin/sh\n"{sys.executable}" "$@"\necho "something broke on the way out"\nexit 3\n')
+    python.chmod(0o755)
+    study = load_study(path, out=out)
+    said: list[str] = []
+    assert run_local(study, plan(study), python=str(python), echo=lambda *a, **k: said.append(" ".join(a))) == 1
+    assert (out / "report" / "report.md").is_file()
+    assert any(line.startswith("report: FAILED") and line.endswith("exit 3: something broke on the way out")
+               for line in said), said
+    assert states(path)["report"].startswith("failed")
+    done = study_cli("run", path, "--out", out)
+    assert ran(done.stdout) == ["report"] and states(path)["report"].startswith("done")
 
 
 def test_killed_step_resumes(finished, tmp_path):

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,12 +282,26 @@ def last_error_line(log: Path) -> str:
     return (errors or lines or ["(empty log)"])[-1]
 
 
+def failure(rec: dict, log: Path) -> str:
+    """Why a step failed, in a line: how its command exited and its log's error line."""
+    rc = rec.get("rc") or 0
+    if rc < 0:
+        why = f"killed by {signal.Signals(-rc).name}: " if -rc in signal.valid_signals() else f"exit {rc}: "
+    else:
+        why = f"exit {rc}: " if rc else ""
+    return why + last_error_line(log)
+
+
 def step_state(study: Study, step: Step, jobs_alive: Callable[[str], bool | None] | None = None) -> StepState:
-    """pending / running / done / failed for ``status`` and for the launchers' skip decision."""
+    """pending / running / done / failed for ``status`` and for the launchers' skip decision. A step whose
+    command exited non-zero stays failed whatever files it left (the next ``run`` runs it again)."""
+    rec = read_record(study, step.id)
+    current = rec is not None and rec.get("fingerprint") == step.fingerprint
+    if current and rec["status"] == "failed":
+        return StepState("failed", failure(rec, step_log(study, step.id, rec)))
     if step.is_done():
         return StepState("done")
-    rec = read_record(study, step.id)
-    if rec is None or rec.get("fingerprint") != step.fingerprint:
+    if not current:
         return StepState("pending", "inputs changed" if rec else "")
     log = step_log(study, step.id, rec)
     if rec["status"] == "running":
@@ -298,6 +313,4 @@ def step_state(study: Study, step: Step, jobs_alive: Callable[[str], bool | None
         if alive or alive is None:
             return StepState("running", f"slurm job {rec['job']}")
         return StepState("failed", f"slurm job {rec['job']} ended without its results: {last_error_line(log)}")
-    if rec["status"] == "failed":
-        return StepState("failed", last_error_line(log))
     return StepState("pending", "its results are gone or incomplete")
