@@ -8,6 +8,7 @@ step within the epoch, the loader's position, and every RNG state.
 
 from __future__ import annotations
 
+import faulthandler
 import fcntl
 import os
 import random
@@ -333,9 +334,13 @@ class PreemptionFlag:
 
 def ignore_stop_signals(*_) -> None:
     """In a data-loading worker process: leave SIGTERM/SIGUSR1 to the parent. slurm signals every process of
-    a step; a worker killed by it would break the parent's save at the signal (the parent ends the workers)."""
+    a step; a worker killed by it would break the parent's save at the signal (the parent ends the workers).
+    And SIGUSR2, whose stack dump (apr.slurm's, inherited through fork) would interleave with the parent's
+    character by character in the one job log."""
     for sig in PreemptionFlag.SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    if faulthandler.unregister(signal.SIGUSR2):
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
 # ---------------------------------------------------------------------------------------

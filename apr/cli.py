@@ -55,7 +55,7 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
     debug = os.environ.get(DEBUG_ENV, "") not in ("", "0") or "--debug" in args
     args = [a for a in args if a != "--debug"]
     try:
-        return main(args)
+        code = main(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -66,6 +66,11 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
         print(f"error: {message}", file=sys.stderr)
         print(f"(run with --debug or {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
         return 2
+    if "torch.distributed" in sys.modules:  # (commands that never import torch stay fast)
+        from apr.distributed import leave_world
+
+        leave_world()
+    return code
 
 
 # ---------------------------------------------------------------------------------------

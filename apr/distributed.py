@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["World", "adopt_slurm_ranks", "join_world", "resolve_device", "all_reduce_sum", "all_gather_cat",
-           "gather_skipped"]
+__all__ = ["World", "adopt_slurm_ranks", "join_world", "leave_world", "resolve_device", "all_reduce_sum",
+           "all_gather_cat", "gather_skipped"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,17 @@ def join_world(device_hint: str | torch.device | None = None) -> World:
         wants_cuda = torch.cuda.is_available() and (device_hint is None or torch.device(device_hint).type == "cuda")
         dist.init_process_group(backend="nccl" if wants_cuda else "gloo")
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def leave_world() -> None:
+    """After a command finished on every rank: wait for the others, then tear the process group down. A rank
+    that exits while its peer still holds their gloo connections can abort in C++ at exit ("terminate called
+    without an active exception", SIGABRT, and torchrun then kills the peer mid-write): 5 of 105 two-process
+    CPU evaluations here without this, none of 60 with it. Not after an error: a peer may be inside another
+    collective and the barrier would hang."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def resolve_device(device: str | torch.device | None, world: World = World()) -> torch.device:

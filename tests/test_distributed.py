@@ -1,4 +1,5 @@
-"""The shared evaluation collectives: a world of one is a no-op; two gloo ranks sum and gather in rank order."""
+"""The shared evaluation collectives: a world of one is a no-op; two gloo ranks sum and gather in rank order;
+the ranks of a command leave the process group together."""
 
 import os
 import socket
@@ -48,6 +49,48 @@ def test_two_ranks_sum_and_gather_in_rank_order():
     for rank, summed, gathered in results:
         assert summed == [2.0, 3.0]
         assert gathered == [0.0, 1.0, 10.0, 11.0, 12.0]
+
+
+def _command_worker(rank: int, port: int, out):
+    """A command under run_main: rank 0 is still writing (1.5 s) when rank 1 is done."""
+    import time
+
+    import torch.distributed as dist
+
+    from apr.cli import run_main
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+
+    def command(args) -> int:
+        all_reduce_sum(torch.ones(1), World(rank, 2, rank))
+        if rank == 0:
+            time.sleep(1.5)
+            out.put(("finished", rank, time.time()))
+        return 0
+
+    code = run_main(command, [])
+    out.put(("left", rank, time.time(), dist.is_initialized(), code))
+
+
+@pytest.mark.timeout(120)
+def test_no_rank_leaves_the_process_group_while_a_peer_still_works():
+    """A rank exiting while its peer holds their gloo connections can abort at exit (SIGABRT, 'terminate called
+    without an active exception'; torchrun then kills the peer mid-write): a command ends on every rank
+    together, and with no process group left."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_command_worker, args=(r, port, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    events = [out.get(timeout=100) for _ in range(3)]
+    for p in procs:
+        p.join(timeout=30)
+    finished = next(e[2] for e in events if e[0] == "finished")
+    left = {e[1]: e[2:] for e in events if e[0] == "left"}
+    assert left[1][0] >= finished, "rank 1 left before rank 0 had finished its command"
+    assert all(initialized is False and code == 0 for _, initialized, code in left.values())
 
 
 def _nccl_step_worker(rank: int, port: int, out):

@@ -242,8 +242,8 @@ def test_scancel_leaves_no_process_and_releases_the_run_lock(slurm_cluster, reci
                                sbatch=[*CPU_JOB, f"--output={log}"], env=JOB_ENV)
     slurm_cluster.wait_until(has_rows(tmp_path / "run", 3), timeout=240, poll=0.1)
     slurm_cluster.cancel(job, "--signal=USR2")
-    slurm_cluster.wait_until(lambda: "most recent call first" in log.read_text(), timeout=30, what="the stack dump")
-    assert re.search(r'File ".*apr/train\.py", line \d+ in (run_epoch|train_step|_loop)', log.read_text())
+    dumped = r'File ".*apr/train\.py", line \d+ in (run_epoch|train_step|_loop)'
+    slurm_cluster.wait_until(lambda: re.search(dumped, log.read_text()), timeout=30, what="the stack dump")
     rows = len(metrics_rows(tmp_path / "run"))
     slurm_cluster.wait_until(has_rows(tmp_path / "run", rows + 2), timeout=60, poll=0.1, what="training going on")
     pids = slurm_cluster.pids(job) + slurm_cluster.pids(job, "batch")
@@ -403,6 +403,32 @@ def test_a_task_reports_the_signal_that_stopped_it_not_the_requeues_sigterm(tmp_
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=20)  # its last 30 s sleep is interrupted too
     assert proc.returncode == 0 and "rank 1 stopped cleanly after SIGUSR1 (then SIGTERM)" in err, err
+
+
+WORKER = """
+import faulthandler, multiprocessing, os, signal, sys, time
+from apr.checkpoint import ignore_stop_signals
+
+def worker():
+    ignore_stop_signals()
+    for sig in (signal.SIGUSR2, signal.SIGUSR1, signal.SIGTERM):
+        os.kill(os.getpid(), sig)
+    time.sleep(0.5)
+
+faulthandler.register(signal.SIGUSR2, all_threads=True)  # as apr.slurm does, before the loader forks
+child = multiprocessing.get_context("fork").Process(target=worker)
+child.start()
+child.join()
+sys.exit(child.exitcode)
+"""
+
+
+def test_data_loading_workers_leave_every_slurm_signal_to_their_parent(tmp_path):
+    """A worker ignores SIGTERM / SIGUSR1 (the parent saves and ends it) and SIGUSR2: its stack dump would
+    interleave with the parent's in the one job log (seen: a dump no line of which could be read)."""
+    done = subprocess.run([sys.executable, "-c", WORKER], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "most recent call first" not in done.stderr, done.stderr
 
 
 def test_slurm_ranks_become_the_torchrun_variables():

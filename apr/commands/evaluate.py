@@ -247,15 +247,9 @@ def _evaluate_all(argv) -> int:
 
 def main(argv=None) -> int:
     """User errors print one ``error: ...`` line and return 2 (``--debug`` or APR_DEBUG=1 keeps the traceback)."""
-    import torch.distributed as dist
-
     from apr.cli import run_main
 
-    try:
-        return run_main(_evaluate_all, argv)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return run_main(_evaluate_all, argv)
 
 
 if __name__ == "__main__":
