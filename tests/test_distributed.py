@@ -23,6 +23,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _two_ranks(worker, messages: int = 2, timeout: float = 100) -> list:
+    """Run ``worker(rank, port, queue)`` in two spawned processes; the first ``messages`` items they put."""
+    ctx = mp.get_context("spawn")
+    out, port = ctx.Queue(), _free_port()
+    procs = [ctx.Process(target=worker, args=(r, port, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = [out.get(timeout=timeout) for _ in range(messages)]
+    for p in procs:
+        p.join(timeout=30)
+    return got
+
+
 def _worker(rank: int, port: int, out):
     import torch.distributed as dist
 
@@ -37,15 +50,7 @@ def _worker(rank: int, port: int, out):
 
 @pytest.mark.timeout(120)
 def test_two_ranks_sum_and_gather_in_rank_order():
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted(out.get(timeout=100) for _ in procs)
-    for p in procs:
-        p.join(timeout=30)
+    results = sorted(_two_ranks(_worker))
     for rank, summed, gathered in results:
         assert summed == [2.0, 3.0]
         assert gathered == [0.0, 1.0, 10.0, 11.0, 12.0]
@@ -78,15 +83,7 @@ def test_no_rank_leaves_the_process_group_while_a_peer_still_works():
     """A rank exiting while its peer holds their gloo connections can abort at exit (SIGABRT, 'terminate called
     without an active exception'; torchrun then kills the peer mid-write): a command ends on every rank
     together, and with no process group left."""
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_command_worker, args=(r, port, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    events = [out.get(timeout=100) for _ in range(3)]
-    for p in procs:
-        p.join(timeout=30)
+    events = _two_ranks(_command_worker, messages=3)
     finished = next(e[2] for e in events if e[0] == "finished")
     left = {e[1]: e[2:] for e in events if e[0] == "left"}
     assert left[1][0] >= finished, "rank 1 left before rank 0 had finished its command"
@@ -127,14 +124,7 @@ def _nccl_step_worker(rank: int, port: int, out):
 def test_two_gpu_nccl_step_keeps_the_replicas_equal():
     """Different batches per rank, gradients averaged by NCCL: after the step both replicas hold the same
     weights (bit for bit: one all-reduce result, the same optimizer arithmetic), and they moved."""
-    ctx = mp.get_context("spawn")
-    out, port = ctx.Queue(), _free_port()
-    procs = [ctx.Process(target=_nccl_step_worker, args=(r, port, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted((out.get(timeout=150) for _ in procs), key=lambda r: r[0])
-    for p in procs:
-        p.join(timeout=30)
+    results = sorted(_two_ranks(_nccl_step_worker, timeout=150), key=lambda r: r[0])
     (_, start0, after0, summed0), (_, start1, after1, summed1) = results
     assert torch.equal(start0, start1) and torch.equal(after0, after1)
     assert not torch.equal(after0, start0)
