@@ -297,13 +297,13 @@ def step_state(study: Study, step: Step, jobs_alive: Callable[[str], bool | None
     command exited non-zero stays failed whatever files it left (the next ``run`` runs it again)."""
     rec = read_record(study, step.id)
     current = rec is not None and rec.get("fingerprint") == step.fingerprint
+    log = step_log(study, step.id, rec or {})
     if current and rec["status"] == "failed":
-        return StepState("failed", failure(rec, step_log(study, step.id, rec)))
+        return StepState("failed", failure(rec, log))
     if step.is_done():
         return StepState("done")
     if not current:
         return StepState("pending", "inputs changed" if rec else "")
-    log = step_log(study, step.id, rec)
     if rec["status"] == "running":
         if rec.get("host") != socket.gethostname() or _alive(int(rec.get("pid", 0))):
             return StepState("running", f"pid {rec.get('pid')} on {rec.get('host')}")
